@@ -1,0 +1,25 @@
+# Two commands for a fresh machine:  `make run` (the main job)  and  `make test` (the suite).
+# Both build the virtual environment in .venv first; it is rebuilt when pyproject.toml changes.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/default
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch goes in first, so the range in pyproject.toml is already satisfied.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.4,<2.14"; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(BIN)/polyrec pipeline --output $(RUN_DIR)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+.PHONY: venv run test

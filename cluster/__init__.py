@@ -1,0 +1,1 @@
+"""The orchestrator: the ``polyrec`` command, the end-to-end pipeline, retraining, job submission."""

@@ -1,0 +1,126 @@
+"""The preprocessing stage's typed configuration (YAML → pydantic), and the YAML loading shared by
+every stage's config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data.errors import InputError
+
+DEFAULT_DATASET_DIR = Path(__file__).resolve().parent / "datasets" / "ml-100k"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, YAML errors name the file and field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, **overrides: Any) -> Self:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise InputError(f"config file not found: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise InputError(f"{path}: not valid YAML: {err}") from None
+            if not isinstance(raw, dict):
+                raise InputError(f"{path}: the top level must be a mapping of settings")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            where = path or "config"
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+            )
+            raise InputError(f"{where}: {problems}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+SourceFormat = Literal["movielens-100k", "movielens-1m", "movielens-csv", "amazon", "table", "feedback"]
+
+
+class ColumnMapping(StageConfig):
+    """For the generic ``table`` format: which source column fills each canonical field."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    event: str | None = None  # None: every row gets ``SourceConfig.default_event``
+    value: str | None = "rating"
+    # canonical item field -> column of the items file (title, genres, description, ...)
+    item_fields: dict[str, str] = Field(default_factory=lambda: {"title": "title"})
+    list_separator: str = "|"  # for list fields (genres, tags, category) stored as one string
+
+
+class SourceConfig(StageConfig):
+    format: SourceFormat = "movielens-100k"
+    #: A folder (MovieLens) or the interactions file (amazon, table, feedback). None: the
+    #: embedded MovieLens-100K.
+    path: str | None = None
+    items_path: str | None = None  # amazon metadata / table items file
+    users_path: str | None = None
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    timestamp_unit: Literal["s", "ms", "us", "iso"] = "s"
+    default_event: str = "rate"
+    #: Only events of these types are read from a feedback log (impressions are not interactions).
+    feedback_events: list[str] = Field(default_factory=lambda: ["click", "like", "rate", "purchase"])
+
+
+class CleanConfig(StageConfig):
+    min_value: float | None = 1.0  # rating range; None turns the check off
+    max_value: float | None = 5.0
+    min_timestamp: int | None = 0  # seconds since the epoch
+    max_timestamp: int | None = 4_102_444_800  # 2100-01-01
+    require_item_metadata: bool = True
+    drop_exact_duplicates: bool = True
+    min_user_interactions: int = Field(3, ge=1)  # k-core, applied iteratively with the item bound
+    min_item_interactions: int = Field(1, ge=1)
+    max_kcore_iterations: int = Field(50, ge=1)
+    max_events_per_user_per_day: int | None = None  # bot filter; None turns it off
+
+
+class FeatureConfig(StageConfig):
+    #: A Hugging Face folder with a tokenizer; None: the packaged all-MiniLM-L6-v2.
+    tokenizer: str | None = None
+    text_template: str = "{title}. Year: {year}. Genres: {genres}. Tags: {tags}. {description}"
+    max_text_tokens: int = Field(64, ge=4)
+    max_history: int = Field(50, ge=1)
+    rating_normalisation: Literal["none", "minmax", "user_center"] = "none"
+    like_threshold: float = 4.0  # value >= threshold is a like, for events that carry a value
+    like_events: list[str] = Field(default_factory=lambda: ["like", "click", "purchase"])
+    dislike_events: list[str] = Field(default_factory=lambda: ["dislike", "skip"])
+
+
+class SplitConfig(StageConfig):
+    strategy: Literal["leave_one_out", "temporal"] = "leave_one_out"
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5)  # temporal: share of time-ordered events
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    cold_item_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+
+class RayDataConfig(StageConfig):
+    address: str | None = None  # None: a local Ray instance
+    num_partitions: int | None = None  # hash partitions by user; None: from cluster CPUs
+    num_cpus: int | None = None  # for a local instance
+
+
+class PreprocessConfig(StageConfig):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    #: Further sources appended to the first, e.g. the feedback log when retraining.
+    extra_sources: list[SourceConfig] = Field(default_factory=list)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    features: FeatureConfig = Field(default_factory=FeatureConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    ray: RayDataConfig = Field(default_factory=RayDataConfig)
+    output: str = "runs/default/data"  # local path or pyarrow filesystem URI

@@ -1,0 +1,1 @@
+"""polyrec's Ray Serve recommendation graph and its durable feedback log."""

@@ -1,0 +1,115 @@
+"""The training stage's typed configuration (YAML → pydantic). Every default runs on a 2-core CPU."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from data.config import StageConfig
+
+
+class BackboneConfig(StageConfig):
+    #: A Hugging Face model folder; None: the packaged all-MiniLM-L6-v2.
+    name_or_path: str | None = None
+    #: Build a randomly initialised model from this config dict instead of loading weights
+    #: (tests: tiny BERT / Llama / Qwen2 configs). Keys as in ``transformers.AutoConfig.for_model``.
+    random_init_config: dict | None = None
+    mode: Literal["frozen", "lora", "full"] = "frozen"
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    gradient_checkpointing: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
+    text_batch_size: int = 256  # items per forward pass when (re)computing the item table
+
+
+class UserModelConfig(StageConfig):
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    #: Initialise the user transformer from the backbone's first layers (same width required).
+    init_from_backbone: bool = False
+
+
+class ItemEncoderConfig(StageConfig):
+    use_text: bool = True
+    use_id_embedding: bool = True
+    id_dropout: float = 0.1  # share of id embeddings zeroed in training: text alone must work
+
+
+class TowerConfig(StageConfig):
+    kind: Literal["mmoe", "shared_bottom"] = "mmoe"
+    num_experts: int = 4
+    expert_hidden: int = 128
+
+
+class TaskConfig(StageConfig):
+    retrieval: bool = True
+    rating: bool = True
+    like: bool = True
+    attributes: bool = True
+    #: "full": softmax over the whole catalogue; "sampled": sampled softmax with logQ correction.
+    retrieval_loss: Literal["full", "sampled"] = "full"
+    num_sampled_negatives: int = 512
+    temperature: float = 0.07
+
+
+class LossWeightingConfig(StageConfig):
+    method: Literal["static", "uncertainty", "gradnorm"] = "uncertainty"
+    static_weights: dict[str, float] = Field(
+        default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1}
+    )
+    gradnorm_alpha: float = 1.5
+
+
+class ModelConfig(StageConfig):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    item_encoder: ItemEncoderConfig = Field(default_factory=ItemEncoderConfig)
+    user_model: UserModelConfig = Field(default_factory=UserModelConfig)
+    towers: TowerConfig = Field(default_factory=TowerConfig)
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
+
+
+class OptimizerConfig(StageConfig):
+    lr: float = 1e-3
+    backbone_lr: float = 2e-5  # for lora / full modes
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+
+
+class DeepSpeedConfig(StageConfig):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False
+    #: Extra keys merged into the generated DeepSpeed config (production tuning).
+    extra: dict = Field(default_factory=dict)
+
+
+class ScalingConfig(StageConfig):
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+class TrainConfig(StageConfig):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    data: str = "runs/default/data"  # preprocessing output (path or URI)
+    output: str = "runs/default/model"  # checkpoints, artifact, plots (path or URI)
+    epochs: int = 30
+    batch_size: int = 128  # per worker
+    early_stopping_patience: int = 5
+    max_failures: int = 1
+    resume_from: str | None = None  # a checkpoint path to start from
+    warm_start_from: str | None = None  # a model artifact to initialise weights from (retraining)
+    eval_ks: list[int] = Field(default_factory=lambda: [10, 20])
+    seed: int = 0
