@@ -1,0 +1,431 @@
+"""Full-ranking evaluation of a scorer on ``data.schema.EVAL_SEQUENCE`` rows, in process or through Ray Data.
+
+A *scorer* is anything with ``full_sort_predict(batch) -> [B, N+1]`` scores (column 0 is the padding)
+and, optionally, ``predict(batch) -> {"rating": [B], "like": [B]}`` (normalised rating, like
+probability; either key may be absent). Batches are built by :func:`collate_eval_rows` on the CPU;
+a scorer on an accelerator moves them there itself.
+
+Both evaluation paths first turn each batch into *per-row values* (the target's rank, the row's top
+items, the like / rating predictions) with :func:`score_rows`, then :func:`summarise` aggregates them
+on the driver, so the two paths give the same numbers on the same rows. Ranking follows the protocol
+of :mod:`train.metrics` (seen items masked, pessimistic ranks on ties).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from data import storage
+from data.errors import InputError
+from data.schema import PAD_INDEX
+from train.batching import left_pad
+from train.metrics import (
+    binary_classification_metrics,
+    coverage_at_k,
+    hit_rate_at_k,
+    mae,
+    mrr_at_k,
+    ndcg_at_k,
+    rank_of_targets,
+    rmse,
+    top_k_items,
+)
+
+
+class Scorer(Protocol):
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor: ...
+
+
+#: (normalised rating predictions, their rows' user_idx) -> predictions on the raw rating scale.
+RatingDenormaliser = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+#: The ``EVAL_SEQUENCE`` columns evaluation reads.
+EVAL_COLUMNS = (
+    "user_idx",
+    "history",
+    "seen_items",
+    "target_item",
+    "target_rating",
+    "target_rating_raw",
+    "target_like",
+    "is_cold_target",
+)
+
+#: What :func:`score_rows` returns for each evaluation row. NaN predictions: the scorer has no such head.
+PER_ROW_SCHEMA = pa.schema(
+    [
+        pa.field("user_idx", pa.int64()),
+        pa.field("target_item", pa.int64()),
+        pa.field("is_cold", pa.bool_()),
+        pa.field("rank", pa.int64()),
+        pa.field("top_items", pa.list_(pa.int64())),
+        pa.field("like_label", pa.int64()),  # -1: unknown
+        pa.field("like_probability", pa.float64()),
+        pa.field("rating", pa.float64()),  # normalised; NaN: none
+        pa.field("rating_raw", pa.float64()),
+        pa.field("rating_prediction", pa.float64()),  # normalised
+    ]
+)
+
+
+# --- Batches --------------------------------------------------------------------------------
+
+
+def _float_column(column: pa.ChunkedArray) -> np.ndarray:
+    return pc.fill_null(column, np.nan).to_numpy().astype(np.float32)
+
+
+def _long_tensor(column: pa.ChunkedArray) -> torch.LongTensor:
+    return torch.from_numpy(column.to_numpy().astype(np.int64))
+
+
+def collate_eval_rows(rows: pa.Table, max_history: int) -> tuple[dict[str, Tensor], list[list[int]], np.ndarray]:
+    """One eval batch from ``EVAL_SEQUENCE`` rows: the model's input, each row's seen items, its cold flag."""
+    batch = {
+        "input_items": left_pad(rows["history"].to_pylist(), max_history),
+        "user_idx": _long_tensor(rows["user_idx"]),
+        "target_items": _long_tensor(rows["target_item"]),
+        "target_ratings": torch.from_numpy(_float_column(rows["target_rating"])),
+        "target_likes": _long_tensor(rows["target_like"]),
+    }
+    return batch, rows["seen_items"].to_pylist(), rows["is_cold_target"].to_numpy()
+
+
+def _row_slices(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    for offset in range(0, table.num_rows, batch_size):
+        yield table.slice(offset, batch_size)
+
+
+def eval_batches(
+    table: pa.Table, max_history: int, batch_size: int
+) -> Iterator[tuple[dict[str, Tensor], list[list[int]], np.ndarray]]:
+    """:func:`collate_eval_rows` over consecutive slices of ``batch_size`` rows of ``table``."""
+    _check_columns(table.column_names, "evaluation table")
+    for rows in _row_slices(table, batch_size):
+        yield collate_eval_rows(rows, max_history)
+
+
+def _check_columns(names: Sequence[str], where: str) -> None:
+    missing = [name for name in EVAL_COLUMNS if name not in names]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)} (expected data.schema.EVAL_SEQUENCE)")
+
+
+# --- Per-row values and their aggregation ---------------------------------------------------
+
+
+@contextmanager
+def _inference(scorer: Scorer) -> Iterator[None]:
+    """No autograd, and a torch module in eval mode (dropout off) for the duration, then as it was."""
+    module = scorer if isinstance(scorer, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+
+def _prediction(predictions: Mapping[str, Tensor], key: str, num_rows: int) -> np.ndarray:
+    if key not in predictions:
+        return np.full(num_rows, np.nan)
+    return predictions[key].detach().float().cpu().numpy().astype(np.float64)
+
+
+def score_rows(scorer: Scorer, rows: pa.Table, *, num_items: int, max_history: int, coverage_k: int) -> pa.Table:
+    """The per-row values (``PER_ROW_SCHEMA``) of one batch of ``EVAL_SEQUENCE`` rows."""
+    if rows.num_rows == 0:
+        return PER_ROW_SCHEMA.empty_table()
+    batch, seen_items, is_cold = collate_eval_rows(rows, max_history)
+    scores = scorer.full_sort_predict(batch).detach().cpu()
+    if tuple(scores.shape) != (rows.num_rows, num_items + 1):
+        raise ValueError(
+            f"full_sort_predict returned scores of shape {tuple(scores.shape)}, "
+            f"expected [batch, num_items + 1] = [{rows.num_rows}, {num_items + 1}]"
+        )
+    predictions = scorer.predict(batch) if hasattr(scorer, "predict") else {}
+    targets = batch["target_items"]
+    return pa.table(
+        {
+            "user_idx": batch["user_idx"].numpy(),
+            "target_item": targets.numpy(),
+            "is_cold": is_cold,
+            "rank": rank_of_targets(scores, targets, seen_items),
+            "top_items": pa.array(top_k_items(scores, targets, seen_items, coverage_k), type=pa.list_(pa.int64())),
+            "like_label": batch["target_likes"].numpy(),
+            "like_probability": _prediction(predictions, "like", rows.num_rows),
+            "rating": batch["target_ratings"].numpy(),
+            "rating_raw": _float_column(rows["target_rating_raw"]),
+            "rating_prediction": _prediction(predictions, "rating", rows.num_rows),
+        },
+        schema=PER_ROW_SCHEMA,
+    )
+
+
+def _ranking_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    metrics = {}
+    for k in ks:
+        metrics[f"HR@{k}"] = hit_rate_at_k(ranks, k)
+        metrics[f"NDCG@{k}"] = ndcg_at_k(ranks, k)
+        metrics[f"MRR@{k}"] = mrr_at_k(ranks, k)
+    return metrics
+
+
+def summarise(
+    per_row: pa.Table,
+    *,
+    ks: Sequence[int],
+    num_items: int,
+    coverage_k: int,
+    rating_denormalise: RatingDenormaliser | None = None,
+) -> dict[str, float]:
+    """The metrics of a table of per-row values (``PER_ROW_SCHEMA``); see :func:`evaluate` for the keys."""
+    if per_row.num_rows == 0:
+        raise InputError("evaluation table: no rows to evaluate")
+    # Floating-point sums depend on the order of their terms; a canonical row order makes the
+    # metrics independent of the order in which (Ray) batches come back.
+    per_row = per_row.sort_by([(name, "ascending") for name in PER_ROW_SCHEMA.names if name != "top_items"])
+    column = {name: per_row[name].to_numpy() for name in PER_ROW_SCHEMA.names if name != "top_items"}
+    ranks = column["rank"]
+    metrics: dict[str, float] = {"num_rows": per_row.num_rows, **_ranking_metrics(ranks, ks)}
+    metrics[f"coverage@{coverage_k}"] = coverage_at_k(per_row["top_items"].to_numpy(), num_items)
+
+    cold = column["is_cold"]
+    if cold.any():
+        metrics["cold/num_rows"] = int(cold.sum())
+        metrics |= {f"cold/{name}": value for name, value in _ranking_metrics(ranks[cold], ks).items()}
+
+    liked = (column["like_label"] >= 0) & ~np.isnan(column["like_probability"])
+    if liked.any():
+        like_metrics = binary_classification_metrics(column["like_probability"][liked], column["like_label"][liked])
+        metrics["like/num_rows"] = int(liked.sum())
+        metrics |= {f"like/{name}": value for name, value in like_metrics.items()}
+
+    rated = ~np.isnan(column["rating"]) & ~np.isnan(column["rating_prediction"])
+    if rated.any():
+        predictions, targets = column["rating_prediction"][rated], column["rating"][rated]
+        if rating_denormalise is not None:
+            predictions = rating_denormalise(predictions, column["user_idx"][rated])
+            targets = column["rating_raw"][rated]
+        metrics["rating/num_rows"] = int(rated.sum())
+        metrics["rating/rmse"] = rmse(predictions, targets)
+        metrics["rating/mae"] = mae(predictions, targets)
+    return metrics
+
+
+# --- The two evaluation paths ---------------------------------------------------------------
+
+
+def evaluate(
+    scorer: Scorer,
+    table: pa.Table,
+    *,
+    ks: Sequence[int] = (10, 20),
+    num_items: int,
+    max_history: int,
+    batch_size: int,
+    rating_denormalise: RatingDenormaliser | None = None,
+    coverage_k: int = 10,
+) -> dict[str, float]:
+    """Evaluate ``scorer`` on the ``EVAL_SEQUENCE`` rows of ``table`` in this process.
+
+    Keys: ``num_rows``; ``HR@K``, ``NDCG@K``, ``MRR@K`` for each K; ``coverage@{coverage_k}``;
+    ``cold/...`` (row count and ranking metrics) when some target is a cold item; ``like/...``
+    (AUC, log loss, accuracy, precision, recall, F1) on rows with a known like, when the scorer
+    predicts likes; ``rating/rmse`` and ``rating/mae`` on rows with a rating, when the scorer
+    predicts ratings: on the raw scale when ``rating_denormalise`` is given, else normalised.
+    """
+    _check_columns(table.column_names, "evaluation table")
+    with _inference(scorer):
+        per_row = [
+            score_rows(scorer, rows, num_items=num_items, max_history=max_history, coverage_k=coverage_k)
+            for rows in _row_slices(table, batch_size)
+        ]
+    return summarise(
+        pa.concat_tables([PER_ROW_SCHEMA.empty_table(), *per_row]),
+        ks=ks,
+        num_items=num_items,
+        coverage_k=coverage_k,
+        rating_denormalise=rating_denormalise,
+    )
+
+
+class _RowScorer:
+    """Ray Data callable class: builds the scorer once per actor, maps eval rows to per-row values."""
+
+    def __init__(self, scorer_factory: Callable[[], Scorer], *, num_items: int, max_history: int, coverage_k: int):
+        self.scorer = scorer_factory()
+        self.options = {"num_items": num_items, "max_history": max_history, "coverage_k": coverage_k}
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        with _inference(self.scorer):
+            return score_rows(self.scorer, rows, **self.options)
+
+
+def evaluate_with_ray_data(
+    scorer_factory: Callable[[], Scorer],
+    dataset_uri_or_ray_dataset: str | ray.data.Dataset,
+    *,
+    ks: Sequence[int] = (10, 20),
+    num_items: int,
+    max_history: int,
+    batch_size: int,
+    rating_denormalise: RatingDenormaliser | None = None,
+    coverage_k: int = 10,
+    num_actors: int = 1,
+    num_cpus_per_actor: float = 1.0,
+    num_gpus_per_actor: float = 0.0,
+) -> dict[str, float]:
+    """:func:`evaluate` for large user sets: batch inference on a pool of Ray Data actors.
+
+    ``scorer_factory`` (picklable, no arguments) builds the scorer once in each actor. The data is a
+    Parquet folder / URI of ``EVAL_SEQUENCE`` rows or a Ray Dataset of them. Only per-row values
+    travel back to the driver, never the ``[B, N+1]`` scores; the metrics are the same as
+    :func:`evaluate` gives on the same rows.
+    """
+    where = dataset_uri_or_ray_dataset if isinstance(dataset_uri_or_ray_dataset, str) else "evaluation dataset"
+    dataset = (
+        ray.data.read_parquet(dataset_uri_or_ray_dataset)
+        if isinstance(dataset_uri_or_ray_dataset, str)
+        else dataset_uri_or_ray_dataset
+    )
+    schema = dataset.schema()
+    if schema is None:
+        raise InputError(f"{where}: no rows to evaluate")
+    _check_columns(schema.names, str(where))
+    per_row = dataset.select_columns(list(EVAL_COLUMNS)).map_batches(
+        _RowScorer,
+        fn_constructor_kwargs={
+            "scorer_factory": scorer_factory,
+            "num_items": num_items,
+            "max_history": max_history,
+            "coverage_k": coverage_k,
+        },
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=num_cpus_per_actor,
+        num_gpus=num_gpus_per_actor,
+    )
+    blocks = per_row.iter_batches(batch_size=None, batch_format="pyarrow")
+    return summarise(
+        pa.concat_tables([PER_ROW_SCHEMA.empty_table(), *blocks]),
+        ks=ks,
+        num_items=num_items,
+        coverage_k=coverage_k,
+        rating_denormalise=rating_denormalise,
+    )
+
+
+# --- Popularity baseline --------------------------------------------------------------------
+
+#: Pseudo-observations of the global mean added to each item's mean rating / like rate, so that an
+#: item seen once does not get a certain like or an extreme rating.
+PRIOR_WEIGHT = 1.0
+
+
+class PopularityScorer:
+    """Baseline scorer: ranks items by their number of interactions in the training sequences.
+
+    Its ``predict`` gives the item's mean normalised rating and its like rate, each shrunk towards
+    the global value by ``PRIOR_WEIGHT`` (NaN when the training data has no ratings / likes at all).
+    """
+
+    def __init__(self, train_table: pa.Table, num_items: int):
+        items = pc.list_flatten(train_table["items"]).to_numpy().astype(np.int64)
+        if items.size and (items.min() <= PAD_INDEX or items.max() > num_items):
+            raise InputError(f"training sequences: field items holds item_idx outside 1..{num_items}")
+        ratings = pc.list_flatten(train_table["ratings"]).to_numpy().astype(np.float64)
+        likes = pc.list_flatten(train_table["likes"]).to_numpy().astype(np.float64)
+        self.counts = torch.from_numpy(np.bincount(items, minlength=num_items + 1).astype(np.float32))
+        self.mean_rating = self._shrunk_item_means(items, ratings, valid=~np.isnan(ratings), num_items=num_items)
+        self.like_rate = self._shrunk_item_means(items, likes, valid=likes >= 0, num_items=num_items)
+
+    @staticmethod
+    def _shrunk_item_means(items: np.ndarray, values: np.ndarray, *, valid: np.ndarray, num_items: int) -> Tensor:
+        items, values = items[valid], values[valid]
+        global_mean = values.mean() if values.size else np.nan
+        sums = np.bincount(items, weights=values, minlength=num_items + 1)
+        counts = np.bincount(items, minlength=num_items + 1)
+        return torch.from_numpy((sums + PRIOR_WEIGHT * global_mean) / (counts + PRIOR_WEIGHT))
+
+    def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.counts.expand(len(batch["target_items"]), -1)
+
+    def predict(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        targets = batch["target_items"]
+        return {"rating": self.mean_rating[targets], "like": self.like_rate[targets]}
+
+
+# --- Report ---------------------------------------------------------------------------------
+
+_CHARTED_METRIC = re.compile(r"(HR|NDCG)@(\d+)")
+
+
+def _format(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _markdown_table(metrics_by_model: Mapping[str, Mapping[str, float]]) -> str:
+    columns = list(dict.fromkeys(name for metrics in metrics_by_model.values() for name in metrics))
+    lines = [
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        *(
+            f"| {model} | " + " | ".join(_format(metrics.get(name)) for name in columns) + " |"
+            for model, metrics in metrics_by_model.items()
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _bar_chart(metrics_by_model: Mapping[str, Mapping[str, float]]) -> bytes:
+    charted = {name for metrics in metrics_by_model.values() for name in metrics if _CHARTED_METRIC.fullmatch(name)}
+    # HR before NDCG, then by K.
+    names = sorted(charted, key=lambda name: (name.split("@")[0], int(name.split("@")[1])))
+    figure = Figure(figsize=(max(6.0, 1.5 * len(names)), 4.0))
+    axes = figure.subplots()
+    width = 0.8 / max(len(metrics_by_model), 1)
+    positions = np.arange(len(names))
+    for index, (model, metrics) in enumerate(metrics_by_model.items()):
+        heights = [metrics.get(name, 0.0) for name in names]
+        axes.bar(positions + (index - (len(metrics_by_model) - 1) / 2) * width, heights, width, label=model)
+    axes.set_xticks(positions, names)
+    axes.set_ylabel("score")
+    axes.set_title("Full-ranking metrics")
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def write_report(metrics_by_model: Mapping[str, Mapping[str, float]], out_dir: str | Path) -> None:
+    """Write ``metrics.json``, ``metrics.md`` (one row per model) and ``metrics.png`` (HR/NDCG@K bars).
+
+    ``out_dir`` is a local folder or a pyarrow filesystem URI (``s3://...``, ``gs://...``).
+    """
+    location = storage.resolve(str(out_dir))
+    location.filesystem.create_dir(location.path, recursive=True)
+    storage.write_text(location, "metrics.json", json.dumps(metrics_by_model, indent=2))
+    storage.write_text(location, "metrics.md", _markdown_table(metrics_by_model))
+    with location.filesystem.open_output_stream(location.join("metrics.png")) as stream:
+        stream.write(_bar_chart(metrics_by_model))

@@ -1,0 +1,174 @@
+"""Evaluation metrics as pure functions: full-ranking metrics from target ranks, catalogue coverage,
+binary-classification metrics for the like task and regression errors for the rating task.
+
+Ranking protocol (leave-one-out, one held-out target per row):
+
+* The candidates of a row are every catalogue item except the padding column and the items in the
+  row's ``seen_items``; the target itself is always a candidate, even when the user saw it before.
+* The rank of the target is pessimistic on ties: ``1 + #{candidates j != target : score_j >= score_target}``.
+  A model that gives every item the same score therefore gets the worst rank, not the best.
+  NaN scores count as ``-inf``.
+* With one relevant item per row, HR@K equals Recall@K, and NDCG@K is ``1 / log2(rank + 1)`` when
+  ``rank <= K`` (the ideal DCG is 1). K larger than the number of candidates is allowed: every
+  target is then within the top K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    log_loss,
+    mean_absolute_error,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    root_mean_squared_error,
+)
+
+from data.schema import PAD_INDEX
+
+#: Probabilities at or above this are predicted positive for accuracy, precision, recall and F1.
+DECISION_THRESHOLD = 0.5
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
+
+
+def _as_numpy(values: ArrayLike) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        # numpy has no bfloat16; widening half precision to float32 is exact.
+        return (values.float() if values.dtype in (torch.bfloat16, torch.float16) else values).numpy()
+    return np.asarray(values)
+
+
+def candidate_mask(num_columns: int, targets: ArrayLike, mask_items: Sequence[Sequence[int]]) -> np.ndarray:
+    """``[B, num_columns]`` booleans: True where an item competes in the row's ranking.
+
+    False for the padding column and for every item of the row's ``mask_items``, except the row's
+    target, which always competes.
+    """
+    targets = _as_numpy(targets).astype(np.int64)
+    num_rows = len(targets)
+    if len(mask_items) != num_rows:
+        raise ValueError(f"mask_items has {len(mask_items)} rows, targets {num_rows}")
+    if num_rows and (targets.min() <= PAD_INDEX or targets.max() >= num_columns):
+        raise ValueError(f"target item out of range 1..{num_columns - 1}: {targets.min()}..{targets.max()}")
+    candidates = np.ones((num_rows, num_columns), dtype=bool)
+    candidates[:, PAD_INDEX] = False
+    lengths = [len(items) for items in mask_items]
+    if sum(lengths):
+        masked = np.concatenate([np.asarray(items, dtype=np.int64) for items in mask_items])
+        candidates[np.repeat(np.arange(num_rows), lengths), masked] = False
+    candidates[np.arange(num_rows), targets] = True
+    return candidates
+
+
+def _nan_as_lowest(scores: ArrayLike) -> np.ndarray:
+    scores = _as_numpy(scores)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def rank_of_targets(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]]) -> np.ndarray:
+    """1-based pessimistic rank of each row's target among its candidates (see the module docstring).
+
+    ``scores`` is ``[B, N+1]`` with column 0 the padding; ``targets`` ``[B]`` item indices;
+    ``mask_items`` the items each row has already seen (its ``seen_items``). Returns int64 ``[B]``.
+    """
+    scores = _nan_as_lowest(scores)
+    targets = _as_numpy(targets).astype(np.int64)
+    competitors = candidate_mask(scores.shape[1], targets, mask_items)
+    rows = np.arange(len(targets))
+    competitors[rows, targets] = False
+    target_scores = scores[rows, targets]
+    return 1 + ((scores >= target_scores[:, None]) & competitors).sum(axis=1)
+
+
+def top_k_items(
+    scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]], k: int
+) -> list[np.ndarray]:
+    """Each row's ``k`` best candidates, best first; fewer when the row has fewer candidates.
+
+    Ties are broken towards the lower item index, so the lists are deterministic.
+    """
+    _check_k(k)
+    scores = _nan_as_lowest(scores)
+    candidates = candidate_mask(scores.shape[1], targets, mask_items)
+    # lexsort's last key is the primary one: candidates first, then by descending score, then by index.
+    order = np.lexsort((-scores, ~candidates), axis=-1)[:, :k]
+    counts = np.minimum(candidates.sum(axis=1), k)
+    return [row_order[:count] for row_order, count in zip(order, counts)]
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got {k}")
+
+
+def _ranks(ranks: ArrayLike) -> np.ndarray:
+    ranks = _as_numpy(ranks)
+    if ranks.size == 0:
+        raise ValueError("no ranks to average")
+    return ranks
+
+
+def hit_rate_at_k(ranks: ArrayLike, k: int) -> float:
+    """Share of rows whose target ranks within the top ``k`` (equals Recall@K with one target)."""
+    _check_k(k)
+    return float(np.mean(_ranks(ranks) <= k))
+
+
+def ndcg_at_k(ranks: ArrayLike, k: int) -> float:
+    """Mean of ``1 / log2(rank + 1)`` over rows, counting 0 for a rank beyond ``k``."""
+    _check_k(k)
+    ranks = _ranks(ranks).astype(np.float64)
+    return float(np.mean(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
+
+
+def mrr_at_k(ranks: ArrayLike, k: int) -> float:
+    """Mean reciprocal rank, counting 0 for a rank beyond ``k``."""
+    _check_k(k)
+    ranks = _ranks(ranks).astype(np.float64)
+    return float(np.mean(np.where(ranks <= k, 1.0 / ranks, 0.0)))
+
+
+def coverage_at_k(topk_lists: Sequence[Sequence[int]], num_items: int) -> float:
+    """Share of the catalogue's ``num_items`` items (padding excluded) recommended to some row."""
+    lists = [np.asarray(items, dtype=np.int64) for items in topk_lists]
+    recommended = np.unique(np.concatenate(lists)) if lists else np.empty(0, dtype=np.int64)
+    return int(np.count_nonzero(recommended != PAD_INDEX)) / num_items
+
+
+def binary_classification_metrics(probabilities: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """AUC, log loss, and accuracy / precision / recall / F1 at ``DECISION_THRESHOLD``.
+
+    AUC is left out when the labels hold only one class (it is undefined then).
+    """
+    probabilities = _as_numpy(probabilities).astype(np.float64)
+    labels = _as_numpy(labels).astype(np.int64)
+    if labels.size == 0:
+        raise ValueError("no labelled rows")
+    predicted = (probabilities >= DECISION_THRESHOLD).astype(np.int64)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, average="binary", pos_label=1, zero_division=0.0
+    )
+    metrics = {
+        "log_loss": float(log_loss(labels, probabilities, labels=[0, 1])),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+    }
+    if len(np.unique(labels)) == 2:
+        metrics = {"auc": float(roc_auc_score(labels, probabilities)), **metrics}
+    return metrics
+
+
+def rmse(predictions: ArrayLike, targets: ArrayLike) -> float:
+    return float(root_mean_squared_error(_as_numpy(targets), _as_numpy(predictions)))
+
+
+def mae(predictions: ArrayLike, targets: ArrayLike) -> float:
+    return float(mean_absolute_error(_as_numpy(targets), _as_numpy(predictions)))
