@@ -30,6 +30,8 @@ class UserModelConfig(StageConfig):
     num_layers: int = 2
     num_heads: int = 2
     dropout: float = 0.2
+    #: Longest history (items) the learned position embeddings cover.
+    max_positions: int = Field(256, ge=1)
     #: Initialise the user transformer from the backbone's first layers (same width required).
     init_from_backbone: bool = False
 
@@ -113,3 +115,7 @@ class TrainConfig(StageConfig):
     warm_start_from: str | None = None  # a model artifact to initialise weights from (retraining)
     eval_ks: list[int] = Field(default_factory=lambda: [10, 20])
     seed: int = 0
+    run_name: str = "polyrec"
+    model_version: str | None = None  # None: a timestamp
+    ray_address: str | None = None  # None: a local Ray instance
+    ray_num_cpus: int | None = None  # for a local instance

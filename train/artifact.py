@@ -1,0 +1,257 @@
+"""The model artifact handed to serving: safetensors, JSON and Parquet only (no pickle).
+
+Layout of an artifact folder::
+
+    artifact.json              format_version, model_version, model_config, num_users/items/attributes,
+                               rating_mean, rating (normalisation), data_manifest_hash, metrics, created_at
+    model.safetensors          the state dict; in frozen mode without the backbone (its pooled catalogue
+                               text is there, as the ``text_embeddings`` buffer)
+    item_vectors.safetensors   "item_vectors": the item table [N+1, d]
+    backbone/                  the backbone (LoRA merged) and tokenizer, save_pretrained, so new items
+                               can be encoded; absent when the model does not use text
+    items.parquet              item_idx, item_id, title, text, attributes
+    users.parquet              user_id, user_idx, rating_offset
+
+``load_artifact`` needs only torch, transformers and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from data.errors import InputError
+from train.backbone import save_backbone
+from train.config import ModelConfig
+from train.model import CatalogFeatures, PolyrecModel
+
+FORMAT_VERSION = 1
+METADATA_FILE = "artifact.json"
+MODEL_FILE = "model.safetensors"
+ITEM_VECTORS_FILE = "item_vectors.safetensors"
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+BACKBONE_DIR = "backbone"
+ARTIFACT_FILES = (METADATA_FILE, MODEL_FILE, ITEM_VECTORS_FILE, ITEMS_FILE, USERS_FILE)
+#: What save_pretrained writes for a model and its tokenizer, all plain data (vocabularies and
+#: chat templates are text).
+BACKBONE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja")
+ITEM_COLUMNS = ("item_idx", "item_id", "title", "text", "attributes")
+USER_COLUMNS = ("user_id", "user_idx", "rating_offset")
+BACKBONE_PREFIX = "item_encoder.backbone."
+
+
+@dataclass
+class LoadedArtifact:
+    path: Path
+    model: PolyrecModel  # in eval mode, item table cached from item_vectors.safetensors
+    config: ModelConfig
+    items: pa.Table
+    users: pa.Table
+    item_vectors: Tensor  # [N+1, d]
+    metadata: dict[str, Any]  # artifact.json
+
+    @property
+    def model_version(self) -> str:
+        return self.metadata["model_version"]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.model.tokenizer
+
+
+def _backbone_saved_in_state(config: ModelConfig) -> bool:
+    return config.backbone.mode != "frozen"
+
+
+def save_artifact(
+    model: PolyrecModel,
+    out_dir: str | Path,
+    *,
+    items: pa.Table,
+    users: pa.Table,
+    model_version: str,
+    data_manifest_hash: str,
+    metrics: Mapping[str, Any],
+    rating: Mapping[str, Any],
+) -> Path:
+    """Write the artifact to ``out_dir`` (new or empty), atomically: a partial folder never appears
+    under that name. ``items`` is the data output's items table, ``users`` its user vocabulary,
+    ``metrics`` any JSON-able mapping, ``rating`` the manifest's rating normalisation."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: already exists and is not empty; an artifact is never overwritten")
+    item_table = _select(items, ITEM_COLUMNS, "items", optional=("title",)).sort_by("item_idx")
+    user_table = _select(users, USER_COLUMNS, "users")
+
+    model.eval()
+    item_vectors = model.refresh_item_cache()
+    state = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in model.state_dict().items()
+        if _backbone_saved_in_state(model.config) or not name.startswith(BACKBONE_PREFIX)
+    }
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "model_version": model_version,
+        "model_config": model.config.model_dump(mode="json"),
+        "num_users": model.num_users,
+        "num_items": model.num_items,
+        "num_attributes": model.num_attributes,
+        "rating_mean": model.rating_mean,
+        "rating": dict(rating),
+        "data_manifest_hash": data_manifest_hash,
+        "metrics": json.loads(json.dumps(metrics, default=float)),  # numpy / torch scalars → floats
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        save_file(state, staging / MODEL_FILE, metadata={"format": "pt"})
+        save_file({"item_vectors": item_vectors.detach().cpu().contiguous()}, staging / ITEM_VECTORS_FILE, metadata={"format": "pt"})
+        if model.item_encoder.backbone is not None:
+            save_backbone(model.item_encoder.backbone, model.tokenizer, staging / BACKBONE_DIR)
+        pq.write_table(item_table, staging / ITEMS_FILE)
+        pq.write_table(user_table, staging / USERS_FILE)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _select(table: pa.Table, columns: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> pa.Table:
+    selected = {}
+    for name in columns:
+        if name in table.column_names:
+            selected[name] = table.column(name)
+        elif name in optional:
+            selected[name] = pa.nulls(len(table), pa.string())
+        else:
+            raise InputError(f"{what} table: missing field '{name}'")
+    return pa.table(selected)
+
+
+def load_artifact(path: str | Path) -> LoadedArtifact:
+    """The model (eval mode) and tables of a local artifact folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: no model artifact folder there")
+    _check_listing(path)
+    metadata, config = _read_metadata(path / METADATA_FILE)
+
+    state = _read_safetensors(path / MODEL_FILE)
+    item_vectors = _read_safetensors(path / ITEM_VECTORS_FILE).get("item_vectors")
+    if item_vectors is None:
+        raise InputError(f"{path / ITEM_VECTORS_FILE}: no 'item_vectors' tensor")
+
+    num_items, num_attributes = metadata["num_items"], metadata["num_attributes"]
+    token_ids = state.get("item_encoder.input_ids")
+    catalog = CatalogFeatures.placeholder(num_items, num_attributes, token_ids.shape[1] if token_ids is not None else 1)
+    backbone = config.backbone.model_copy(update={"name_or_path": str(path / BACKBONE_DIR), "random_init_config": None})
+    model = PolyrecModel(
+        config.model_copy(update={"backbone": backbone}),
+        num_users=metadata["num_users"],
+        num_items=num_items,
+        num_attributes=num_attributes,
+        catalog=catalog,
+        rating_mean=metadata["rating_mean"],
+    )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise InputError(f"{path / MODEL_FILE}: does not fit the model in {METADATA_FILE}: {err}") from None
+    if not _backbone_saved_in_state(config):
+        missing = [name for name in missing if not name.startswith(BACKBONE_PREFIX)]
+    if missing or unexpected:
+        raise InputError(f"{path / MODEL_FILE}: does not fit the model in {METADATA_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    expected_shape = (num_items + 1, config.user_model.hidden_size)
+    if tuple(item_vectors.shape) != expected_shape:
+        raise InputError(f"{path / ITEM_VECTORS_FILE}: item_vectors has shape {tuple(item_vectors.shape)}, expected {expected_shape}")
+    model.eval()
+    model.item_cache = item_vectors
+
+    return LoadedArtifact(
+        path=path,
+        model=model,
+        config=config,
+        items=_read_parquet(path / ITEMS_FILE, ITEM_COLUMNS),
+        users=_read_parquet(path / USERS_FILE, USER_COLUMNS),
+        item_vectors=item_vectors,
+        metadata=metadata,
+    )
+
+
+def _check_listing(path: Path) -> None:
+    for entry in sorted(path.iterdir()):
+        if entry.name == BACKBONE_DIR and entry.is_dir():
+            for file in sorted(entry.iterdir()):
+                if not file.is_file() or file.suffix not in BACKBONE_SUFFIXES:
+                    raise InputError(f"{file}: not allowed in a model artifact's backbone (only {', '.join(BACKBONE_SUFFIXES)} files)")
+        elif entry.name not in ARTIFACT_FILES or not entry.is_file():
+            raise InputError(f"{entry}: not part of a model artifact (expected {', '.join(ARTIFACT_FILES)} and {BACKBONE_DIR}/)")
+    for name in ARTIFACT_FILES:
+        if not (path / name).is_file():
+            raise InputError(f"{path / name}: missing from the model artifact")
+
+
+def _read_metadata(file: Path) -> tuple[dict[str, Any], ModelConfig]:
+    try:
+        metadata = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{file}: not valid JSON: {err}") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"{file}: the top level must be an object")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{file}: format_version {metadata.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    for field in ("model_version", "model_config", "num_users", "num_items", "num_attributes", "rating_mean"):
+        if field not in metadata:
+            raise InputError(f"{file}: missing field '{field}'")
+    for field in ("num_users", "num_items", "num_attributes"):
+        if not isinstance(metadata[field], int) or metadata[field] < 0:
+            raise InputError(f"{file}: field '{field}' must be a non-negative integer")
+    try:
+        config = ModelConfig.model_validate(metadata["model_config"])
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise InputError(f"{file}: field 'model_config': {problems}") from None
+    if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
+        raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
+    return metadata, config
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{file}: not a readable safetensors file: {err}") from None
+
+
+def _read_parquet(file: Path, columns: tuple[str, ...]) -> pa.Table:
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{file}: not a readable Parquet file: {err}") from None
+    missing = [name for name in columns if name not in table.column_names]
+    if missing:
+        raise InputError(f"{file}: missing field(s) {', '.join(missing)}")
+    return table

@@ -1,0 +1,237 @@
+"""The prediction tasks of the multi-task model, one class each.
+
+A task turns its tower's output (a *query*, one per history position) into a training loss and,
+for (user, item) pairs, a score. Adding a task is one class here plus its on/off switch in
+``TaskConfig`` (a field named like the task's ``name``).
+
+Shapes: B users, L history positions, d the item vector width, C candidates per user, N items
+(index 0 is padding), A attributes (index 0 unused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train.config import TaskConfig
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """Everything a task's constructor may need."""
+
+    config: TaskConfig
+    hidden_size: int
+    num_users: int
+    num_items: int
+    rating_mean: float
+    item_attributes: Tensor  # [N+1, A+1] multi-hot
+    is_cold: Tensor  # [N+1] bool: withheld from training
+    sampled_retrieval: bool  # sampled softmax instead of the whole catalogue
+
+
+@dataclass
+class StepItems:
+    """The item vectors one training step has: the whole catalogue (``item_idx`` None, row i is item
+    i) or only the sorted catalogue indices ``item_idx``; plus the sampled retrieval negatives."""
+
+    vectors: Tensor  # [M, d]
+    item_idx: Tensor | None  # [M]
+    negatives: Tensor | None  # [K]
+
+    def lookup(self, idx: Tensor) -> Tensor:
+        rows = idx if self.item_idx is None else torch.searchsorted(self.item_idx, idx)
+        return self.vectors[rows]
+
+
+def embedding_or_zero(embedding: nn.Embedding, idx: Tensor) -> Tensor:
+    """Rows of ``embedding``; zeros for indices it does not hold (users or items new since training)."""
+    known = idx < embedding.num_embeddings
+    return embedding(torch.where(known, idx, 0)) * known.unsqueeze(-1)
+
+
+def scaled_dot(query: Tensor, item_vectors: Tensor) -> Tensor:
+    return (query * item_vectors).sum(-1) / query.shape[-1] ** 0.5
+
+
+class Task(nn.Module):
+    name: ClassVar[str]
+
+    @classmethod
+    def metric_names(cls, ks: Sequence[int]) -> list[str]:
+        """The evaluation metrics this task reports."""
+        raise NotImplementedError
+
+    def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
+        """Mean loss over the positions of ``batch`` that carry this task's target; query [B, L, d]."""
+        raise NotImplementedError
+
+    def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        """Scores [B, C] of candidates ``item_idx`` [B, C] with vectors [B, C, d] for queries [B, d]."""
+        raise NotImplementedError
+
+
+class RetrievalTask(Task):
+    """Next-item retrieval: cosine similarity / temperature, softmax cross-entropy over the catalogue
+    (or a sampled part of it) at every position with a target.
+
+    Cold items (withheld from training) are never candidates in training, so nothing is learned
+    about them beyond their text. The sampled softmax draws ``num_sampled_negatives`` uniform
+    negatives among the warm items; the batch's own targets are further (popularity-biased)
+    negatives. Each candidate's logit is corrected by the log of its expected count among the
+    candidates (in-batch count + K / warm items), the logQ correction of Yi et al. 2019.
+    """
+
+    name = "retrieval"
+
+    def __init__(self, setup: TaskSetup):
+        super().__init__()
+        self.temperature = setup.config.temperature
+        self.num_negatives = setup.config.num_sampled_negatives if setup.sampled_retrieval else 0
+        trainable = ~setup.is_cold.bool()
+        trainable[0] = False
+        self.register_buffer("trainable_targets", trainable)
+
+    @classmethod
+    def metric_names(cls, ks: Sequence[int]) -> list[str]:
+        return [f"{metric}@{k}" for k in ks for metric in ("recall", "ndcg")]
+
+    def query_embedding(self, query: Tensor) -> Tensor:
+        return F.normalize(query, dim=-1) / self.temperature
+
+    def item_embedding(self, item_vectors: Tensor) -> Tensor:
+        return F.normalize(item_vectors, dim=-1)
+
+    def sample_negatives(self) -> Tensor | None:
+        if not self.num_negatives:
+            return None
+        return torch.multinomial(self.trainable_targets.float(), self.num_negatives, replacement=True)
+
+    def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
+        valid = batch["target_items"] > 0
+        targets = batch["target_items"][valid]
+        if not len(targets):
+            return query.sum() * 0.0
+        queries = self.query_embedding(query[valid])
+        if items.negatives is None:
+            logits = queries @ self.item_embedding(items.vectors).T
+            logits = logits.masked_fill(~self.trainable_targets, float("-inf"))
+            return F.cross_entropy(logits, targets)
+        candidates = torch.unique(torch.cat([targets, items.negatives]))
+        target_rows = torch.searchsorted(candidates, targets)
+        in_batch = torch.zeros(len(candidates), device=query.device).index_add_(
+            0, target_rows, torch.ones_like(targets, dtype=torch.float)
+        )
+        expected_count = in_batch + self.num_negatives / self.trainable_targets.sum()
+        logits = queries @ self.item_embedding(items.lookup(candidates)).T - expected_count.log()
+        return F.cross_entropy(logits, target_rows)
+
+    def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        logits = (self.query_embedding(query).unsqueeze(1) * self.item_embedding(item_vectors)).sum(-1)
+        return logits.masked_fill(item_idx == 0, float("-inf"))
+
+
+class RatingTask(Task):
+    """Explicit rating on the normalised scale: ``<u, i> / sqrt(d) + b_u + b_i + mu``, MSE where rated.
+    (The inner product is scaled as in attention, so untrained predictions start near ``mu``.)"""
+
+    name = "rating"
+
+    def __init__(self, setup: TaskSetup):
+        super().__init__()
+        self.user_bias = nn.Embedding(setup.num_users + 1, 1)
+        self.item_bias = nn.Embedding(setup.num_items + 1, 1)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+        self.register_buffer("rating_mean", torch.tensor(float(setup.rating_mean)))
+
+    @classmethod
+    def metric_names(cls, ks: Sequence[int]) -> list[str]:
+        return ["rmse", "mae"]
+
+    def predict(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        user_bias = embedding_or_zero(self.user_bias, user_idx)  # [B, 1] or [B, L, 1]
+        item_bias = embedding_or_zero(self.item_bias, item_idx).squeeze(-1)
+        return scaled_dot(query, item_vectors) + user_bias.squeeze(-1) + item_bias + self.rating_mean
+
+    def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
+        ratings = batch["target_ratings"]
+        valid = (batch["target_items"] > 0) & ratings.isfinite()
+        targets = batch["target_items"][valid]
+        users = batch["user_idx"].unsqueeze(1).expand_as(valid)[valid]
+        predicted = self.predict(query[valid], targets, items.lookup(targets), users)
+        return F.mse_loss(predicted, ratings[valid].float()) if len(targets) else query.sum() * 0.0
+
+    def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        return self.predict(query.unsqueeze(1), item_idx, item_vectors, user_idx.unsqueeze(1))
+
+
+class LikeTask(Task):
+    """Like / dislike: ``sigmoid(<u, i> / sqrt(d) + b_i + b)``, binary cross-entropy where the like is known."""
+
+    name = "like"
+
+    def __init__(self, setup: TaskSetup):
+        super().__init__()
+        self.item_bias = nn.Embedding(setup.num_items + 1, 1)
+        nn.init.zeros_(self.item_bias.weight)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def metric_names(cls, ks: Sequence[int]) -> list[str]:
+        return ["like_auc", "like_logloss"]
+
+    def logit(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor) -> Tensor:
+        return scaled_dot(query, item_vectors) + embedding_or_zero(self.item_bias, item_idx).squeeze(-1) + self.bias
+
+    def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
+        likes = batch["target_likes"]
+        valid = (batch["target_items"] > 0) & (likes >= 0)
+        targets = batch["target_items"][valid]
+        logits = self.logit(query[valid], targets, items.lookup(targets))
+        return F.binary_cross_entropy_with_logits(logits, likes[valid].float()) if len(targets) else query.sum() * 0.0
+
+    def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        return torch.sigmoid(self.logit(query.unsqueeze(1), item_idx, item_vectors))
+
+
+class AttributesTask(Task):
+    """Auxiliary: multi-label prediction of the next item's attributes. As a score, the mean
+    predicted probability of the candidate's attributes (0 for items without known attributes)."""
+
+    name = "attributes"
+
+    def __init__(self, setup: TaskSetup):
+        super().__init__()
+        self.register_buffer("item_attributes", setup.item_attributes.float())
+        self.head = nn.Linear(setup.hidden_size, setup.item_attributes.shape[1] - 1)
+
+    @classmethod
+    def metric_names(cls, ks: Sequence[int]) -> list[str]:
+        return ["attributes_bce"]
+
+    def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
+        valid = batch["target_items"] > 0
+        if not valid.any():
+            return query.sum() * 0.0
+        labels = self.item_attributes[batch["target_items"][valid], 1:]
+        return F.binary_cross_entropy_with_logits(self.head(query[valid]), labels)
+
+    def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        probabilities = torch.sigmoid(self.head(query)).unsqueeze(1)  # [B, 1, A]
+        known = item_idx < len(self.item_attributes)
+        attributes = self.item_attributes[torch.where(known, item_idx, 0), 1:] * known.unsqueeze(-1)
+        return (attributes * probabilities).sum(-1) / attributes.sum(-1).clamp(min=1.0)
+
+
+TASKS: tuple[type[Task], ...] = (RetrievalTask, RatingTask, LikeTask, AttributesTask)
+
+
+def build_tasks(setup: TaskSetup) -> nn.ModuleDict:
+    """The tasks switched on in ``TaskConfig``, in a fixed order."""
+    return nn.ModuleDict({task.name: task(setup) for task in TASKS if getattr(setup.config, task.name)})
