@@ -1,0 +1,411 @@
+"""polyrec's KubeRay manifests (k8s/): the RayService's Serve config, an offline build of the
+kustomizations, and strict validation against the vendored KubeRay CRDs.
+
+* ``serveConfigV2`` has one source, ``serve/serve_config.yaml``. Each kustomization folder with
+  a ``serve-overrides.yaml`` gets a generated patch, ``rayservice-serve-config.yaml``, holding
+  that file with the overrides of the base and of the folder merged in.
+* ``build`` renders a kustomization the way ``kustomize build`` does for the subset k8s/ uses:
+  ``resources``, ``patches`` (merge patches, and JSON 6902 patches with a ``target``) and
+  ``images``. Merge patches must not touch lists: kustomize replaces lists of custom resources
+  whole, which is easy to get wrong, so list edits are JSON 6902 operations.
+* ``validate`` checks documents against the CRDs' openAPIV3Schema with the API server's strict
+  field validation (a field the schema does not list is an error), plus the operator's name
+  rules and Ray Serve's own config schema for ``serveConfigV2``.
+
+Command line::
+
+    python -m cluster.manifests sync              # regenerate the serveConfigV2 patches
+    python -m cluster.manifests check             # stale patches or invalid manifests: exit 1
+    python -m cluster.manifests build k8s/overlays/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pydantic
+import yaml
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import (
+    DeploymentSchema,
+    HTTPOptionsSchema,
+    RayActorOptionsSchema,
+    ServeApplicationSchema,
+    ServeDeploySchema,
+)
+
+from data.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+K8S_DIR = REPO_ROOT / "k8s"
+CRD_DIR = K8S_DIR / "schemas"
+SERVE_CONFIG = REPO_ROOT / "serve" / "serve_config.yaml"
+SERVE_OVERRIDES = "serve-overrides.yaml"
+SERVE_PATCH = "rayservice-serve-config.yaml"
+RAYSERVICE_NAME = "polyrec-serve"
+
+#: The operator prefixes generated object names, so it limits the names it accepts
+#: (ray-operator/controllers/ray/utils/validation.go, KubeRay v1.7.0).
+MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47, "RayService": 47, "RayCronJob": 47}
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+#: libyaml's loader when PyYAML was built with it: the vendored CRDs are 4 MB of YAML.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(), Loader=YAML_LOADER)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_documents(path: Path) -> list[Any]:
+    try:
+        return [doc for doc in yaml.load_all(path.read_text(), Loader=YAML_LOADER) if doc is not None]
+    except OSError as err:
+        raise InputError(f"{path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {err}") from None
+
+
+# --- The Serve config embedded in the RayService ----------------------------------------------
+
+
+def merge_named(base: Any, override: Any, where: str) -> Any:
+    """Deep-merge ``override`` into ``base``: mappings key by key, lists of named mappings
+    (applications, deployments) item by ``name``; anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge_named(base[key], value, f"{where}.{key}") if key in base else value
+        return merged
+    if _is_named_list(base) and _is_named_list(override):
+        by_name = {item["name"]: item for item in base}
+        for item in override:
+            if item["name"] not in by_name:
+                raise InputError(f"{where}: no entry named {item['name']!r} in {SERVE_CONFIG.name}")
+            by_name[item["name"]] = merge_named(by_name[item["name"]], item, f"{where}[{item['name']}]")
+        return list(by_name.values())
+    return override
+
+
+def _is_named_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) and "name" in item for item in value)
+
+
+def render_serve_config(overrides: Sequence[Path] = ()) -> str:
+    """``serve/serve_config.yaml`` with ``overrides`` merged in, checked against Ray Serve's schema."""
+    config = load_yaml(SERVE_CONFIG)
+    for path in overrides:
+        config = merge_named(config, load_yaml(path), str(path))
+    problems = serve_config_problems(config)
+    if problems:
+        raise InputError(f"{SERVE_CONFIG} + {', '.join(map(str, overrides))}: {'; '.join(problems)}")
+    return yaml.safe_dump(config, sort_keys=False, width=120)
+
+
+def serve_config_problems(config: Any) -> list[str]:
+    """Ray Serve's own validation, plus unknown keys (which Serve would silently ignore)."""
+    try:
+        ServeDeploySchema.model_validate(config)
+    except pydantic.ValidationError as err:
+        return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+    problems = _unknown_keys(config, ServeDeploySchema, "")
+    problems += _unknown_keys(config.get("http_options", {}), HTTPOptionsSchema, "http_options")
+    for app in config["applications"]:
+        problems += _unknown_keys(app, ServeApplicationSchema, f"applications[{app['name']}]")
+        for deployment in app.get("deployments", []):
+            where = f"applications[{app['name']}].deployments[{deployment['name']}]"
+            problems += _unknown_keys(deployment, DeploymentSchema, where)
+            for key, model in (("ray_actor_options", RayActorOptionsSchema), ("autoscaling_config", AutoscalingConfig)):
+                if isinstance(deployment.get(key), dict):
+                    problems += _unknown_keys(deployment[key], model, f"{where}.{key}")
+    return problems
+
+
+def _unknown_keys(mapping: dict, model: type[pydantic.BaseModel], where: str) -> list[str]:
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return [f"{where}.{key}: unknown field".lstrip(".") for key in mapping if key not in known]
+
+
+def serve_patch_targets() -> dict[Path, list[Path]]:
+    """Each generated patch file and the override files merged into it, base first."""
+    base_overrides = [K8S_DIR / "base" / SERVE_OVERRIDES]
+    targets = {K8S_DIR / "base" / SERVE_PATCH: base_overrides}
+    for overlay in sorted((K8S_DIR / "overlays").iterdir()):
+        if (overlay / SERVE_OVERRIDES).is_file():
+            targets[overlay / SERVE_PATCH] = base_overrides + [overlay / SERVE_OVERRIDES]
+    return targets
+
+
+class _LiteralStrings(yaml.SafeDumper):
+    """Multi-line strings as ``|`` blocks, so the embedded Serve config reads as YAML."""
+
+
+_LiteralStrings.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
+    ),
+)
+
+
+def serve_patch_text(overrides: Sequence[Path]) -> str:
+    sources = ", ".join(str(p.relative_to(REPO_ROOT)) for p in [SERVE_CONFIG, *overrides])
+    patch = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": RAYSERVICE_NAME},
+        "spec": {"serveConfigV2": render_serve_config(overrides)},
+    }
+    header = f"# Generated by `python -m cluster.manifests sync` from {sources}. Do not edit.\n"
+    return header + yaml.dump(patch, Dumper=_LiteralStrings, sort_keys=False, width=120)
+
+
+def sync_serve_patches(*, check: bool = False) -> list[Path]:
+    """Write every generated serveConfigV2 patch; return those that were (with ``check``: would
+    be) changed."""
+    stale = []
+    for target, overrides in serve_patch_targets().items():
+        text = serve_patch_text(overrides)
+        if not target.is_file() or target.read_text() != text:
+            stale.append(target)
+            if not check:
+                target.write_text(text)
+    return stale
+
+
+# --- Offline kustomize build -----------------------------------------------------------------
+
+SUPPORTED_KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "images"}
+
+
+def build(directory: Path) -> list[dict]:
+    """The documents ``kustomize build directory`` produces (for the features k8s/ uses)."""
+    kustomization_path = directory / "kustomization.yaml"
+    kustomization = load_yaml(kustomization_path)
+    if unsupported := set(kustomization) - SUPPORTED_KUSTOMIZATION_FIELDS:
+        raise InputError(f"{kustomization_path}: fields not supported offline: {sorted(unsupported)}")
+    documents: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        documents += build(path) if path.is_dir() else load_documents(path)
+    for patch in kustomization.get("patches", []):
+        _apply_patch_file(documents, directory / patch["path"], patch.get("target"))
+    for image in kustomization.get("images", []):
+        for container in _containers(documents):
+            _retag(container, image)
+    return documents
+
+
+def _apply_patch_file(documents: list[dict], path: Path, target: dict | None) -> None:
+    patches = load_documents(path)
+    if len(patches) == 1 and isinstance(patches[0], list):  # JSON 6902 operations
+        if target is None:
+            raise InputError(f"{path}: a JSON 6902 patch needs a target (kind and name) in the kustomization")
+        for document in _matching(documents, target["kind"], target["name"], path):
+            for number, operation in enumerate(patches[0]):
+                _apply_operation(document, operation, f"{path}: operation {number + 1}")
+        return
+    for patch in patches:
+        for document in _matching(documents, patch["kind"], patch["metadata"]["name"], path):
+            merged = _merge_patch(document, patch, str(path))
+            document.clear()
+            document.update(merged)
+
+
+def _matching(documents: list[dict], kind: str, name: str, path: Path) -> list[dict]:
+    found = [d for d in documents if d.get("kind") == kind and d.get("metadata", {}).get("name") == name]
+    if not found:
+        raise InputError(f"{path}: no {kind} named {name!r} to patch")
+    return found
+
+
+def _merge_patch(document: Any, patch: Any, where: str) -> Any:
+    """RFC 7386 merge (a null deletes), refusing to replace lists (see the module docstring)."""
+    if not isinstance(patch, dict) or not isinstance(document, dict):
+        if isinstance(patch, list) or isinstance(document, list):
+            raise InputError(f"{where}: a merge patch replaces lists whole; use a JSON 6902 patch")
+        return patch
+    merged = dict(document)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merge_patch(document[key], value, f"{where}: {key}") if key in document else value
+    return merged
+
+
+def _apply_operation(document: dict, operation: dict, where: str) -> None:
+    op, pointer = operation.get("op"), operation.get("path", "")
+    node: Any = document
+    try:
+        *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")[1:]]
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            if op == "add":
+                node.insert(index, copy.deepcopy(operation["value"]))
+            elif op == "replace":
+                node[index] = copy.deepcopy(operation["value"])
+            elif op == "remove":
+                del node[index]
+            else:
+                raise InputError(f"{where}: unsupported op {op!r} (add, replace, remove)")
+        elif op in ("add", "replace"):
+            if op == "replace" and last not in node:
+                raise KeyError(last)
+            node[last] = copy.deepcopy(operation["value"])
+        elif op == "remove":
+            del node[last]
+        else:
+            raise InputError(f"{where}: unsupported op {op!r} (add, replace, remove)")
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise InputError(f"{where}: path {pointer} does not exist in the target") from None
+
+
+def _containers(node: Any) -> Iterator[dict]:
+    """Every container of every pod template, wherever it is nested (as kustomize's images do)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                yield from (c for c in value if isinstance(c, dict))
+            else:
+                yield from _containers(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _containers(item)
+
+
+def _retag(container: dict, image: dict) -> None:
+    name, _, tag = container.get("image", "").partition(":")
+    if name == image["name"]:
+        container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+
+
+# --- Validation ------------------------------------------------------------------------------
+
+
+@cache
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the strict JSON Schema of that CRD version, from k8s/schemas/."""
+    schemas = {}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        crd = load_yaml(path)
+        for version in crd["spec"]["versions"]:
+            api_version = f"{crd['spec']['group']}/{version['name']}"
+            schemas[api_version, crd["spec"]["names"]["kind"]] = strict_schema(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def strict_schema(schema: Any) -> Any:
+    """An OpenAPI v3 structural schema as JSON Schema with the API server's semantics:
+    unknown fields rejected unless ``x-kubernetes-preserve-unknown-fields``, int-or-string,
+    ``nullable``, and ``required`` fields that have defaults left to the defaulting."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: strict_schema(value) for key, value in schema.items()}
+    if strict.pop("x-kubernetes-int-or-string", False):
+        strict.pop("type", None)
+        strict["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if strict.pop("nullable", False) and "type" in strict:
+        strict["type"] = [strict["type"], "null"]
+    properties = strict.get("properties")
+    if isinstance(properties, dict):
+        if not strict.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in strict:
+            strict["additionalProperties"] = False
+        if "required" in strict:
+            strict["required"] = [f for f in strict["required"] if "default" not in properties.get(f, {})]
+    return strict
+
+
+def validate(documents: Iterable[dict], source: str = "") -> list[str]:
+    """Every problem found in the documents, one line each (empty: all valid)."""
+    problems = []
+    for number, document in enumerate(documents, 1):
+        where = f"{source}doc {number} {document.get('kind', '?')}/{document.get('metadata', {}).get('name', '?')}"
+        problems += [f"{where}: {problem}" for problem in document_problems(document)]
+    return problems
+
+
+def document_problems(document: dict) -> list[str]:
+    kind, name = document.get("kind"), document.get("metadata", {}).get("name", "")
+    if not (document.get("apiVersion") and kind and name):
+        return ["apiVersion, kind and metadata.name are required"]
+    problems = []
+    if kind in MAX_NAME_LENGTH:
+        if not DNS_1035_LABEL.fullmatch(name) or len(name) > MAX_NAME_LENGTH[kind]:
+            problems.append(f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH[kind]} characters")
+    elif not DNS_1123_SUBDOMAIN.fullmatch(name) or len(name) > 253:
+        problems.append("metadata.name must be a DNS-1123 subdomain")
+    schema = crd_schemas().get((document["apiVersion"], kind))
+    if document["apiVersion"].startswith("ray.io/") and schema is None:
+        problems.append(f"no vendored CRD for {document['apiVersion']} {kind}")
+    if schema is not None:
+        validator = jsonschema.Draft7Validator(schema)
+        for error in sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path)):
+            path = ".".join(map(str, error.absolute_path)) or "<root>"
+            problems.append(f"{path}: {error.message}")
+    if kind == "RayService" and isinstance(document.get("spec", {}).get("serveConfigV2"), str):
+        try:
+            serve_config = yaml.safe_load(document["spec"]["serveConfigV2"])
+        except yaml.YAMLError as err:
+            return [*problems, f"spec.serveConfigV2: not valid YAML: {err}"]
+        problems += [f"spec.serveConfigV2: {p}" for p in serve_config_problems(serve_config)]
+    return problems
+
+
+def kustomization_dirs() -> list[Path]:
+    return [K8S_DIR / "base", *sorted(p for p in (K8S_DIR / "overlays").iterdir() if p.is_dir())]
+
+
+def check() -> list[str]:
+    """Stale generated patches and invalid manifests, for every kustomization under k8s/."""
+    stale = sync_serve_patches(check=True)
+    problems = [f"{path.relative_to(REPO_ROOT)}: stale, run `python -m cluster.manifests sync`" for path in stale]
+    for directory in kustomization_dirs():
+        problems += validate(build(directory), f"{directory.relative_to(REPO_ROOT)}: ")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.manifests", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("sync", help="regenerate the RayService serveConfigV2 patches")
+    commands.add_parser("check", help="fail on stale patches or manifests the KubeRay CRDs reject")
+    build_command = commands.add_parser("build", help="print a kustomization's manifests")
+    build_command.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "sync":
+            for path in sync_serve_patches():
+                print(f"wrote {path.relative_to(REPO_ROOT)}")
+        elif args.command == "build":
+            print(yaml.dump_all(build(args.directory), Dumper=_LiteralStrings, sort_keys=False, width=120), end="")
+        else:
+            problems = check()
+            print("\n".join(problems) if problems else "all manifests valid")
+            return 1 if problems else 0
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
