@@ -77,7 +77,7 @@ class ModelConfig(StageConfig):
 
 
 class OptimizerConfig(StageConfig):
-    lr: float = 1e-3
+    lr: float = 2e-3
     backbone_lr: float = 2e-5  # for lora / full modes
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
@@ -108,8 +108,9 @@ class TrainConfig(StageConfig):
     data: str = "runs/default/data"  # preprocessing output (path or URI)
     output: str = "runs/default/model"  # checkpoints, artifact, plots (path or URI)
     epochs: int = 30
-    batch_size: int = 128  # per worker
+    batch_size: int = 32  # per worker; each row is a whole user sequence (every position trains)
     early_stopping_patience: int = 5
+    checkpoints_to_keep: int = 2  # the best by validation NDCG@10; the latest is always kept too
     max_failures: int = 1
     resume_from: str | None = None  # a checkpoint path to start from
     warm_start_from: str | None = None  # a model artifact to initialise weights from (retraining)

@@ -429,3 +429,69 @@ def write_report(metrics_by_model: Mapping[str, Mapping[str, float]], out_dir: s
     storage.write_text(location, "metrics.md", _markdown_table(metrics_by_model))
     with location.filesystem.open_output_stream(location.join("metrics.png")) as stream:
         stream.write(_bar_chart(metrics_by_model))
+
+
+# --- The evaluation stage: a model artifact against the baselines on a split ----------------
+
+
+def rating_denormaliser(rating: Mapping[str, float], users: pa.Table) -> RatingDenormaliser:
+    """Normalised predictions → the raw rating scale, per user: the inverse of the manifest's normalisation
+    ``normalised = (raw - shift - rating_offset[user]) / scale``."""
+    offsets = np.zeros(int(pc.max(users["user_idx"]).as_py() or 0) + 1, dtype=np.float64)
+    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
+
+    def denormalise(normalised: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
+        return normalised * rating["scale"] + rating["shift"] + offsets[user_idx]
+
+    return denormalise
+
+
+class ArtifactScorer:
+    """Picklable factory for Ray Data actors: each loads the artifact's model once."""
+
+    def __init__(self, artifact_path: str):
+        self.artifact_path = artifact_path
+
+    def __call__(self) -> Scorer:
+        from train.artifact import load_artifact
+
+        return load_artifact(self.artifact_path).model
+
+
+def evaluate_artifact(
+    artifact_path: str,
+    data_uri: str,
+    *,
+    split: str = "test",
+    output: str | None = None,
+    use_ray_data: bool = False,
+    ks: Sequence[int] = (10, 20),
+    batch_size: int = 256,
+) -> dict[str, dict[str, float]]:
+    """The artifact and the popularity baseline on ``split`` of a preprocessing output, by the same evaluator;
+    writes ``metrics.json``, ``metrics.md`` and ``metrics.png`` to ``output`` when given."""
+    from data.pipeline import load_manifest
+    from data.schema import SEQUENCES_DIR, USER_VOCAB_PATH
+    from train.artifact import load_artifact
+
+    manifest = load_manifest(data_uri)
+    location = storage.resolve(data_uri)
+    rows = storage.read_table(location, f"{SEQUENCES_DIR}/{split}")
+    options = dict(
+        ks=ks,
+        num_items=manifest.num_items,
+        max_history=manifest.config["features"]["max_history"],
+        batch_size=batch_size,
+        rating_denormalise=rating_denormaliser(manifest.rating.model_dump(), storage.read_table(location, USER_VOCAB_PATH)),
+    )
+    if use_ray_data:
+        split_path = location.join(f"{SEQUENCES_DIR}/{split}")
+        dataset = ray.data.read_parquet(split_path, filesystem=location.filesystem)
+        polyrec = evaluate_with_ray_data(ArtifactScorer(artifact_path), dataset, **options)
+    else:
+        polyrec = evaluate(load_artifact(artifact_path).model, rows, **options)
+    popularity = PopularityScorer(storage.read_table(location, f"{SEQUENCES_DIR}/train"), manifest.num_items)
+    results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options)}
+    if output is not None:
+        write_report(results, output)
+    return results

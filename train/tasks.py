@@ -148,7 +148,7 @@ class RatingTask(Task):
         self.item_bias = nn.Embedding(setup.num_items + 1, 1)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
-        self.register_buffer("rating_mean", torch.tensor(float(setup.rating_mean)))
+        self.register_buffer("rating_mean", torch.tensor([float(setup.rating_mean)]))  # 1-d for DeepSpeed
 
     @classmethod
     def metric_names(cls, ks: Sequence[int]) -> list[str]:
@@ -180,7 +180,7 @@ class LikeTask(Task):
         super().__init__()
         self.item_bias = nn.Embedding(setup.num_items + 1, 1)
         nn.init.zeros_(self.item_bias.weight)
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
 
     @classmethod
     def metric_names(cls, ks: Sequence[int]) -> list[str]:
@@ -233,5 +233,13 @@ TASKS: tuple[type[Task], ...] = (RetrievalTask, RatingTask, LikeTask, Attributes
 
 
 def build_tasks(setup: TaskSetup) -> nn.ModuleDict:
-    """The tasks switched on in ``TaskConfig``, in a fixed order."""
-    return nn.ModuleDict({task.name: task(setup) for task in TASKS if getattr(setup.config, task.name)})
+    """The tasks switched on in ``TaskConfig``, in a fixed order. The attributes task needs a catalogue with
+    attributes: without any (a source with no genres or categories) it is left out."""
+    has_attributes = setup.item_attributes.shape[1] > 1
+    return nn.ModuleDict(
+        {
+            task.name: task(setup)
+            for task in TASKS
+            if getattr(setup.config, task.name) and (task is not AttributesTask or has_attributes)
+        }
+    )

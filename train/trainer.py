@@ -1,0 +1,426 @@
+"""Training on Ray Train with DeepSpeed: the loop in plain sight.
+
+The driver (``run_training``) reads the preprocessing output, starts a ``TorchTrainer`` whose workers each run
+``train_loop_per_worker``, then exports the best checkpoint as a model artifact and evaluates it on the test
+split. Workers read training sequences as Ray Data shards, train every task at once through a DeepSpeed engine
+(ZeRO 0-3), evaluate the full validation split after each epoch, report to Ray Train with a checkpoint, and stop
+early when validation NDCG@10 stops improving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train import ScalingConfig as RayScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file, save_file
+
+from data import schema
+from data.errors import InputError
+from data.pipeline import load_manifest
+from data.storage import Location, read_table, resolve
+from train.batching import left_pad
+from train.config import TrainConfig
+from train.evaluate import evaluate, rating_denormaliser
+from train.model import CatalogFeatures, PolyrecModel
+from train.weighting import LossWeighting
+
+SELECTION_METRIC = "validation/NDCG@10"
+CONSOLIDATED_WEIGHTS = "model.safetensors"
+TRAINER_STATE = "trainer_state.json"
+DEEPSPEED_DIR = "deepspeed"
+
+
+@dataclass
+class TrainingInputs:
+    """What every worker needs to build the model, read once by the driver (small tables only)."""
+
+    items: pa.Table
+    validation: pa.Table
+    num_users: int
+    num_items: int
+    num_attributes: int
+    rating_mean: float
+    pad_token_id: int
+    max_history: int
+    max_text_tokens: int
+    data_hash: str
+    rating: dict[str, Any]  # the manifest's rating normalisation: raw = normalised * scale + shift + offset
+
+
+class TrainingModule(torch.nn.Module):
+    """The model and its loss weighting as one module, so that DeepSpeed owns every trained parameter."""
+
+    def __init__(self, model: PolyrecModel, weighting: LossWeighting):
+        super().__init__()
+        self.model = model
+        self.weighting = weighting
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        losses, shared = self.model.calculate_loss(batch, return_shared=True)
+        total, weights = self.weighting(losses, shared)
+        return total, losses, weights
+
+
+def build_model(config: TrainConfig, inputs: TrainingInputs) -> PolyrecModel:
+    catalog = CatalogFeatures.from_items_table(inputs.items, inputs.max_text_tokens, inputs.pad_token_id)
+    return PolyrecModel(
+        config.model,
+        num_users=inputs.num_users,
+        num_items=inputs.num_items,
+        num_attributes=inputs.num_attributes,
+        catalog=catalog,
+        rating_mean=inputs.rating_mean,
+    )
+
+
+def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, torch.Tensor]:
+    """TRAIN_SEQUENCE rows → left-padded next-item tensors: position t predicts item t+1."""
+    items = [np.array(seq, dtype=np.int64) for seq in rows["items"]]
+    ratings = [np.array(seq, dtype=np.float32) for seq in rows["ratings"]]
+    likes = [np.array(seq, dtype=np.int64) for seq in rows["likes"]]
+    return {
+        "input_items": left_pad([s[:-1] for s in items], max_history),
+        "target_items": left_pad([s[1:] for s in items], max_history),
+        "target_ratings": left_pad([s[1:] for s in ratings], max_history, pad_value=float("nan"), dtype=torch.float32),
+        "target_likes": left_pad([s[1:] for s in likes], max_history, pad_value=-1),
+        "user_idx": torch.as_tensor(np.asarray(rows["user_idx"], dtype=np.int64)),
+    }
+
+
+def deepspeed_config(config: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    precision = config.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if use_gpu else "fp32"
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if config.deepspeed.zero_stage == 3:
+        # Lets rank 0 gather the full weights for the artifact at every checkpoint.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    ds = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.optimizer.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": config.optimizer.lr,
+                "betas": list(config.optimizer.betas),
+                "weight_decay": config.optimizer.weight_decay,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,  # progress is reported per epoch, not by DeepSpeed
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, config.deepspeed.extra)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _parameter_groups(module: TrainingModule, config: TrainConfig) -> list[dict[str, Any]]:
+    backbone, rest = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith("model.backbone.") else rest).append(param)
+    groups = [{"params": rest, "lr": config.optimizer.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.optimizer.backbone_lr})
+    return groups
+
+
+def _warmup_schedule(warmup_steps: int):
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+    return schedule
+
+
+def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full weights of the recommender (without the loss weighting), on rank 0; every rank must call this."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if ray.train.get_context().get_world_rank() != 0:
+        return None
+    prefix = "model."
+    return {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    import deepspeed
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    inputs: TrainingInputs = loop_config["inputs"]
+    context = ray.train.get_context()
+    rank, use_gpu = context.get_world_rank(), config.scaling.use_gpu
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = build_model(config, inputs)
+    if config.warm_start_from:
+        _warm_start(model, config.warm_start_from, announce=rank == 0)
+    module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=_parameter_groups(module, config),
+        config=deepspeed_config(config, use_gpu),
+        lr_scheduler=_warmup_schedule(config.optimizer.warmup_steps),
+    )
+    device = engine.device
+
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint() or (Checkpoint(config.resume_from) if config.resume_from else None)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR))
+            state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
+        if rank == 0:
+            print(f"[polyrec train] resumed at epoch {state['epoch']} from {checkpoint.path}")
+
+    shard = ray.train.get_dataset_shard("train")
+    while state["epoch"] < config.epochs and state["bad_epochs"] < config.early_stopping_patience:
+        epoch = state["epoch"]
+        # Reseeding per epoch makes a resumed run continue exactly as an uninterrupted one would.
+        torch.manual_seed(config.seed * 100_003 + epoch * 1_009 + rank)
+        engine.train()
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        weights: dict[str, float] = {}
+        for rows in shard.iter_batches(
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=config.batch_size * 8,
+            local_shuffle_seed=config.seed + epoch,
+        ):
+            batch = {k: v.to(device) for k, v in training_batch(rows, inputs.max_history).items()}
+            total, losses, weights = engine(batch)
+            engine.backward(total)
+            engine.step()
+            steps += 1
+            for name, value in {"total": total, **losses}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        train_seconds = time.perf_counter() - started
+
+        engine.eval()
+        with torch.no_grad():
+            validation = evaluate(
+                model,
+                inputs.validation,
+                ks=config.eval_ks,
+                num_items=inputs.num_items,
+                max_history=inputs.max_history,
+                batch_size=256,
+            )
+        metrics = {
+            "epoch": epoch + 1,
+            "steps": steps,
+            "epoch_seconds": round(train_seconds, 3),
+            "lr": engine.get_lr()[0],
+            **{f"train/loss_{k}": v / max(1, steps) for k, v in sums.items()},
+            **{f"train/weight_{k}": float(v) for k, v in weights.items()},
+            **{f"validation/{k}": float(v) for k, v in validation.items()},
+        }
+        score = metrics[SELECTION_METRIC]
+        improved = score > state["best"]
+        state.update(
+            epoch=epoch + 1,
+            best=max(state["best"], score),
+            best_epoch=epoch + 1 if improved else state["best_epoch"],
+            bad_epochs=0 if improved else state["bad_epochs"] + 1,
+        )
+        state["history"].append(metrics)
+        if rank == 0:
+            losses_text = " ".join(f"{k[len('train/loss_'):]}={v:.4f}" for k, v in metrics.items() if k.startswith("train/loss_"))
+            print(
+                f"[polyrec train] epoch {epoch + 1}/{config.epochs} {losses_text} "
+                f"val ndcg@10={score:.4f} hr@10={metrics['validation/HR@10']:.4f} ({train_seconds:.1f}s)"
+                + (" *" if improved else "")
+            )
+        _fault_injection(epoch + 1)
+        with tempfile.TemporaryDirectory() as ckpt_dir:
+            engine.save_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR), tag="state")
+            weights_state = _consolidated_state_dict(engine)
+            if rank == 0:
+                save_file(weights_state, os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS))
+                Path(ckpt_dir, TRAINER_STATE).write_text(json.dumps(state))
+            ray.train.report({**metrics, "best": state["best"]}, checkpoint=Checkpoint.from_directory(ckpt_dir))
+    return state
+
+
+def _warm_start(model: PolyrecModel, artifact_path: str, *, announce: bool) -> None:
+    """Initialise from a served model. Tables whose shape changed (a vocabulary that grew) start fresh."""
+    from train.artifact import load_artifact
+
+    source = load_artifact(artifact_path).model.state_dict()
+    target = model.state_dict()
+    compatible = {name: tensor for name, tensor in source.items() if name in target and target[name].shape == tensor.shape}
+    model.load_state_dict(compatible, strict=False)
+    if announce:
+        print(f"[polyrec train] warm start from {artifact_path}: {len(compatible)}/{len(target)} tensors")
+
+
+def _fault_injection(epoch: int) -> None:
+    """Crash this worker once after the given epoch, for the recovery test (a test about a fault)."""
+    marker = os.environ.get("POLYREC_FAIL_AFTER_EPOCH_MARKER")
+    if marker and epoch == int(os.environ.get("POLYREC_FAIL_AFTER_EPOCH", "0")) and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+
+
+@dataclass
+class TrainResult:
+    artifact: str  # where the exported model artifact is
+    best_checkpoint: str
+    latest_checkpoint: str
+    checkpoints: list[tuple[str, dict[str, Any]]]  # every kept checkpoint with its metrics
+    best_validation: dict[str, float]
+    history: list[dict[str, Any]]
+    test_metrics: dict[str, dict[str, float]]  # by model: polyrec, popularity, ...
+
+
+def load_training_inputs(data_uri: str) -> TrainingInputs:
+    location = resolve(data_uri)
+    manifest = load_manifest(data_uri)
+    return TrainingInputs(
+        items=read_table(location, schema.ITEMS_DIR).sort_by("item_idx"),
+        validation=read_table(location, f"{schema.SEQUENCES_DIR}/validation"),
+        num_users=manifest.num_users,
+        num_items=manifest.num_items,
+        num_attributes=manifest.num_attributes,
+        rating_mean=_training_rating_mean(location),
+        pad_token_id=manifest.tokenizer.pad_token_id or 0,
+        max_history=manifest.config["features"]["max_history"],
+        max_text_tokens=manifest.tokenizer.max_text_tokens,
+        data_hash=manifest.content_hash,
+        rating=manifest.rating.model_dump(),
+    )
+
+
+def train_sequences(location: Location) -> ray.data.Dataset:
+    return ray.data.read_parquet(location.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=location.filesystem)
+
+
+def _training_rating_mean(location: Location) -> float:
+    """Mean normalised rating of the training interactions, aggregated by Ray Data in its workers."""
+
+    def block_sums(block: pa.Table) -> pa.Table:
+        flat = pc.list_flatten(block["ratings"])
+        known = pc.filter(flat, pc.invert(pc.is_nan(flat)))
+        return pa.table({"total": [float(pc.sum(known).as_py() or 0.0)], "count": [len(known)]})
+
+    sums = train_sequences(location).map_batches(block_sums, batch_format="pyarrow", batch_size=None).materialize()
+    count = sums.sum("count") or 0
+    return float(sums.sum("total") / count) if count else 0.0
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train on Ray Train + DeepSpeed, export the best checkpoint as an artifact, evaluate it on the test split."""
+    from train.artifact import save_artifact
+    from train.evaluate import PopularityScorer, write_report
+    from train.plots import plot_training_curves
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, num_cpus=config.ray_num_cpus, log_to_driver=True)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
+    inputs = load_training_inputs(config.data)
+    data = resolve(config.data)
+    output = Path(config.output).resolve() if "://" not in config.output else None
+    if output is None:
+        raise InputError(f"train.output must be a local folder on this version, got {config.output!r}")
+    output.mkdir(parents=True, exist_ok=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "inputs": inputs},
+        scaling_config=RayScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=(
+                {"CPU": config.scaling.cpus_per_worker, "GPU": config.scaling.gpus_per_worker}
+                if config.scaling.use_gpu
+                else {"CPU": config.scaling.cpus_per_worker}
+            ),
+        ),
+        # One row per user: small enough to keep in the object store, which spares every epoch a re-read.
+        datasets={"train": train_sequences(data).materialize()},
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=str(output / "ray_results"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("POLYREC_FAIL_")}},
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute=SELECTION_METRIC, checkpoint_score_order="max"
+            ),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    best = result.get_best_checkpoint(SELECTION_METRIC, "max")
+    state = result.return_value or {}
+    with best.as_directory() as ckpt_dir:
+        model = build_model(config, inputs)
+        model.load_state_dict(load_file(os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS)), strict=True)
+        best_state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
+    model.eval()
+    best_validation = best_state["history"][-1]
+
+    test = read_table(data, f"{schema.SEQUENCES_DIR}/test")
+    users = read_table(data, schema.USER_VOCAB_PATH)
+    eval_args = dict(
+        ks=config.eval_ks,
+        num_items=inputs.num_items,
+        max_history=inputs.max_history,
+        batch_size=256,
+        rating_denormalise=rating_denormaliser(inputs.rating, users),
+    )
+    with torch.no_grad():
+        test_metrics = {
+            "polyrec": evaluate(model, test, **eval_args),
+            "popularity": evaluate(PopularityScorer(read_table(data, f"{schema.SEQUENCES_DIR}/train"), inputs.num_items), test, **eval_args),
+        }
+    artifact = save_artifact(
+        model,
+        output / "artifact",
+        items=inputs.items,
+        users=users,
+        model_version=config.model_version or time.strftime("v%Y%m%d-%H%M%S"),
+        data_manifest_hash=inputs.data_hash,
+        rating=inputs.rating,
+        metrics={"validation": {k: v for k, v in best_validation.items() if k.startswith("validation/")}, "test": test_metrics["polyrec"]},
+    )
+    write_report(test_metrics, output)
+    plot_training_curves(state.get("history") or best_state["history"], output / "training_curves.png")
+    return TrainResult(
+        artifact=str(artifact),
+        best_checkpoint=best.path,
+        latest_checkpoint=result.checkpoint.path,
+        checkpoints=[(checkpoint.path, metrics) for checkpoint, metrics in result.best_checkpoints or []],
+        best_validation=best_validation,
+        history=state.get("history") or best_state["history"],
+        test_metrics=test_metrics,
+    )
