@@ -1,0 +1,253 @@
+"""Serving benchmark: /v1/recommend against a bare one-deployment Serve endpoint, and feedback ingestion.
+
+Starts one local Ray instance, the polyrec application (a random tiny-BERT artifact over all of
+MovieLens-100K, its training sequences as server-side histories) and, in the same Serve instance, a
+bare deployment that returns a constant. A Python load generator (httpx + asyncio, 127.0.0.1 only,
+bounded in requests and seconds per level) measures requests/s and p50/p99 latency at each
+concurrency, alternating the two targets, then feedback events/s through the batch endpoint.
+Writes a "Serving" section into bench/RESULTS.md.
+
+    .venv/bin/python bench/serve_bench.py [--concurrency 1 8 32] [--max-requests 2000] [--max-seconds 20]
+
+The load generator shares the machine with Serve, as a sidecar would; both targets pay for it alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import re
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+from ray import serve
+from starlette.requests import Request
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve.config import FeedbackLogConfig, ServeConfig  # noqa: E402
+from serve.runner import run_service  # noqa: E402
+from serve.testing import build_random_artifact, build_training_data  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Serving (bench/serve_bench.py)"
+NUM_USERS = 943  # all of MovieLens-100K
+API_KEY = "bench-key"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=128)
+class Constant:
+    """The bare baseline: one deployment, no model, the same HTTP proxy path."""
+
+    async def __call__(self, request: Request) -> dict:
+        await request.body()
+        return {"items": []}
+
+
+@dataclass
+class Level:
+    target: str
+    concurrency: int
+    requests: int
+    failures: int
+    seconds: float
+    latencies_ms: np.ndarray
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+async def drive(url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float, headers: dict | None = None) -> tuple[int, int, float, list[float]]:
+    """``concurrency`` workers post ``bodies`` round-robin until ``max_requests`` or ``max_seconds``."""
+    latencies: list[float] = []
+    failures = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits, headers=headers) as client:
+        started = time.perf_counter()
+        deadline = started + max_seconds
+
+        async def worker() -> None:
+            nonlocal sent, failures
+            while sent < max_requests and time.perf_counter() < deadline:
+                body = bodies[sent % len(bodies)]
+                sent += 1
+                begin = time.perf_counter()
+                response = await client.post(url, json=body)
+                latencies.append((time.perf_counter() - begin) * 1000)
+                failures += response.status_code != 200
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies), failures, elapsed, latencies
+
+
+def measure(target: str, url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float, headers: dict | None = None) -> Level:
+    count, failures, seconds, latencies = asyncio.run(drive(url, bodies, concurrency, max_requests, max_seconds, headers))
+    return Level(target, concurrency, count, failures, seconds, np.array(latencies))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
+        cpu = names[0].strip() if names else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM; Python {platform.python_version()}, "
+            f"ray {ray.__version__}, torch {__import__('torch').__version__}, httpx {httpx.__version__}")
+
+
+def write_section(text: str) -> None:
+    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+    current = pattern.sub("", current).rstrip() + "\n\n"
+    RESULTS.write_text(current + text.rstrip() + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-requests", type=int, default=2000, help="per target and concurrency level")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="per target and concurrency level")
+    parser.add_argument("--feedback-events", type=int, default=20_000)
+    parser.add_argument("--feedback-batch", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    args = parser.parse_args()
+
+    os.environ["POLYREC_API_KEY"] = API_KEY
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as scratch:
+        root = Path(scratch)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = ServeConfig(
+            model=str(build_random_artifact(root / "model", num_users=NUM_USERS, model_version="bench")),
+            training_data=build_training_data(root / "data", num_users=NUM_USERS),
+            state_dir=str(root / "state"),
+            feedback=FeedbackLogConfig(path=str(root / "feedback")),
+            port=port,
+        )
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            service = run_service(config, blocking=False)
+            serve.run(Constant.bind(), name="bare", route_prefix="/bare")
+            section = benchmark(service.url, args)
+            service.stop()
+        finally:
+            ray.shutdown()
+        section += "\n" + model_work(service.config)
+    if args.no_write:
+        print(section)
+    else:
+        write_section(section)
+        print(section)
+
+
+def model_work(config: ServeConfig) -> str:
+    """The model stages' own work per request, in this process without Serve: what the graph adds
+    beyond it is transport (one proxy hop for bare, five deployment calls for a recommendation)."""
+    from serve.messages import RetrievalRequest
+    from serve.model_runtime import ServingModel, limit_threads
+    from serve.rerank import explain, rerank
+    from serve.state import ServerState
+
+    limit_threads(config.torch_threads)
+    model = ServingModel(config.model)
+    state = ServerState.rebuild(config.state, Path(config.state_dir) / "bench", training_data=config.training_data,
+                                feedback_log=config.feedback.path, wal_dir=Path(config.state_dir) / "bench-wal")
+    contexts = [state.context(str(user)) for user in range(1, 201)]
+    lines = []
+    for batch in (1, 8):
+        started = time.perf_counter()
+        for start in range(0, len(contexts), batch):
+            requests = [RetrievalRequest(model=config.model, user_id=c.user_id, history=c.history, interests=None,
+                                         num_candidates=config.retrieval.num_candidates + 10, registry_version=0, exclude=c.seen)
+                        for c in contexts[start : start + batch]]
+            for ranked, context in zip(model.rank(model.retrieve(requests, config.state.history_length, 0.5), config.ranking.weights), contexts[start:]):
+                explain(ranked, rerank(ranked, 10, context.seen, config.rerank), config.rerank.because_size)
+        per_request = (time.perf_counter() - started) / len(contexts) * 1000
+        lines.append(f"{per_request:.1f} ms per request in batches of {batch}")
+    return (f"- model work alone (retrieve + rank + re-rank + explain, in-process, 1 thread): {'; '.join(lines)}. "
+            "The rest of a recommendation's latency is Serve transport: five deployment calls against the bare endpoint's one.")
+
+
+def benchmark(base: str, args: argparse.Namespace) -> str:
+    load_before = os.getloadavg()[0]
+    rng = random.Random(0)
+    users = [str(rng.randint(1, NUM_USERS)) for _ in range(500)] + [f"new-{i}" for i in range(20)]
+    rng.shuffle(users)
+    recommend_bodies = [{"user_id": user, "k": 10} for user in users]
+    targets = {"bare": (f"{base}/bare", [{}]), "recommend": (f"{base}/v1/recommend", recommend_bodies)}
+    for name, (url, bodies) in targets.items():  # warm-up: connections, lazy imports, first batches
+        measure(name, url, bodies, 4, 100, 30)
+
+    levels: list[Level] = []
+    for concurrency in args.concurrency:
+        for name, (url, bodies) in targets.items():
+            levels.append(measure(name, url, bodies, concurrency, args.max_requests, args.max_seconds))
+            print(f"{name:9s} c={concurrency:<3d} {levels[-1].rps:8.1f} req/s  p50 {levels[-1].percentile(50):7.1f} ms  "
+                  f"p99 {levels[-1].percentile(99):7.1f} ms  failures {levels[-1].failures}", flush=True)
+
+    batch = args.feedback_batch
+    feedback_bodies = [
+        {"events": [{"user_id": str(rng.randint(1, NUM_USERS)), "item_id": str(rng.randint(1, 1682)), "event": "click"} for _ in range(batch)]}
+        for _ in range(50)
+    ]
+    feedback = measure("feedback", f"{base}/v1/feedback", feedback_bodies, 8, args.feedback_events // batch, 120, {"X-API-Key": API_KEY})
+    events_per_s = feedback.requests * batch / feedback.seconds
+    print(f"feedback {events_per_s:,.0f} events/s, failures {feedback.failures}", flush=True)
+
+    defaults = ServeConfig()
+    rows = []
+    verdicts = []
+    for concurrency in args.concurrency:
+        bare = next(l for l in levels if l.target == "bare" and l.concurrency == concurrency)
+        ours = next(l for l in levels if l.target == "recommend" and l.concurrency == concurrency)
+        share, tail = ours.rps / bare.rps, ours.percentile(99) / bare.percentile(99)
+        for level in (bare, ours):
+            rows.append(f"| {concurrency} | {level.target} | {level.requests:,} | {level.failures} | {level.rps:,.1f} | "
+                        f"{level.percentile(50):.1f} | {level.percentile(99):.1f} |")
+        if concurrency > 1:
+            verdicts.append(f"c={concurrency}: recommend at {share:.0%} of bare rps (target ≥ 50%: {'met' if share >= 0.5 else 'missed'}), "
+                            f"p99 {tail:.1f}× bare (target ≤ 2.5×: {'met' if tail <= 2.5 else 'missed'})")
+    return "\n".join([
+        SECTION,
+        "",
+        f"Machine: {machine()}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after (other jobs shared the machine when it was above ~2).",
+        f"Model: random tiny-BERT artifact (`serve.testing`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
+        f"training sequences as server-side histories; default `ServeConfig` ({defaults.retrieval.num_candidates} candidates, "
+        f"{defaults.rerank.diversity}, batching {defaults.retrieval.batching.max_batch_size} / "
+        f"{defaults.retrieval.batching.batch_wait_timeout_s * 1000:g} ms), "
+        "one replica per deployment. Bare: one deployment returning a constant, same proxy. Each level: at most "
+        f"{args.max_requests:,} requests or {args.max_seconds:.0f} s; the load generator runs on the same 2 cores.",
+        "",
+        "| concurrency | target | requests | failures | req/s | p50 ms | p99 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        *[f"- {line}" for line in verdicts],
+        f"- feedback ingestion: {events_per_s:,.0f} events/s in batches of {batch} at concurrency 8 "
+        f"({feedback.requests * batch:,} events, {feedback.failures} failed requests; target ≥ 2,000: "
+        f"{'met' if events_per_s >= 2000 else 'missed'}); each request is acknowledged after its WAL fsync.",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The serving stage's typed configuration (YAML → pydantic). Every default fits a 2-core machine.
+
+The same object travels, as JSON, in the ``args`` of the Serve application (``serve.app:build_app``),
+so a field here is a knob of the local runner, of ``serve run`` and of the KubeRay RayService alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from data.config import StageConfig
+
+#: The deployments of the graph, in the order a request meets them.
+DEPLOYMENT_NAMES = ("Ingress", "UserStateStore", "Retriever", "Ranker", "ReRanker", "FeedbackLogger")
+
+
+class DeploymentOptions(StageConfig):
+    """Resources and autoscaling of one deployment."""
+
+    num_cpus: float = Field(0.1, gt=0)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> DeploymentOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` (and the keys of a Serve config file's deployment)."""
+        return {
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+        }
+
+
+def _default_deployments() -> dict[str, DeploymentOptions]:
+    # At minimum scale the graph asks for 1.1 CPUs, leaving the rest of 2 cores to the proxy,
+    # the controller and the load. UserStateStore is the one shared copy of server-side state and
+    # must stay at exactly one replica.
+    return {
+        "Ingress": DeploymentOptions(num_cpus=0.2, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=128),
+        "UserStateStore": DeploymentOptions(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256),
+        "Retriever": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
+        "Ranker": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
+        "ReRanker": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=8),
+        "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256),
+    }
+
+
+class BatchingConfig(StageConfig):
+    """``@serve.batch`` of a model deployment: requests gathered into one forward pass. A lone
+    request waits up to the timeout for company, so it is kept short."""
+
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+
+
+class RetrievalConfig(StageConfig):
+    num_candidates: int = Field(200, ge=1)  # top-N by inner product handed to the ranker
+    #: Weight of the ``interests`` text in the query of a user who also has a history (1 without one).
+    interests_weight: float = Field(0.5, ge=0, le=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+
+class RankingConfig(StageConfig):
+    """final score = retrieval · retrieval logit + like · p(like) + rating · predicted rating (raw scale)."""
+
+    weights: dict[Literal["retrieval", "like", "rating"], float] = Field(
+        default_factory=lambda: {"retrieval": 1.0, "like": 1.0, "rating": 0.2}
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+
+
+class ReRankConfig(StageConfig):
+    #: ``mmr``: maximal marginal relevance over item vectors; ``genre_cap``: at most ``genre_cap`` items
+    #: per attribute (genre); ``none``: by score.
+    diversity: Literal["mmr", "genre_cap", "none"] = "mmr"
+    mmr_lambda: float = Field(0.7, ge=0, le=1)  # 1: pure relevance
+    genre_cap: int = Field(3, ge=1)
+    blocked_items: list[str] = Field(default_factory=list)  # never recommended
+    because_size: int = Field(3, ge=0)  # history items named in each item's ``because``
+
+
+class FeedbackLogConfig(StageConfig):
+    #: Parquet parts of the log: a local folder or a pyarrow filesystem URI (s3://, gs://, file://).
+    path: str = "runs/default/feedback"
+    #: Local folder of the write-ahead files (must be a local disk: it is fsynced). None: ``<state_dir>/wal``.
+    wal_dir: str | None = None
+    flush_interval_s: float = Field(5.0, gt=0)  # WAL → Parquet at least this often
+    flush_max_events: int = Field(20_000, ge=1)  # ... or as soon as a WAL segment holds this many
+    batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=64))
+    #: The Ingress gathers impressions for this long and sends them to the log in one call.
+    impression_batch_s: float = Field(0.1, gt=0)
+
+
+class StateConfig(StageConfig):
+    """UserStateStore: the server-side histories (in this process; Redis is the production option)."""
+
+    #: Items of a user's recent history fed to the user model (the model's max_history).
+    history_length: int = Field(50, ge=1)
+    max_seen_items: int = Field(2000, ge=1)  # per user, for dropping already-seen items
+    #: Events that extend a user's history; impressions never do.
+    history_events: list[str] = Field(default_factory=lambda: ["click", "like", "rate", "purchase", "view"])
+    popular_items: int = Field(1000, ge=1)  # kept for cold-start answers
+
+
+class ServeConfig(StageConfig):
+    #: The model artifact served at start (a local folder); later versions are swapped in with
+    #: ``serve.runner.swap_model`` or ``polyrec serve --model`` and recorded in ``<state_dir>/versions.json``.
+    model: str = "runs/default/model/artifact"
+    #: When set, every model path must lie inside this folder.
+    model_root: str | None = None
+    #: Preprocessing output whose sequences seed the server-side histories; None: start empty.
+    training_data: str | None = None
+    #: Shorthand for ``feedback.path`` (the name the Serve config file's ``args`` use).
+    feedback_log: str | None = None
+    #: Local folder for the WAL, registered items and the version history.
+    state_dir: str = "runs/default/serve"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ray_address: str | None = None  # None: a local Ray instance
+    ray_num_cpus: int | None = None  # for a local instance
+    #: Name of the environment variable holding the API key of the write endpoints; unset variable: open.
+    api_key_env: str | None = "POLYREC_API_KEY"
+    accepted_events: list[str] = Field(
+        default_factory=lambda: ["click", "like", "dislike", "rate", "purchase", "view", "skip"]
+    )
+    #: Larger request bodies get 413 (the API's own limits on lists and texts are in ``serve.api``).
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    #: Serve's per-call access log of the internal deployments (every recommendation makes four such
+    #: calls); the Ingress always logs its HTTP requests.
+    internal_access_log: bool = False
+    max_loaded_models: int = Field(2, ge=1)  # model versions held per replica (current + previous)
+    torch_threads: int = Field(1, ge=1)  # per replica: replicas share a few cores
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = Field(default_factory=RankingConfig)
+    rerank: ReRankConfig = Field(default_factory=ReRankConfig)
+    feedback: FeedbackLogConfig = Field(default_factory=FeedbackLogConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    deployments: dict[str, DeploymentOptions] = Field(default_factory=_default_deployments)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_in(cls, data: Any) -> Any:
+        """Deployments not named keep their defaults; ``feedback_log`` sets ``feedback.path``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("deployments"), dict):
+            data["deployments"] = {**_default_deployments(), **data["deployments"]}
+        if data.get("feedback_log") is not None:
+            feedback = data.get("feedback") or {}
+            feedback = feedback.model_dump() if isinstance(feedback, StageConfig) else dict(feedback)
+            data["feedback"] = {**feedback, "path": data["feedback_log"]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        unknown = set(self.deployments) - set(DEPLOYMENT_NAMES)
+        if unknown:
+            raise ValueError(f"deployments: unknown {sorted(unknown)}; the graph has {list(DEPLOYMENT_NAMES)}")
+        if self.deployments["UserStateStore"].max_replicas != 1:
+            raise ValueError("deployments.UserStateStore.max_replicas: must be 1 (it is the one copy of the state)")
+        return self

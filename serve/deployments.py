@@ -1,0 +1,507 @@
+"""The Ray Serve deployments of the recommendation graph.
+
+A recommendation flows Ingress → UserStateStore (the user's server-side history) → Retriever (user
+state, exact inner-product top-N) → Ranker (multi-task scores, final score, ``because``) → ReRanker
+(rules, diversity) → Ingress, which answers and hands the impression to the FeedbackLogger. Every
+stage of one request uses the model version the Ingress chose when the request arrived, so a version
+swap (``reconfigure`` with a new ``user_config``) never mixes two versions in one answer.
+
+Retriever and Ranker batch concurrent requests into one forward pass (``@serve.batch``); the
+FeedbackLogger batches concurrent appends into one fsync.
+"""
+
+# No `from __future__ import annotations`: FastAPI evaluates the route signatures at run time.
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.api import (
+    FeedbackBatch,
+    FeedbackBody,
+    FeedbackEvent,
+    FeedbackResponse,
+    ItemInfo,
+    ModelInfo,
+    NewItem,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+)
+from serve.config import ServeConfig
+from serve.feedback_log import FeedbackLog, impression_rows, now_ms
+from serve.messages import Candidates, Ranked, RetrievalRequest
+from serve.rerank import explain, rerank
+from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
+
+if TYPE_CHECKING:
+    from serve.model_runtime import ServingModel
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+
+
+def wal_dir(config: ServeConfig) -> Path:
+    return Path(config.feedback.wal_dir or Path(config.state_dir) / "wal")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception raised inside another deployment, without Ray's wrapping."""
+    return getattr(error, "cause", None) or error
+
+
+# --- HTTP plumbing ---------------------------------------------------------------------------
+
+
+app = FastAPI(
+    title="polyrec",
+    version="1",
+    description="Recommendations from polyrec's multi-task model, feedback ingestion and cold-start items.",
+)
+
+
+class RequestMetrics:
+    """Requests, errors and latency per route, counted for every answer including 4xx and 5xx."""
+
+    def __init__(self, inner: ASGIApp):
+        self.inner = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        metrics: IngressMetrics = scope["app"].state.metrics
+        started, status = time.perf_counter(), 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.requests.inc(tags={"route": route, "status": str(status)})
+            metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
+            if status >= 500:
+                metrics.errors.inc(tags={"route": route})
+
+
+app.add_middleware(RequestMetrics)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field (``loc``); the offending input is echoed only when a JSON response
+    can carry it (``1e999`` parses to infinity, ``"\\ud800"`` is no UTF-8)."""
+    details = [{key: value for key, value in problem.items() if key != "input" or _json_safe(value)} for problem in error.errors()]
+    return JSONResponse({"detail": jsonable_encoder(details)}, 422)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        json.dumps(jsonable_encoder(value), allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
+
+
+@app.exception_handler(Exception)
+async def _server_fault(request: Request, error: Exception) -> JSONResponse:
+    """Only genuine server faults get here: every bad input is answered 4xx before."""
+    logger.exception("internal error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal server error"}, 500)
+
+
+def require_api_key(request: Request) -> None:
+    """Write endpoints need ``X-API-Key`` when the variable ``api_key_env`` names is set."""
+    expected = request.app.state.api_key
+    if expected is None:
+        return
+    given = request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong X-API-Key header")
+
+
+def _invalid(location: tuple[Any, ...], message: str, value: Any) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": location, "msg": message, "input": value}])
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.requests = Counter("polyrec_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
+        self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
+        self.latency = Histogram("polyrec_request_latency_ms", "HTTP request latency", LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+        self.stage_latency = Histogram("polyrec_stage_latency_ms", "Latency of each stage of a recommendation", LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
+        self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
+        self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))
+
+    async def timed(self, stage: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.stage_latency.observe((time.perf_counter() - started) * 1000, tags={"stage": stage})
+
+
+# --- Ingress ---------------------------------------------------------------------------------
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """The HTTP API. ``user_config = {"model": path}`` picks the version new requests use."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        store: DeploymentHandle,
+        retriever: DeploymentHandle,
+        ranker: DeploymentHandle,
+        reranker: DeploymentHandle,
+        feedback_logger: DeploymentHandle,
+    ):
+        self.config = config
+        self.store, self.retriever, self.ranker, self.reranker, self.feedback_logger = store, retriever, ranker, reranker, feedback_logger
+        self.model = config.model
+        self.metrics = IngressMetrics()
+        app.state.metrics = self.metrics
+        # FastAPI's own body limit (413, from Content-Length or the streamed size); the middleware
+        # stack is built at the first request, after this.
+        app.max_body_size = config.max_body_bytes
+        app.state.api_key = (os.environ.get(config.api_key_env) or None) if config.api_key_env else None
+        self.history_events = set(config.state.history_events)
+        self.accepted_events = set(config.accepted_events)
+        self._impressions: list[dict[str, Any]] = []
+        self._impression_sender: asyncio.Future | None = None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.model = user_config["model"]
+
+    # --- recommendations ---------------------------------------------------------------------
+
+    @app.post("/v1/recommend", response_model=RecommendResponse)
+    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+        request_id, model, timed = uuid.uuid4().hex, self.model, self.metrics.timed
+        context: UserContext = await timed("state", self.store.context.remote(body.user_id))
+        drop = sorted(set(context.seen) | set(body.history) | set(body.exclude))
+        request = RetrievalRequest(
+            model=model,
+            user_id=body.user_id,
+            history=context.history + body.history,
+            interests=body.interests,
+            num_candidates=self.config.retrieval.num_candidates + body.k,
+            registry_version=context.registry_version,
+            exclude=drop,
+        )
+        candidates: Candidates = await timed("retrieve", self.retriever.retrieve.remote(request))
+        if candidates.mode is None:
+            request.popular = await timed("popular", self.store.popular.remote(self.config.state.popular_items))
+            candidates = await timed("retrieve", self.retriever.retrieve.remote(request))
+        if candidates.mode != "personal":
+            self.metrics.cold_starts.inc(tags={"mode": candidates.mode})
+        ranked: Ranked = await timed("rank", self.ranker.rank.remote(candidates))
+        chosen: list[tuple[int, list[str]]] = await timed("rerank", self.reranker.rerank.remote(ranked, body.k, drop))
+
+        items = [
+            RecommendedItem(
+                item_id=ranked.item_ids[i],
+                title=ranked.titles[i],
+                score=float(ranked.score[i]),
+                p_like=float(ranked.p_like[i]) if ranked.p_like is not None else None,
+                rating=float(ranked.rating[i]) if ranked.rating is not None else None,
+                because=because,
+            )
+            for i, because in chosen
+        ]
+        if body.context:
+            logger.info("request %s context %s", request_id, body.context)
+        self._log_impressions(impression_rows(request_id=request_id, user_id=body.user_id, items=[(item.item_id, item.score) for item in items],
+                                              model_version=ranked.model_version, ts=now_ms()))
+        return RecommendResponse(request_id=request_id, model_version=ranked.model_version, items=items,
+                                 ignored_history=candidates.ignored_history)
+
+    def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
+        """Queue impression rows; they reach the log in one call per ``impression_batch_s``.
+
+        The answer does not wait for them: a lost impression only weakens the training signal,
+        whereas feedback is acknowledged only once durable."""
+        self._impressions.extend(rows)
+        if self._impression_sender is None or self._impression_sender.done():
+            self._impression_sender = asyncio.ensure_future(self._send_impressions(self.config.feedback.impression_batch_s))
+
+    async def _send_impressions(self, gather_s: float) -> None:
+        while True:
+            await asyncio.sleep(gather_s)
+            rows, self._impressions = self._impressions, []
+            if not rows:
+                return
+            try:
+                await self.feedback_logger.append.remote(rows)
+            except Exception:
+                logger.exception("could not log %d impression rows", len(rows))
+                self.metrics.errors.inc(tags={"route": "impressions"})
+
+    async def __del__(self) -> None:
+        await self._send_impressions(0)  # graceful shutdown: the queued impressions
+
+    # --- feedback ----------------------------------------------------------------------------
+
+    @app.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_api_key)])
+    async def feedback(self, body: FeedbackBody) -> FeedbackResponse:
+        """One event, or ``{"events": [...]}``; answered once every event is durable in the log."""
+        batched = isinstance(body, FeedbackBatch)
+        events: Sequence[FeedbackEvent] = body.events if batched else [body]
+        for i, event in enumerate(events):
+            if event.event not in self.accepted_events:
+                where = ("body", "events", i, "event") if batched else ("body", "event")
+                raise _invalid(where, f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
+        received = now_ms()
+        rows = [
+            {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received}
+            for event in events
+        ]
+        await self.metrics.timed("feedback_log", self.feedback_logger.append.remote(rows))
+        for row in rows:
+            self.metrics.feedback_events.inc(tags={"event": row["event"]})
+        interactions = [(row["user_id"], row["item_id"]) for row in rows if row["event"] in self.history_events]
+        if interactions:
+            try:
+                await self.metrics.timed("state", self.store.record.remote(interactions))
+            except Exception:
+                # The events are durable; the store re-reads the log when it restarts.
+                logger.exception("feedback logged but the user state was not updated")
+                self.metrics.errors.inc(tags={"route": "state_update"})
+        return FeedbackResponse(accepted=len(rows), event_ids=[row["event_id"] for row in rows])
+
+    # --- items and model ---------------------------------------------------------------------
+
+    @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)])
+    async def register_item(self, body: NewItem) -> ItemInfo:
+        """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
+        try:
+            await self.retriever.check_new_item.remote(self.model, body.item_id, body.text)
+            item: RegisteredItem = await self.store.register.remote(body.item_id, body.title or "", body.text)
+        except ItemExists as error:
+            raise HTTPException(409, str(_cause(error))) from None
+        return ItemInfo(item_id=item.item_id, title=item.title, registered=True, attributes=[])
+
+    @app.get("/v1/items/{item_id}", response_model=ItemInfo)
+    async def get_item(self, item_id: Annotated[str, PathParam(min_length=1, max_length=256)]) -> ItemInfo:
+        found = await self.retriever.describe_item.remote(self.model, item_id)
+        if found is None:
+            raise HTTPException(404, f"item_id: {item_id!r} is not known")
+        return ItemInfo(**found)
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    async def model_info(self) -> ModelInfo:
+        return ModelInfo(**await self.retriever.describe.remote(self.model))
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+# --- shared state ----------------------------------------------------------------------------
+
+
+@serve.deployment
+class UserStateStore:
+    """The one copy of the server-side state (see ``serve.state``); always a single replica."""
+
+    def __init__(self, config: ServeConfig):
+        self.state = ServerState.rebuild(config.state, config.state_dir, training_data=config.training_data,
+                                         feedback_log=config.feedback.path, wal_dir=wal_dir(config))
+
+    async def context(self, user_id: str) -> UserContext:
+        return self.state.context(user_id)
+
+    async def popular(self, n: int) -> list[tuple[str, int]]:
+        return self.state.popular(n)
+
+    async def record(self, interactions: list[tuple[str, str]]) -> None:
+        for user_id, item_id in interactions:
+            self.state.record(user_id, item_id)
+
+    async def register(self, item_id: str, title: str, text: str) -> RegisteredItem:
+        return self.state.register(item_id, title, text, now_ms())
+
+    async def registered_since(self, version: int) -> list[RegisteredItem]:
+        return self.state.registered_since(version)
+
+
+# --- model stages ----------------------------------------------------------------------------
+
+
+class _ModelHolder:
+    """The model versions of a Retriever or Ranker replica. ``user_config = {"models": [paths]}``
+    loads those versions (before the Ingress switches to one of them) and drops the others; a
+    version a request names but the replica lacks is loaded on demand."""
+
+    def __init__(self, config: ServeConfig):
+        # Imported here: only the model stages need torch, so the other replicas start faster.
+        from serve.model_runtime import ModelCache, limit_threads
+
+        limit_threads(config.torch_threads)
+        self.config = config
+        self.models = ModelCache(config.max_loaded_models, config.model_root)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
+
+    async def _loaded(self, path: str) -> "ServingModel":
+        return self.models.loaded(path) or await asyncio.to_thread(self.models.get, path)
+
+
+def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) -> list[T]:
+    """``run(model path, requests of that path)`` per version in the batch, answers in request order."""
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        by_model[request.model].append(i)
+    answers: list[Any] = [None] * len(requests)
+    for path, rows in by_model.items():
+        for i, answer in zip(rows, run(path, [requests[i] for i in rows])):
+            answers[i] = answer
+    return answers
+
+
+@serve.deployment
+class Retriever(_ModelHolder):
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config)
+        self.store = store
+        self.retrieve.set_max_batch_size(config.retrieval.batching.max_batch_size)
+        self.retrieve.set_batch_wait_timeout_s(config.retrieval.batching.batch_wait_timeout_s)
+
+    async def _synced(self, path: str, registry_version: int | None = None) -> "ServingModel":
+        """The model with every registered item up to ``registry_version`` (None: the latest)."""
+        model = await self._loaded(path)
+        if registry_version is None or model.registry_version < registry_version:
+            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
+        return model
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
+        for path in {request.model for request in requests}:
+            await self._synced(path, max(r.registry_version for r in requests if r.model == path))
+        retrieval = self.config.retrieval
+        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
+            group, self.config.state.history_length, retrieval.interests_weight))
+
+    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
+        """ItemExists if the catalogue has ``item_id``; the text must encode."""
+        model = await self._synced(path)
+        if item_id in model.item_index:
+            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
+        model.encode_texts([text])
+
+    async def describe_item(self, path: str, item_id: str) -> dict | None:
+        return (await self._synced(path)).describe_item(item_id)
+
+    async def describe(self, path: str) -> dict:
+        return (await self._synced(path)).describe()
+
+
+@serve.deployment
+class Ranker(_ModelHolder):
+    def __init__(self, config: ServeConfig):
+        super().__init__(config)
+        self.rank.set_max_batch_size(config.ranking.batching.max_batch_size)
+        self.rank.set_batch_wait_timeout_s(config.ranking.batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
+        for path in {candidates.model for candidates in batch}:
+            await self._loaded(path)
+        weights = self.config.ranking.weights
+        return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
+
+
+@serve.deployment
+class ReRanker:
+    def __init__(self, config: ServeConfig):
+        self.config = config.rerank
+
+    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
+        """The final ``k`` candidates (positions in ``ranked``), best first, each with its ``because``."""
+        positions = rerank(ranked, k, drop, self.config)
+        return list(zip(positions, explain(ranked, positions, self.config.because_size)))
+
+
+# --- feedback log ----------------------------------------------------------------------------
+
+
+@serve.deployment
+class FeedbackLogger:
+    """Appends to this replica's WAL (one fsync per batch of requests) and flushes it into Parquet in
+    a background thread. At start it replays the WAL of replicas that died; on graceful shutdown it
+    flushes everything."""
+
+    def __init__(self, config: ServeConfig):
+        settings = config.feedback
+        self.log = FeedbackLog(settings.path, wal_dir(config), writer=serve.get_replica_context().replica_tag,
+                               flush_max_events=settings.flush_max_events)
+        self.log.flush()
+        self.flush_interval_s = settings.flush_interval_s
+        self.rows_written = Counter("polyrec_feedback_rows", "Feedback-log rows made durable, by where", tag_keys=("where",))
+        self._stopping = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="feedback-flush", daemon=True)
+        self._flusher.start()
+        self.append.set_max_batch_size(settings.batching.max_batch_size)
+        self.append.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def append(self, requests: list[list[dict[str, Any]]]) -> list[int]:
+        """Each request's rows; returns once all of them are fsynced (one fsync for the batch)."""
+        rows = [row for request in requests for row in request]
+        await asyncio.to_thread(self.log.append, rows)
+        self.rows_written.inc(len(rows), tags={"where": "wal"})
+        return [len(request) for request in requests]
+
+    async def flush(self) -> int:
+        """Flush the WAL into Parquet now (operations, tests); rows written."""
+        return await asyncio.to_thread(self._flush)
+
+    def _flush(self) -> int:
+        written = self.log.flush()
+        if written:
+            self.rows_written.inc(written, tags={"where": "parquet"})
+        return written
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.is_set():
+            self.log.flush_wanted.wait(self.flush_interval_s)
+            if self._stopping.is_set():
+                break
+            try:
+                self._flush()
+            except Exception:
+                logger.exception("feedback log flush failed; the WAL is kept and retried")
+
+    def __del__(self) -> None:
+        if not hasattr(self, "_flusher") or self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.log.flush_wanted.set()
+        self._flusher.join(timeout=30)
+        self.log.close()

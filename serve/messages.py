@@ -1,0 +1,63 @@
+"""The messages the deployments pass to each other (plain data, no torch: the Ingress, store and
+re-ranker replicas never import the model).
+
+Item indices: 0 is padding, 1..N the catalogue, N + 1 + j the j-th row of a request's
+``extra_vectors`` (items registered at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["personal", "interests", "popular"]
+
+
+@dataclass
+class RetrievalRequest:
+    model: str  # artifact path: the version every stage of this request uses
+    user_id: str
+    history: list[str]  # item ids, oldest first
+    interests: str | None
+    num_candidates: int
+    registry_version: int  # registered items up to here must be searchable
+    exclude: list[str] = field(default_factory=list)  # seen or excluded: never among the candidates
+    popular: list[tuple[str, int]] | None = None  # cold-start candidates (item id, count)
+
+
+@dataclass
+class Candidates:
+    """The Retriever's answer for one request."""
+
+    model: str
+    model_version: str
+    mode: Mode | None  # None: nothing known about the user; ask again with ``popular``
+    user_idx: int
+    history: list[int]  # catalogue indices of the usable history, oldest first
+    ignored_history: list[str]  # history item ids this model does not know
+    item_idx: np.ndarray  # [C] catalogue index, or N + 1 + j for row j of extra_vectors
+    item_ids: list[str]
+    titles: list[str]
+    retrieval: np.ndarray  # [C] retrieval logit (popularity share in popular mode)
+    extra_vectors: np.ndarray  # [E, d] item vectors of the registered items among the candidates
+
+
+@dataclass
+class Ranked:
+    """The Ranker's answer: candidates with their scores, ready for re-ranking, and what the
+    explanations of the items finally chosen need."""
+
+    model_version: str
+    mode: Mode
+    item_ids: list[str]
+    titles: list[str]
+    score: np.ndarray  # [C] final ranking score
+    p_like: np.ndarray | None  # [C]
+    rating: np.ndarray | None  # [C] on the raw rating scale
+    keys: np.ndarray  # [C, d] unit item vectors (for diversity and explanations)
+    groups: list[list[int]]  # per candidate, its attribute (genre) indices
+    history_ids: list[str]  # the history the user model read, oldest first
+    history_keys: np.ndarray  # [H, d] their unit item vectors
+    contributions: np.ndarray  # [H] each position's attention share in the user state

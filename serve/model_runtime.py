@@ -1,0 +1,322 @@
+"""One loaded model version as the serving graph uses it.
+
+``ServingModel`` wraps a ``train.artifact`` artifact: item id ↔ index maps, the exact inner-product
+index (faiss ``IndexFlatIP``) over the retrieval keys, the items registered at run time (encoded from
+their text by the model's item encoder), and batched calls of the model's public methods. Retriever
+and Ranker replicas each hold a few of them (``ModelCache``), keyed by artifact path, so that a
+request keeps one version from retrieval to ranking while a new version is swapped in.
+
+The messages (``serve.messages``) carry item indices: 0 is padding, 1..N the catalogue. A registered item has index N + its registration
+number in the Retriever's index; in messages to the Ranker it becomes N + 1 + j, the j-th row of
+the request's ``extra_vectors``, which ``PolyrecModel.score_candidates`` takes as extra items.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging as transformers_logging
+
+from data.errors import InputError
+from data.features import RatingNormalisation
+from data.schema import PAD_INDEX
+from train.artifact import load_artifact
+from train.batching import left_pad
+from serve.messages import Candidates, Mode, Ranked, RetrievalRequest
+from serve.state import RegisteredItem
+
+def limit_threads(threads: int) -> None:
+    """Replicas hold fractions of a few cores; more threads than that only contend."""
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    transformers_logging.disable_progress_bar()  # one bar per model load in the replica logs
+
+
+# --- a loaded version ------------------------------------------------------------------------
+
+
+class ServingModel:
+    """A model artifact ready to retrieve and rank; thread-safe for reads, ``sync_registry`` locks."""
+
+    def __init__(self, path: str):
+        artifact = load_artifact(path)
+        self.path = path
+        self.metadata = artifact.metadata
+        self.version: str = artifact.model_version
+        self.model = artifact.model
+        if "retrieval" not in self.model.tasks:
+            raise InputError(f"{path}: the model has no retrieval task, so it cannot be served")
+        self.tokenizer = artifact.tokenizer
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "right"  # encode_item_text reads right-padded ids
+        token_ids = getattr(self.model.item_encoder, "input_ids", None)
+        self.max_tokens = token_ids.shape[1] if token_ids is not None else 64
+        self.num_items = self.model.num_items
+
+        items = artifact.items.sort_by("item_idx")
+        self.item_ids: list[str] = ["", *items["item_id"].to_pylist()]
+        self.titles: list[str] = ["", *(title or "" for title in items["title"].to_pylist())]
+        self.attributes: list[list[int]] = [[], *(list(a or ()) for a in items["attributes"].to_pylist())]
+        self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
+        self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
+        self.rating_offsets = np.zeros(self.model.num_users + 1, dtype=np.float32)
+        self.rating_offsets[artifact.users["user_idx"].to_numpy()] = artifact.users["rating_offset"].to_numpy()
+        self.rating = RatingNormalisation.model_validate(self.metadata.get("rating") or {"kind": "none"})
+
+        with torch.inference_mode():
+            self.keys = self.model.retrieval_keys().float().numpy()  # [N+1, d] unit vectors
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.keys.shape[1]))
+        self.index.add_with_ids(self.keys[1:], np.arange(1, self.num_items + 1, dtype=np.int64))
+
+        self._registry_lock = threading.Lock()
+        self.registry_version = 0
+        self.registered_ids: list[str] = []  # registration j+1 → item id
+        self.registered_titles: list[str] = []
+        self.registered_vectors = np.zeros((0, self.keys.shape[1]), dtype=np.float32)
+        self.registered_index: dict[str, int] = {}  # item id → N + registration number
+
+    # --- items -------------------------------------------------------------------------------
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Item vectors [n, d] of free texts, from the model's text encoder."""
+        if self.tokenizer is None:
+            raise InputError(f"{self.path}: the artifact has no tokenizer, so it cannot encode text")
+        tokens = self.tokenizer(list(texts), max_length=self.max_tokens, truncation=True, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            return self.model.encode_item_text(tokens["input_ids"], tokens["attention_mask"]).float()
+
+    def sync_registry(self, items: Sequence[RegisteredItem]) -> None:
+        """Add registered items (in registration order, from ``registry_version + 1``) to the index.
+        An id the catalogue already has (a later model trained on it) keeps its catalogue entry."""
+        with self._registry_lock:
+            items = [item for item in items if item.seq > self.registry_version]
+            if not items:
+                return
+            if items[0].seq != self.registry_version + 1:
+                raise RuntimeError(f"registered items skipped: have {self.registry_version}, got {items[0].seq}")
+            vectors = self.encode_texts([item.text for item in items]).numpy()
+            new = [(self.num_items + item.seq, item) for item in items if item.item_id not in self.item_index]
+            if new:
+                keys = F.normalize(torch.from_numpy(vectors[[item.seq - items[0].seq for _, item in new]]), dim=-1).numpy()
+                self.index.add_with_ids(keys, np.array([idx for idx, _ in new], dtype=np.int64))
+            self.registered_index.update({item.item_id: idx for idx, item in new})
+            self.registered_ids += [item.item_id for item in items]
+            self.registered_titles += [item.title for item in items]
+            self.registered_vectors = np.concatenate([self.registered_vectors, vectors])
+            self.registry_version = items[-1].seq
+
+    def knows(self, item_id: str) -> bool:
+        return item_id in self.item_index or item_id in self.registered_index
+
+    def describe_item(self, item_id: str) -> dict | None:
+        if item_id in self.item_index:
+            idx = self.item_index[item_id]
+            return {"item_id": item_id, "title": self.titles[idx], "registered": False, "attributes": self.attributes[idx]}
+        if item_id in self.registered_index:
+            j = self.registered_index[item_id] - self.num_items - 1
+            return {"item_id": item_id, "title": self.registered_titles[j], "registered": True, "attributes": []}
+        return None
+
+    # --- retrieval ---------------------------------------------------------------------------
+
+    def resolve_history(self, history: Sequence[str], length: int) -> tuple[list[int], list[str]]:
+        """Catalogue indices of the last ``length`` usable items, and the ids the model does not know.
+        Registered items are known but have no learned position in the user model, so they only count
+        as seen."""
+        known = [self.item_index[item_id] for item_id in history if item_id in self.item_index]
+        ignored = [item_id for item_id in dict.fromkeys(history) if not self.knows(item_id)]
+        return known[-length:], ignored
+
+    def retrieve(self, requests: Sequence[RetrievalRequest], history_length: int, interests_weight: float) -> list[Candidates]:
+        """Candidates for a batch of requests: one user-model pass and one index search."""
+        resolved = [self.resolve_history(request.history, history_length) for request in requests]
+        user_idx = [self.user_index.get(request.user_id, PAD_INDEX) for request in requests]
+        modes: list[Mode | None] = []
+        for request, (history, _), user in zip(requests, resolved, user_idx):
+            if history or user != PAD_INDEX:
+                modes.append("personal")
+            elif request.interests:
+                modes.append("interests")
+            else:
+                modes.append("popular" if request.popular is not None else None)
+
+        searched = [i for i, mode in enumerate(modes) if mode in ("personal", "interests")]
+        queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
+        personal = [i for i in searched if modes[i] == "personal"]
+        retrieval_task = self.model.tasks["retrieval"]
+        with torch.inference_mode():
+            if personal:
+                inputs = left_pad([resolved[i][0] for i in personal], max([1, *(len(resolved[i][0]) for i in personal)]))
+                queries[personal] = self.model.retrieval_query(inputs, torch.tensor([user_idx[i] for i in personal])).float().numpy()
+            with_interests = [i for i in searched if requests[i].interests]
+            if with_interests:
+                interest_queries = retrieval_task.query_embedding(self.encode_texts([requests[i].interests for i in with_interests])).numpy()
+                weights = np.array([interests_weight if modes[i] == "personal" else 1.0 for i in with_interests], dtype=np.float32)[:, None]
+                queries[with_interests] = (1 - weights) * queries[with_interests] + weights * interest_queries
+
+        # The items a request excludes are searched past, so that num_candidates others come back.
+        excluded = [np.array([self._index_of(item_id) for item_id in request.exclude if self.knows(item_id)], dtype=np.int64) for request in requests]
+        top = max((requests[i].num_candidates + len(excluded[i]) for i in searched), default=0)
+        scores, found = self.index.search(queries[searched], min(top, self.index.ntotal)) if searched and top else (None, None)
+        answers = []
+        for i, request in enumerate(requests):
+            if modes[i] in ("personal", "interests"):
+                row = searched.index(i)
+                keep = (found[row] >= 0) & ~np.isin(found[row], excluded[i])
+                idx, logits = found[row][keep][: request.num_candidates], scores[row][keep][: request.num_candidates]
+            elif modes[i] == "popular":
+                skip = set(request.exclude)
+                chosen = [(self._index_of(item_id), count) for item_id, count in request.popular or ()
+                          if self.knows(item_id) and item_id not in skip][: request.num_candidates]
+                idx = np.array([idx for idx, _ in chosen], dtype=np.int64)
+                counts = np.array([count for _, count in chosen], dtype=np.float32)
+                logits = counts / max(1.0, float(counts.max(initial=0)))
+            else:
+                idx, logits = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            answers.append(self._candidates(request, modes[i], user_idx[i], resolved[i], idx, logits))
+        return answers
+
+    def _index_of(self, item_id: str) -> int:
+        return self.item_index.get(item_id) or self.registered_index[item_id]
+
+    def _candidates(self, request: RetrievalRequest, mode: Mode | None, user: int, resolved: tuple[list[int], list[str]],
+                    idx: np.ndarray, logits: np.ndarray) -> Candidates:
+        registered = idx > self.num_items
+        registration = idx[registered] - self.num_items - 1  # rows of registered_vectors
+        local_idx = idx.copy()
+        local_idx[registered] = self.num_items + 1 + np.arange(int(registered.sum()))
+        ids = [self.item_ids[i] if i <= self.num_items else self.registered_ids[i - self.num_items - 1] for i in idx]
+        titles = [self.titles[i] if i <= self.num_items else self.registered_titles[i - self.num_items - 1] for i in idx]
+        return Candidates(
+            model=self.path,
+            model_version=self.version,
+            mode=mode,
+            user_idx=user,
+            history=resolved[0],
+            ignored_history=resolved[1],
+            item_idx=local_idx,
+            item_ids=ids,
+            titles=titles,
+            retrieval=logits.astype(np.float32),
+            extra_vectors=self.registered_vectors[registration],
+        )
+
+    # --- ranking -----------------------------------------------------------------------------
+
+    def rank(self, batch: Sequence[Candidates], weights: dict[str, float]) -> list[Ranked]:
+        """Multi-task scores of a batch of candidate lists, in one model pass."""
+        width = max([1, *(len(c.item_idx) for c in batch)])
+        inputs = left_pad([c.history for c in batch], max([1, *(len(c.history) for c in batch)]))
+        users = torch.tensor([c.user_idx for c in batch])
+        offsets = np.cumsum([0, *(len(c.extra_vectors) for c in batch)])
+        candidates = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, c in enumerate(batch):
+            shifted = np.where(c.item_idx > self.num_items, c.item_idx + offsets[row], c.item_idx)
+            candidates[row, : len(shifted)] = torch.from_numpy(shifted)
+        extra = torch.from_numpy(np.concatenate([c.extra_vectors for c in batch])) if offsets[-1] else None
+        with torch.inference_mode():
+            scores = {name: value.float().numpy() for name, value in self.model.score_candidates(inputs, users, candidates, extra).items()}
+            contributions = self.model.attention_contributions(inputs, users).float().numpy()
+            extra_keys = F.normalize(extra, dim=-1).numpy() if extra is not None else np.zeros((0, self.keys.shape[1]), np.float32)
+        all_keys = np.concatenate([self.keys, extra_keys])
+
+        ranked = []
+        for row, c in enumerate(batch):
+            count = len(c.item_idx)
+            keys = all_keys[candidates[row, :count].numpy()]
+            p_like = scores["like"][row, :count] if "like" in scores else None
+            rating = self._raw_rating(scores["rating"][row, :count], c.user_idx) if "rating" in scores else None
+            if c.mode == "popular":
+                final = c.retrieval
+            else:
+                final = weights.get("retrieval", 0.0) * c.retrieval
+                final = final + (weights.get("like", 0.0) * p_like if p_like is not None else 0.0)
+                final = final + (weights.get("rating", 0.0) * rating if rating is not None else 0.0)
+            history = inputs[row].numpy()
+            positions = np.flatnonzero(history)
+            ranked.append(Ranked(
+                model_version=self.version,
+                mode=c.mode,
+                item_ids=c.item_ids,
+                titles=c.titles,
+                score=np.asarray(final, dtype=np.float32),
+                p_like=p_like,
+                rating=rating,
+                keys=keys,
+                groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
+                history_ids=[self.item_ids[i] for i in history[positions]],
+                history_keys=self.keys[history[positions]],
+                contributions=contributions[row][positions],
+            ))
+        return ranked
+
+    def _raw_rating(self, normalised: np.ndarray, user_idx: int) -> np.ndarray:
+        offset = self.rating_offsets[user_idx] if user_idx < len(self.rating_offsets) else 0.0
+        return normalised * self.rating.scale + self.rating.shift + offset
+
+    def describe(self) -> dict:
+        return {
+            "model_version": self.version,
+            "path": self.path,
+            "metrics": self.metadata.get("metrics", {}),
+            "data_manifest_hash": self.metadata.get("data_manifest_hash"),
+            "created_at": self.metadata.get("created_at"),
+            "num_items": self.num_items,
+            "registered_items": self.registry_version,
+        }
+
+
+class ModelCache:
+    """The versions a replica holds, keyed by artifact path, least recently used dropped first.
+    Loading (seconds) happens outside the lock that guards the dict, so lookups never wait for it."""
+
+    def __init__(self, capacity: int, model_root: str | None):
+        self.capacity = capacity
+        self.model_root = Path(model_root).resolve() if model_root else None
+        self.models: OrderedDict[str, ServingModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    def checked_path(self, path: str) -> str:
+        """``path`` made absolute; InputError if it leaves ``model_root``."""
+        resolved = Path(path).expanduser().resolve()
+        if self.model_root is not None and not resolved.is_relative_to(self.model_root):
+            raise InputError(f"model: {path} is outside model_root {self.model_root}")
+        return str(resolved)
+
+    def loaded(self, path: str) -> ServingModel | None:
+        with self._lock:
+            model = self.models.get(path)
+            if model is not None:
+                self.models.move_to_end(path)
+            return model
+
+    def get(self, path: str) -> ServingModel:
+        """The version at ``path``, loading it if needed (blocking)."""
+        model = self.loaded(path)
+        if model is not None:
+            return model
+        with self._load_lock:
+            model = self.loaded(path)
+            if model is None:
+                model = ServingModel(self.checked_path(path))
+                with self._lock:
+                    self.models[path] = model
+                    while len(self.models) > self.capacity:
+                        self.models.popitem(last=False)
+        return model
+
+    def keep_only(self, paths: Sequence[str]) -> None:
+        """Load ``paths`` (the versions a reconfigure names) and drop every other version."""
+        for path in paths:
+            self.get(path)
+        with self._lock:
+            for path in [path for path in self.models if path not in paths]:
+                del self.models[path]

@@ -1,0 +1,159 @@
+"""Server-side state shared by every replica: users' recent histories, item popularity, and the items
+registered at run time (cold start).
+
+One ``ServerState`` lives in the single UserStateStore replica. It is rebuilt at start from the
+training data's sequences (when given) and from the feedback log, and kept current by the feedback
+the service receives; registered items are appended to a small JSON-lines file and survive restarts.
+In production, a shared store such as Redis would hold the same keys (``history:<user>``,
+``popularity``, ``items``) so that the store could scale out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data import schema
+from data.errors import InputError
+from data.storage import exists, read_table, resolve
+from serve.config import StateConfig
+from serve.feedback_log import read_feedback_log
+
+
+class ItemExists(InputError):
+    """An item id that is already in the catalogue or registered."""
+
+
+@dataclass(frozen=True)
+class UserContext:
+    user_id: str
+    history: list[str]  # most recent last, at most ``history_length`` items
+    seen: list[str]  # every remembered item of the user (up to ``max_seen_items``)
+    registry_version: int  # registered items up to this sequence number exist
+
+
+@dataclass(frozen=True)
+class RegisteredItem:
+    seq: int  # 1, 2, ...: registration order, the same on every replica
+    item_id: str
+    title: str
+    text: str
+    ts: int
+
+
+@dataclass
+class ServerState:
+    config: StateConfig
+    registry_file: Path
+    histories: dict[str, deque[str]] = field(default_factory=dict)
+    popularity: Counter[str] = field(default_factory=Counter)
+    registered: list[RegisteredItem] = field(default_factory=list)
+    registered_ids: set[str] = field(default_factory=set)
+
+    # --- start ---------------------------------------------------------------------------------
+
+    @classmethod
+    def rebuild(cls, config: StateConfig, state_dir: str | Path, *, training_data: str | None,
+                feedback_log: str, wal_dir: str | Path) -> ServerState:
+        state = cls(config, Path(state_dir) / "items.jsonl")
+        events = [training_interactions(training_data)] if training_data else []
+        logged = read_feedback_log(feedback_log, wal_dir)
+        events.append(logged.filter(pc.is_in(logged["event"], pa.array(config.history_events))).select(["user_id", "item_id", "ts"]))
+        state.record_many(pa.concat_tables(events, promote_options="permissive").sort_by("ts"))
+        state.load_registry()
+        return state
+
+    def load_registry(self) -> None:
+        if not self.registry_file.is_file():
+            return
+        for line in self.registry_file.read_text().splitlines():
+            if line.strip():
+                self._add_registered(RegisteredItem(**json.loads(line)))
+
+    # --- users ---------------------------------------------------------------------------------
+
+    def record_many(self, events: pa.Table) -> None:
+        """Time-ordered (user_id, item_id) rows extend the histories and the popularity counts."""
+        for user_id, item_id in zip(events["user_id"].to_pylist(), events["item_id"].to_pylist()):
+            self.record(user_id, item_id)
+
+    def record(self, user_id: str, item_id: str) -> None:
+        history = self.histories.get(user_id)
+        if history is None:
+            history = self.histories[user_id] = deque(maxlen=self.config.max_seen_items)
+        history.append(item_id)
+        self.popularity[item_id] += 1
+
+    def context(self, user_id: str) -> UserContext:
+        remembered = self.histories.get(user_id, ())
+        recent = list(remembered)[-self.config.history_length :]
+        return UserContext(user_id, recent, list(dict.fromkeys(remembered)), len(self.registered))
+
+    def popular(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` most interacted-with items and their counts, most popular first (ties by id)."""
+        return sorted(self.popularity.items(), key=lambda pair: (-pair[1], pair[0]))[:n]
+
+    # --- registered items ----------------------------------------------------------------------
+
+    def register(self, item_id: str, title: str, text: str, ts: int) -> RegisteredItem:
+        """Add an item (durably: appended and fsynced before it counts); ItemExists if the id is taken."""
+        if item_id in self.registered_ids:
+            raise ItemExists(f"item_id: {item_id!r} is already registered")
+        item = RegisteredItem(len(self.registered) + 1, item_id, title, text, ts)
+        self.registry_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.registry_file, "a") as file:
+            file.write(json.dumps(item.__dict__) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self._add_registered(item)
+        return item
+
+    def _add_registered(self, item: RegisteredItem) -> None:
+        self.registered.append(item)
+        self.registered_ids.add(item.item_id)
+
+    def registered_since(self, version: int) -> list[RegisteredItem]:
+        return self.registered[version:]
+
+
+def training_interactions(data_dir: str) -> pa.Table:
+    """(user_id, item_id, ts in ms) of a preprocessing output: each user's training sequence and
+    the validation and test targets, i.e. the whole known recent history."""
+    location = resolve(data_dir)
+    if not exists(location, schema.USER_VOCAB_PATH):
+        raise InputError(f"training_data: {data_dir} has no {schema.USER_VOCAB_PATH}; is it a preprocessing output?")
+    users = read_table(location, schema.USER_VOCAB_PATH)
+    items = read_table(location, schema.ITEM_VOCAB_PATH)
+    user_ids = _by_index(users, "user_idx", "user_id")
+    item_ids = _by_index(items, "item_idx", "item_id")
+
+    train = read_table(location, f"{schema.SEQUENCES_DIR}/train")
+    lengths = pc.list_value_length(train["items"]).to_numpy(zero_copy_only=False)
+    parts = [(np.repeat(train["user_idx"].to_numpy(), lengths),
+              pc.list_flatten(train["items"]).to_numpy(zero_copy_only=False),
+              pc.list_flatten(train["timestamps"]).to_numpy(zero_copy_only=False))]
+    for split in schema.SPLITS[1:]:
+        if exists(location, f"{schema.SEQUENCES_DIR}/{split}"):
+            targets = read_table(location, f"{schema.SEQUENCES_DIR}/{split}")
+            parts.append((targets["user_idx"].to_numpy(), targets["target_item"].to_numpy(), targets["target_timestamp"].to_numpy()))
+    user_idx, item_idx, seconds = (np.concatenate(columns) for columns in zip(*parts))
+    return pa.table({
+        "user_id": pa.array(user_ids[user_idx]),
+        "item_id": pa.array(item_ids[item_idx]),
+        "ts": pa.array(seconds.astype(np.int64) * 1000),
+    })
+
+
+def _by_index(vocab: pa.Table, index: str, name: str) -> np.ndarray:
+    """The vocabulary as an array: position = index."""
+    idx = vocab[index].to_numpy()
+    values = np.empty(int(idx.max(initial=0)) + 1, dtype=object)
+    values[idx] = vocab[name].to_numpy(zero_copy_only=False)
+    return values

@@ -1,0 +1,477 @@
+"""The Serve graph over real HTTP: recommendations, bad input, cold start, feedback, new items, a model
+hot swap under load with rollback, and feedback durability across a FeedbackLogger crash.
+
+One Ray instance (2 CPUs) and one Serve application for the module; the model is a random tiny
+artifact over the first 40 MovieLens-100K users (``serve.testing``). Expected values come from the
+MovieLens files directly. Tests that change server-side state (feedback, new items) come after those
+that read popularity, and the crash test comes last.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from data.config import DEFAULT_DATASET_DIR
+from data.errors import InputError
+from serve.config import FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
+from serve.feedback_log import FeedbackLog, impression_rows, read_feedback_log
+from serve.messages import Ranked, RetrievalRequest
+from serve.model_runtime import ModelCache, ServingModel
+from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank
+from serve.runner import SERVE_CONFIG_FILE, rollback, run_service, serve_config_document, swap_model
+from serve.state import ItemExists, ServerState
+from serve.testing import build_random_artifact, build_training_data
+from serve.versions import VersionHistory
+
+NUM_USERS = 40
+API_KEY = "test-key"
+AUTH = {"X-API-Key": API_KEY}
+
+
+# --- expected values, straight from the MovieLens files --------------------------------------
+
+
+def ratings() -> pd.DataFrame:
+    frame = pd.read_csv(DEFAULT_DATASET_DIR / "u.data", sep="\t", names=["user", "item", "rating", "ts"])
+    return frame[frame["user"] <= NUM_USERS].astype({"user": str, "item": str})
+
+
+def movies() -> pd.DataFrame:
+    return pd.read_csv(DEFAULT_DATASET_DIR / "u.item", sep="|", encoding="latin-1", header=None).astype({0: str})
+
+
+def user_items(user: str) -> set[str]:
+    frame = ratings()
+    return set(frame[frame["user"] == user]["item"])
+
+
+def most_popular() -> list[str]:
+    counts = Counter(ratings()["item"])
+    return [item for item, _ in sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))]
+
+
+def item_text(item_id: str) -> str:
+    """The text serve.testing gives the item (its title and genres)."""
+    genres = [line.split("|")[0] for line in (DEFAULT_DATASET_DIR / "u.genre").read_text().splitlines() if line.strip()]
+    row = movies().set_index(0).loc[item_id]
+    names = [genres[g] for g, flag in enumerate(row.iloc[4:]) if flag]
+    return f"{row[1]}. Genres: {', '.join(names)}."
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    first = build_random_artifact(root / "model-a", num_users=NUM_USERS, seed=0, model_version="random-0")
+    second = build_random_artifact(root / "model-b", num_users=NUM_USERS, seed=1, model_version="random-1")
+    config = ServeConfig(
+        model=str(first),
+        training_data=build_training_data(root / "data", num_users=NUM_USERS),
+        state_dir=str(root / "state"),
+        # Parquet only at start and shutdown, so the crash test proves the WAL replay.
+        feedback=FeedbackLogConfig(path=str(root / "feedback"), flush_interval_s=3600),
+        # Ranked by the retrieval logit alone, so an exact text match comes first whatever the random
+        # heads say; the mix of the three scores is tested on its own below.
+        ranking=RankingConfig(weights={"retrieval": 1.0, "like": 0.0, "rating": 0.0}),
+        port=free_port(),
+    )
+    saved_key = os.environ.get("POLYREC_API_KEY")
+    os.environ["POLYREC_API_KEY"] = API_KEY  # replicas inherit the environment of the Ray instance
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        running = run_service(config, blocking=False)
+        running.second_model = str(second)
+        yield running
+        running.stop()
+    finally:
+        ray.shutdown()
+        if saved_key is None:
+            os.environ.pop("POLYREC_API_KEY", None)
+        else:
+            os.environ["POLYREC_API_KEY"] = saved_key
+
+
+@pytest.fixture(scope="module")
+def client(service) -> httpx.Client:
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        yield http
+
+
+def recommend(client: httpx.Client, **body) -> dict:
+    response = client.post("/v1/recommend", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def field_named(response: httpx.Response, field: str) -> bool:
+    return any(field in [str(part) for part in error["loc"]] for error in response.json()["detail"])
+
+
+# --- recommendations -------------------------------------------------------------------------
+
+
+def test_recommend_returns_k_unseen_items_explained_by_the_history(client):
+    seen = user_items("1")
+    unseen_popular = [item for item in most_popular() if item not in seen]
+    exclude, extra_history = unseen_popular[:3], unseen_popular[3:4]
+    answer = recommend(client, user_id="1", k=10, exclude=exclude, history=extra_history, context={"page": "home"})
+
+    ids = [item["item_id"] for item in answer["items"]]
+    assert len(ids) == 10 and len(set(ids)) == 10
+    assert not set(ids) & (seen | set(exclude) | set(extra_history))
+    assert answer["model_version"] == "random-0"
+    assert len(answer["request_id"]) == 32
+    assert answer["ignored_history"] == []
+    titles = movies().set_index(0)[1]
+    for item in answer["items"]:
+        assert item["title"] == titles[item["item_id"]]
+        assert set(item["because"]) <= seen | set(extra_history)
+        assert 0 < item["p_like"] < 1
+    assert any(item["because"] for item in answer["items"])
+
+
+def test_unknown_user_without_history_gets_popular_items(client):
+    answer = recommend(client, user_id="nobody-1", k=5)
+    popular = most_popular()
+    ids = [item["item_id"] for item in answer["items"]]
+    assert ids[0] == popular[0]  # diversity keeps the most relevant first
+    assert set(ids) <= set(popular[:50])
+    assert answer["items"][0]["score"] == pytest.approx(1.0)  # popular mode: share of the top count
+    assert all(item["because"] == [] for item in answer["items"])
+
+
+def test_unknown_user_with_interests_gets_the_item_described(client):
+    answer = recommend(client, user_id="nobody-2", k=5, interests=item_text("50"))
+    assert answer["items"][0]["item_id"] == "50"
+    popular_answer = recommend(client, user_id="nobody-2", k=5)
+    assert [i["item_id"] for i in answer["items"]] != [i["item_id"] for i in popular_answer["items"]]
+
+
+def test_unknown_history_items_are_ignored_and_reported(client):
+    answer = recommend(client, user_id="nobody-3", k=5, history=["no-such-item", "50", "no-such-item"])
+    assert answer["ignored_history"] == ["no-such-item"]
+    ids = [item["item_id"] for item in answer["items"]]
+    assert "50" not in ids and len(ids) == 5
+    assert all(set(item["because"]) <= {"50"} for item in answer["items"])
+    assert answer["items"][0]["score"] != pytest.approx(1.0)  # personal, not the popular fallback
+
+
+def test_impressions_are_logged_with_positions_and_version(client, service):
+    answer = recommend(client, user_id="2", k=4)
+    feedback = service.config.feedback
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = read_feedback_log(feedback.path, Path(service.config.state_dir) / "wal").to_pandas()
+        rows = log[log["request_id"] == answer["request_id"]].sort_values("position")
+        if len(rows) == 4:
+            break
+        time.sleep(0.5)
+    assert rows["item_id"].tolist() == [item["item_id"] for item in answer["items"]]
+    assert rows["position"].tolist() == [1, 2, 3, 4]
+    assert set(rows["event"]) == {"impression"} and set(rows["model_version"]) == {"random-0"}
+    assert rows["value"].tolist() == pytest.approx([item["score"] for item in answer["items"]])
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/recommend", {"user_id": "u", "k": 0}, "k"),
+        ("/v1/recommend", {"user_id": "u", "k": 1001}, "k"),
+        ("/v1/recommend", {"user_id": "u", "k": "many"}, "k"),
+        ("/v1/recommend", {"k": 5}, "user_id"),
+        ("/v1/recommend", {"user_id": ""}, "user_id"),
+        ("/v1/recommend", {"user_id": "u", "history": "50"}, "history"),
+        ("/v1/recommend", {"user_id": "u", "history": ["50"] * 501}, "history"),
+        ("/v1/recommend", {"user_id": "u", "interests": ""}, "interests"),
+        ("/v1/recommend", {"user_id": "u", "colour": "red"}, "colour"),
+        ("/v1/feedback", {"user_id": "u", "item_id": "i"}, "event"),
+        ("/v1/feedback", {"user_id": "u", "item_id": "i", "event": "teleport"}, "event"),
+        ("/v1/feedback", {"user_id": "u", "item_id": "i", "event": "rate", "value": "high"}, "value"),
+        ("/v1/feedback", {"events": []}, "events"),
+        ("/v1/feedback", {"events": [{"user_id": "u", "item_id": "i", "event": "click", "ts": -5}]}, "ts"),
+        ("/v1/items", {"item_id": "x"}, "text"),
+    ],
+)
+def test_bad_fields_are_422_naming_the_field(client, path, body, field):
+    response = client.post(path, json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert field_named(response, field), response.text
+
+
+def test_malformed_json_is_422(client):
+    response = client.post("/v1/recommend", content=b'{"user_id": "u", "k": ', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_oversized_bodies_are_413_declared_or_streamed(client, service):
+    limit = service.config.max_body_bytes
+    assert client.post("/v1/feedback", content=b" " * (limit + 1), headers={**AUTH, "content-type": "application/json"}).status_code == 413
+
+    def chunks():  # no Content-Length: chunked transfer encoding
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    response = client.post("/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b'"text"', b"1e999", b'{"user_id": null}', b'{"user_id": "u", "k": 1e30}',
+                                  b'{"user_id": "u", "k": 5.5}', b'{"user_id": "\\ud800"}', b'{"user_id": {"a": []}}',
+                                  b'{"user_id": "u", "exclude": [null]}', b'{"user_id": "u", "context": {"x": [1]}}'])
+def test_no_input_gets_a_server_error(client, body):
+    for path in ("/v1/recommend", "/v1/feedback", "/v1/items"):
+        response = client.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (path, body, response.text)
+
+
+def test_write_endpoints_need_the_api_key(client):
+    event = {"user_id": "u", "item_id": "50", "event": "click"}
+    assert client.post("/v1/feedback", json=event).status_code == 401
+    assert client.post("/v1/feedback", json=event, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.post("/v1/items", json={"item_id": "k", "text": "t"}).status_code == 401
+    assert client.get("/v1/model").status_code == 200
+
+
+# --- items, model, docs ----------------------------------------------------------------------
+
+
+def test_item_model_health_and_docs_endpoints(client):
+    star_wars = client.get("/v1/items/50").json()
+    flags = movies().set_index(0).loc["50"].iloc[4:].to_numpy()
+    assert star_wars == {"item_id": "50", "title": "Star Wars (1977)", "registered": False,
+                         "attributes": [g + 1 for g, flag in enumerate(flags) if flag]}
+    assert client.get("/v1/items/no-such-item").status_code == 404
+    model = client.get("/v1/model").json()
+    assert model["model_version"] == "random-0"
+    assert model["data_manifest_hash"] == f"movielens-100k-first-{NUM_USERS}-users"
+    assert model["num_items"] == ratings()["item"].nunique()
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    assert {"/v1/recommend", "/v1/feedback", "/v1/items", "/v1/items/{item_id}", "/v1/model"} <= set(client.get("/openapi.json").json()["paths"])
+
+
+def test_a_registered_item_is_recommendable_at_once(client):
+    text = "Robots Sing in Space. Genres: Musical, Sci-Fi."
+    created = client.post("/v1/items", json={"item_id": "robot-musical", "title": "Robots Sing", "text": text}, headers=AUTH)
+    assert created.status_code == 201, created.text
+    assert client.get("/v1/items/robot-musical").json() == {"item_id": "robot-musical", "title": "Robots Sing", "registered": True, "attributes": []}
+    answer = recommend(client, user_id="nobody-4", k=3, interests=text)
+    assert answer["items"][0] == {**answer["items"][0], "item_id": "robot-musical", "title": "Robots Sing"}
+    assert client.post("/v1/items", json={"item_id": "robot-musical", "text": text}, headers=AUTH).status_code == 409
+    assert client.post("/v1/items", json={"item_id": "50", "text": text}, headers=AUTH).status_code == 409
+
+
+def test_feedback_extends_the_server_side_history(client):
+    clicked = ["181", "174", "172"]  # Return of the Jedi, Raiders of the Lost Ark, The Empire Strikes Back
+    assert set(clicked) <= set(ratings()["item"])
+    before = recommend(client, user_id="newcomer", k=5)
+    assert before["items"][0]["score"] == pytest.approx(1.0)  # popular: nothing known yet
+    response = client.post("/v1/feedback", headers=AUTH, json={"events": [
+        {"user_id": "newcomer", "item_id": item, "event": "click"} for item in clicked]})
+    assert response.status_code == 200 and response.json()["accepted"] == 3
+    after = recommend(client, user_id="newcomer", k=5)
+    ids = [item["item_id"] for item in after["items"]]
+    assert ids != [item["item_id"] for item in before["items"]]
+    assert not set(ids) & set(clicked)
+    assert all(set(item["because"]) <= set(clicked) for item in after["items"])
+    assert any(item["because"] for item in after["items"])
+
+
+# --- model versions --------------------------------------------------------------------------
+
+
+def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service):
+    outcomes: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def load(user: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=120) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = http.post("/v1/recommend", json={"user_id": str(user), "k": 5})
+                version = response.json().get("model_version") if response.status_code == 200 else None
+                outcomes.append((sent, response.status_code, version))
+
+    threads = [threading.Thread(target=load, args=(user,)) for user in (1, 2, 3, 4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        record = swap_model(service.config, service.second_model)
+        swapped = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert record.model_version == "random-1"
+    assert [status for _, status, _ in outcomes if status != 200] == []
+    assert {version for _, _, version in outcomes} == {"random-0", "random-1"}
+    assert {version for sent, _, version in outcomes if sent > swapped} == {"random-1"}
+    assert client.get("/v1/model").json()["model_version"] == "random-1"
+    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0", "random-1"]
+
+    previous = rollback(service.config, blocking=False)
+    assert previous.model_version == "random-0"
+    assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
+    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0"]
+    with pytest.raises(InputError, match="no earlier model version"):
+        rollback(service.config, blocking=False)
+
+
+# --- durability (last: it kills a replica) ---------------------------------------------------
+
+
+def test_acknowledged_feedback_survives_a_feedback_logger_crash(client, service):
+    event_ids = [f"durable-{i}" for i in range(60)]
+    for start in range(0, 60, 10):
+        batch = [{"event_id": e, "user_id": "1", "item_id": "50", "event": "view"} for e in event_ids[start : start + 10]]
+        response = client.post("/v1/feedback", headers=AUTH, json={"events": batch})
+        assert response.status_code == 200 and response.json()["event_ids"] == event_ids[start : start + 10]
+    log_path = service.config.feedback.path
+    assert not set(event_ids) & set(read_feedback_log(log_path)["event_id"].to_pylist())  # only in the WAL so far
+
+    replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#FeedbackLogger#" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+
+    deadline = time.monotonic() + 180  # Serve notices the death and starts a replica, which replays the WAL
+    while time.monotonic() < deadline and not set(event_ids) <= set(read_feedback_log(log_path)["event_id"].to_pylist()):
+        time.sleep(1)
+    assert set(event_ids) <= set(read_feedback_log(log_path)["event_id"].to_pylist())
+    deadline = time.monotonic() + 60
+    while client.post("/v1/feedback", headers=AUTH, json={"user_id": "1", "item_id": "50", "event": "view"}).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+
+
+# --- pieces without Ray ----------------------------------------------------------------------
+
+
+def test_ranker_score_mixes_the_task_outputs_with_the_rating_on_the_raw_scale(tmp_path):
+    path = build_random_artifact(tmp_path / "model", num_users=NUM_USERS, rating={"kind": "minmax", "shift": 1.0, "scale": 4.0})
+    model = ServingModel(str(path))
+    history_ids = ["50", "181", "1", "50"]
+    history = [model.item_index[item] for item in history_ids]
+    request = RetrievalRequest(model=str(path), user_id="3", history=history_ids, interests=None, num_candidates=20,
+                               registry_version=0, exclude=["50", "181", "1"])
+    candidates = model.retrieve([request], history_length=50, interests_weight=0.5)[0]
+    assert len(candidates.item_ids) == 20 and not {"50", "181", "1"} & set(candidates.item_ids)
+    ranked = model.rank([candidates], {"retrieval": 1.0, "like": 2.0, "rating": 0.5})[0]
+
+    user_idx = model.user_index["3"]
+    with torch.no_grad():
+        direct = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None])
+        attention = model.model.attention_contributions(torch.tensor([history]), torch.tensor([user_idx]))[0].numpy()
+    assert candidates.retrieval == pytest.approx(direct["retrieval"][0].numpy(), abs=1e-4)
+    assert ranked.p_like == pytest.approx(direct["like"][0].numpy(), abs=1e-5)
+    assert ranked.rating == pytest.approx(direct["rating"][0].numpy() * 4.0 + 1.0, abs=1e-4)
+    assert ranked.score == pytest.approx(candidates.retrieval + 2.0 * ranked.p_like + 0.5 * ranked.rating, abs=1e-4)
+
+    # because: per candidate, attention × similarity summed per distinct history item, largest first.
+    assert ranked.history_ids == history_ids and ranked.contributions == pytest.approx(attention)
+    shares = attention[None, :] * (ranked.keys @ model.keys[history].T)
+    per_item = {"50": shares[:, 0] + shares[:, 3], "181": shares[:, 1], "1": shares[:, 2]}
+    expected = [[item for item in sorted(per_item, key=lambda item: -per_item[item][c])[:2] if per_item[item][c] > 0]
+                for c in range(len(candidates.item_ids))]
+    assert explain(ranked, list(range(len(candidates.item_ids))), 2) == expected
+    assert any(expected)
+
+
+def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_path):
+    data = build_training_data(tmp_path / "data", num_users=NUM_USERS)
+    log = FeedbackLog(str(tmp_path / "feedback"), tmp_path / "wal", writer="w")
+    clicks = [{"event_id": f"c{i}", "ts": 2_000_000_000_000 + i, "user_id": "1", "item_id": item, "event": "click"} for i, item in enumerate(["7", "8"])]
+    log.append(clicks + impression_rows(request_id="r", user_id="1", items=[("9", 1.0)], model_version="v", ts=1))
+    log.flush()
+    log.append([{**clicks[0], "event_id": "c2", "ts": 2_000_000_000_005}])  # still in the WAL
+
+    settings = StateConfig(history_length=5)
+    state = ServerState.rebuild(settings, tmp_path / "state", training_data=data, feedback_log=str(tmp_path / "feedback"), wal_dir=tmp_path / "wal")
+    frame = ratings()
+    # Sequences list equal timestamps in item-number order; the state must keep that order.
+    frame = frame.assign(number=frame["item"].astype(int)).sort_values(["ts", "number"], kind="stable")
+    training = frame[frame["user"] == "1"]["item"].tolist()
+    assert state.context("1").history == (training + ["7", "8", "7"])[-5:]
+    assert set(state.context("1").seen) == set(training) | {"7", "8"}
+    counts = Counter(frame["item"]) + Counter({"7": 2, "8": 1})
+    assert state.popular(3) == sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:3]
+
+    state.register("new-1", "New", "some text", ts=1)
+    again = ServerState.rebuild(settings, tmp_path / "state", training_data=None, feedback_log=str(tmp_path / "feedback"), wal_dir=tmp_path / "wal")
+    assert [(item.seq, item.item_id, item.text) for item in again.registered_since(0)] == [(1, "new-1", "some text")]
+    assert again.context("1").registry_version == 1
+    with pytest.raises(ItemExists):
+        again.register("new-1", "", "other", ts=2)
+
+
+def test_mmr_trades_relevance_for_novelty_as_computed_by_hand():
+    # a and b are identical, c is orthogonal; relevance 1, 0.9, 0.5 → min-max 1, 0.8, 0.
+    keys = pd.DataFrame([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).to_numpy("float32")
+    scores = pd.Series([3.0, 2.8, 2.0]).to_numpy("float32")
+    # λ = 0.5: after a, b scores 0.5·0.8 − 0.5·1 = −0.1 and c scores 0.5·0 − 0.5·0 = 0 → c.
+    assert maximal_marginal_relevance(scores, keys, 3, 0.5, [10, 11, 12]) == [10, 12, 11]
+    # λ = 0.9: b scores 0.72 − 0.1 = 0.62 > c's 0 → b.
+    assert maximal_marginal_relevance(scores, keys, 2, 0.9, [10, 11, 12]) == [10, 11]
+
+
+def test_genre_cap_passes_over_and_then_fills():
+    groups = [[1], [1, 2], [1], [2], [3]]
+    assert genre_capped([0, 1, 2, 3, 4], groups, 4, cap=2) == [0, 1, 3, 4]
+    assert genre_capped([0, 1, 2, 3, 4], groups, 5, cap=1) == [0, 3, 4, 1, 2]
+
+
+def test_rerank_drops_seen_excluded_blocked_and_duplicate_items():
+    ranked = Ranked(model_version="v", mode="personal", item_ids=["a", "b", "c", "d", "b"], titles=[""] * 5,
+                    score=pd.Series([5.0, 4.0, 3.0, 2.0, 9.0]).to_numpy("float32"), p_like=None, rating=None,
+                    keys=pd.DataFrame([[1.0, 0.0]] * 5).to_numpy("float32"), groups=[[]] * 5,
+                    history_ids=[], history_keys=np.zeros((0, 2), "float32"), contributions=np.zeros(0, "float32"))
+    chosen = rerank(ranked, 10, drop=["a"], config=ReRankConfig(diversity="none", blocked_items=["c"]))
+    assert [ranked.item_ids[i] for i in chosen] == ["b", "d"]
+
+
+def test_model_paths_cannot_leave_model_root(tmp_path):
+    cache = ModelCache(capacity=1, model_root=str(tmp_path / "models"))
+    assert cache.checked_path(str(tmp_path / "models" / "v1")) == str((tmp_path / "models" / "v1").resolve())
+    for outside in (tmp_path / "elsewhere", tmp_path / "models" / ".." / "elsewhere"):
+        with pytest.raises(InputError, match="outside model_root"):
+            cache.checked_path(str(outside))
+
+
+def test_config_rejects_a_scaled_out_state_store():
+    with pytest.raises(InputError, match="UserStateStore.max_replicas"):
+        ServeConfig.from_yaml(None, deployments={"UserStateStore": {"max_replicas": 2}})
+
+
+def test_serve_config_file_matches_the_defaults_and_builds():
+    document = yaml.safe_load(SERVE_CONFIG_FILE.read_text())
+    ServeDeploySchema.model_validate(document)
+    application = document["applications"][0]
+    assert document == serve_config_document(ServeConfig(), application["args"])
