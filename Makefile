@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: venv
-	$(BIN)/polyrec pipeline --output $(RUN_DIR)
+	$(BIN)/polyrec pipeline --output $(RUN_DIR) $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -22,14 +22,88 @@ def _preprocess(args: argparse.Namespace) -> None:
     print(format_report(manifest))
 
 
+def _train(args: argparse.Namespace) -> None:
+    from train.config import TrainConfig
+    from train.trainer import run_training
+
+    config = TrainConfig.from_yaml(args.config, data=args.data, output=args.output, resume_from=args.resume_from)
+    result = run_training(config)
+    print(f"model artifact: {result.artifact}")
+    print(f"best validation NDCG@10: {result.best_validation['validation/NDCG@10']:.4f}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from train.evaluate import evaluate_artifact
+
+    metrics = evaluate_artifact(
+        args.model, args.data, split=args.split, output=args.output, use_ray_data=args.ray_data
+    )
+    for model_name, values in metrics.items():
+        print(model_name, {k: round(v, 4) for k, v in values.items() if "@" in k})
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobStatus
+
+    from cluster.submit import job_status, submit
+
+    job_id = submit(args.job_stage, args.job_args, address=args.address, follow=not args.no_wait, extra_pip=args.pip or None)
+    print(job_id)
+    if not args.no_wait and job_status(job_id, address=args.address) != JobStatus.SUCCEEDED:
+        return 1
+    return 0
+
+
+def _job(args: argparse.Namespace) -> None:
+    from cluster.submit import job_logs, job_status, stop_job
+
+    if args.action == "status":
+        print(job_status(args.job_id, address=args.address))
+    elif args.action == "logs":
+        print(job_logs(args.job_id, address=args.address, tail_lines=args.tail))
+    else:
+        print("stopped" if stop_job(args.job_id, address=args.address) else "already finished")
+
+
+def _k8s(args: argparse.Namespace) -> int:
+    from cluster import manifests
+
+    return manifests.main([args.action, *args.dir])
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from serve.config import ServeConfig
+    from serve.runner import rollback, run_service
+
+    config = ServeConfig.from_yaml(args.config)
+    if args.rollback:
+        record = rollback(config, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
+        print(f"rolled back to {record.model_version} ({record.model})")
+    else:
+        service = run_service(config, model=args.model, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
+        print(f"serving {service.model.model_version} at {service.url}")
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from cluster.retrain import RetrainConfig, run_retrain
+
+    config = RetrainConfig.from_yaml(
+        args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output
+    )
+    if args.ray_address:
+        config.preprocess.ray.address = config.train.ray_address = args.ray_address
+    outcome = run_retrain(config)
+    print(outcome.reason)
+
+
 def _pipeline(args: argparse.Namespace) -> None:
     from cluster.pipeline import run_pipeline
 
-    run_pipeline(output=args.output, keep_serving=getattr(args, "keep_serving", False))
+    run_pipeline(output=args.output, port=args.port, keep_serving=args.keep_serving)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polyrec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="polyrec", description="polyrec: an LLM-driven multi-task recommender on Ray.")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     def stage(name: str, handler: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
@@ -41,8 +115,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--config", help="YAML file (see configs/preprocess.yaml); defaults run the embedded MovieLens-100K")
     sub.add_argument("--output", help="output location: a path or a pyarrow filesystem URI (file://, s3://, gs://)")
 
-    sub = stage("pipeline", _pipeline, "The main job: the whole loop on the embedded default.")
+    sub = stage("train", _train, "Train the multi-task model on Ray Train + DeepSpeed; export and evaluate it.")
+    sub.add_argument("--config", help="YAML file (see configs/train.yaml)")
+    sub.add_argument("--data", help="preprocessing output (path or URI)")
+    sub.add_argument("--output", help="folder for checkpoints, the artifact, metrics and plots")
+    sub.add_argument("--resume-from", help="a checkpoint folder to continue from")
+
+    sub = stage("evaluate", _evaluate, "Full-ranking evaluation of a model artifact against baselines.")
+    sub.add_argument("--model", default="runs/default/model/artifact", help="model artifact folder")
+    sub.add_argument("--data", default="runs/default/data", help="preprocessing output (path or URI)")
+    sub.add_argument("--split", default="test", choices=["validation", "test"])
+    sub.add_argument("--output", default="runs/default/evaluation", help="folder for metrics.json/.md/.png")
+    sub.add_argument("--ray-data", action="store_true", help="batch inference through Ray Data (large user sets)")
+
+    from cluster.submit import STAGES
+
+    sub = stage("submit", _submit, "Run a stage on a Ray cluster through the Ray Jobs API.")
+    sub.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: $RAY_ADDRESS)")
+    sub.add_argument("--no-wait", action="store_true", help="print the job id instead of streaming its logs")
+    sub.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement for the job")
+    sub.add_argument("job_stage", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
+    sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the stage")
+
+    sub = stage("job", _job, "Status, logs or stop of a submitted job.")
+    sub.add_argument("action", choices=["status", "logs", "stop"])
+    sub.add_argument("job_id")
+    sub.add_argument("--address", help="dashboard URL (default: $RAY_ADDRESS)")
+    sub.add_argument("--tail", type=int, help="only the last N log lines")
+
+    sub = stage("k8s", _k8s, "KubeRay manifests: sync the RayService from serve/serve_config.yaml, check, build.")
+    sub.add_argument("action", choices=["sync", "check", "build"])
+    sub.add_argument("dir", nargs="*")
+
+    sub = stage("serve", _serve, "Serve the recommendation graph on Ray Serve (or swap the model of the running app).")
+    sub.add_argument("--config", help="YAML file (see configs/serve.yaml)")
+    sub.add_argument("--model", help="model artifact folder to serve (default: the version served last)")
+    sub.add_argument("--port", type=int, help="HTTP port")
+    sub.add_argument("--feedback-log", help="where the feedback log goes (path or URI)")
+    sub.add_argument("--rollback", action="store_true", help="serve the version before the current one")
+    sub.add_argument("--detach", action="store_true", help="return once deployed, leaving the app on the Ray cluster")
+
+    sub = stage("retrain", _retrain, "Retrain from the base data plus the feedback log; promote and hot-swap if it is better.")
+    sub.add_argument("--config", help="YAML file (see configs/retrain.yaml)")
+    sub.add_argument("--feedback-log", help="the feedback log (path or URI)")
+    sub.add_argument("--model", help="the artifact in service (warm start and gate reference)")
+    sub.add_argument("--output", help="folder for the new data and model")
+    sub.add_argument("--ray-address", help="the Ray cluster that serves the app (e.g. auto), for the hot swap")
+
+    sub = stage("pipeline", _pipeline, "The main job: preprocess, train, evaluate, serve, simulated users, retrain, hot swap, report.")
     sub.add_argument("--output", default="runs/default", help="folder for every stage's output")
+    sub.add_argument("--port", type=int, default=8000, help="HTTP port of the service")
+    sub.add_argument("--keep-serving", action="store_true", help="keep the service up at the end (Ctrl-C stops it)")
     return parser
 
 
@@ -52,14 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        status = args.handler(args) or 0
     except InputError as err:
         print(f"polyrec {args.stage}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"polyrec {args.stage}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status
 
 
 if __name__ == "__main__":
