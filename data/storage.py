@@ -1,0 +1,136 @@
+"""Where a preprocessing output lives: a local path or a pyarrow filesystem URI.
+
+An output is built in a *staging* folder beside its final location and moved into place only once
+it is complete, so readers never see half an output and a failed run leaves the previous one alone.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from data.errors import InputError
+from data.schema import MANIFEST_FILE
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder on a filesystem; ``uri`` is what the user wrote, for messages."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def join(self, relative: str) -> str:
+        return posixpath.join(self.path, relative)
+
+    def sibling(self, name: str) -> Location:
+        return Location(self.filesystem, posixpath.join(posixpath.dirname(self.path), name), self.uri)
+
+
+def resolve(uri: str) -> Location:
+    """A local path (relative paths are made absolute) or a URI pyarrow understands (file://, s3://, gs://)."""
+    if "://" not in uri:
+        return Location(pafs.LocalFileSystem(), Path(uri).expanduser().resolve().as_posix(), uri)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise InputError(f"output: cannot open {uri!r}: {err}") from None
+    return Location(filesystem, path.rstrip("/"), uri)
+
+
+def exists(location: Location, relative: str = "") -> bool:
+    path = location.join(relative) if relative else location.path
+    return location.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_table(table: pa.Table, location: Location, relative: str) -> None:
+    path = location.join(relative)
+    location.filesystem.create_dir(posixpath.dirname(path), recursive=True)
+    pq.write_table(table, path, filesystem=location.filesystem)
+
+
+def read_table(location: Location, relative: str) -> pa.Table:
+    """One Parquet file, or every ``*.parquet`` file of a folder concatenated in file-name order."""
+    path = location.join(relative)
+    info = location.filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{location.uri}: {relative} is missing")
+    if info.type == pafs.FileType.File:
+        return pq.read_table(path, filesystem=location.filesystem)
+    files = sorted(
+        f.path
+        for f in location.filesystem.get_file_info(pafs.FileSelector(path))
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+    )
+    return pa.concat_tables([pq.read_table(f, filesystem=location.filesystem) for f in files])
+
+
+def write_text(location: Location, relative: str, text: str) -> None:
+    with location.filesystem.open_output_stream(location.join(relative)) as stream:
+        stream.write(text.encode())
+
+
+def read_text(location: Location, relative: str) -> str:
+    path = location.join(relative)
+    try:
+        with location.filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+    except FileNotFoundError:
+        raise InputError(f"{location.uri}: {relative} not found") from None
+
+
+def open_staging(target: Location) -> Location:
+    """Create an empty staging folder beside ``target``; InputError when the location is not writable."""
+    name = posixpath.basename(target.path) or "output"
+    staging = target.sibling(f".{name}.staging-{uuid.uuid4().hex[:12]}")
+    try:
+        staging.filesystem.create_dir(staging.path, recursive=True)
+        write_text(staging, ".probe", "")
+        staging.filesystem.delete_file(staging.join(".probe"))
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"output {target.uri!r} is not writable: {err}") from None
+    return staging
+
+
+def discard(staging: Location) -> None:
+    if exists(staging):
+        staging.filesystem.delete_dir(staging.path)
+
+
+def commit(staging: Location, target: Location, manifest_json: str) -> None:
+    """Put the complete staging folder at ``target``, replacing what was there.
+
+    A folder is complete exactly when it has a manifest. Locally the new folder gets its manifest
+    and is swapped in by renames. Object stores have no directory rename, so the old output first
+    loses its manifest (it stops counting as complete), is emptied, receives the new files, and
+    gets the new manifest last: an interrupted copy leaves a folder without a manifest, never a
+    mix that looks complete.
+    """
+    fs = target.filesystem
+    if target.is_local:
+        write_text(staging, MANIFEST_FILE, manifest_json)
+        fs.create_dir(posixpath.dirname(target.path), recursive=True)
+        retired = target.sibling(f".{posixpath.basename(target.path)}.old-{uuid.uuid4().hex[:12]}")
+        if exists(target):
+            fs.move(target.path, retired.path)
+        fs.move(staging.path, target.path)
+        discard(retired)
+        return
+    if exists(target, MANIFEST_FILE):
+        fs.delete_file(target.join(MANIFEST_FILE))
+    if exists(target):
+        fs.delete_dir_contents(target.path)
+    pafs.copy_files(staging.path, target.path, source_filesystem=fs, destination_filesystem=fs)
+    write_text(target, MANIFEST_FILE, manifest_json)
+    discard(staging)
