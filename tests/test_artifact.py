@@ -25,12 +25,7 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "num_
               "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,9 @@ TINY_LLAMA = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "nu
 TINY_QWEN2 = {**TINY_LLAMA, "model_type": "qwen2"}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def item_tokens(item: int) -> list[int]:
     item = TWIN_OF_COLD if item == COLD_ITEM else item
     return [1, 50 + item % 7, 60 + item % 5, 10 + item]
@@ -109,15 +112,6 @@ def train(model: PolyrecModel, steps: int, lr: float = 3e-3, seed: int = 0) -> l
         optimizer.step()
         history.append({name: loss.item() for name, loss in losses.items()})
     return history
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the shared 2-core machine stays responsive."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, PreprocessConfig, SourceConfig
-
-#: A 2-layer, 32-wide BERT with the MiniLM vocabulary, so the real tokenizer's ids fit.
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 30522,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
-
+from serve.testing import TINY_BERT  # noqa: F401  (re-exported for the training tests)
 
 def tiny_dataset(folder: Path, num_users: int = 40, max_history: int = 20) -> str:
     """Preprocess the first ``num_users`` users of ml-100k (about 4,000 interactions) into ``folder/out``."""
