@@ -47,9 +47,9 @@ def _submit(args: argparse.Namespace) -> int:
 
     from cluster.submit import job_status, submit
 
-    job_id = submit(args.job_stage, args.job_args, address=args.address, follow=not args.no_wait, extra_pip=args.pip or None)
+    job_id = submit(args.job_stage, args.job_args, address=args.address, follow=args.follow, extra_pip=args.pip or None)
     print(job_id)
-    if not args.no_wait and job_status(job_id, address=args.address) != JobStatus.SUCCEEDED:
+    if args.follow and job_status(job_id, address=args.address) != JobStatus.SUCCEEDED:
         return 1
     return 0
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = stage("submit", _submit, "Run a stage on a Ray cluster through the Ray Jobs API.")
     sub.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: $RAY_ADDRESS)")
-    sub.add_argument("--no-wait", action="store_true", help="print the job id instead of streaming its logs")
+    sub.add_argument("--follow", action="store_true", help="stream the job's logs; exit 1 unless it succeeds")
     sub.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement for the job")
     sub.add_argument("job_stage", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the stage")

@@ -10,12 +10,14 @@ comparing before and after (``<output>/report.md``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
 from cluster.retrain import RetrainConfig, run_retrain
 from cluster.simulate import replay
@@ -71,6 +73,11 @@ def run_pipeline(
 
     root = Path(output).resolve()
     timings: dict[str, float] = {}
+    if not ray.is_initialized():
+        # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
+        # the app runs, so the instance advertises more logical CPUs than the machine has: otherwise the
+        # retraining's Ray Data and Train tasks (1 CPU each) would wait for the service forever.
+        ray.init(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False)
 
     def timed(stage: str, started: float) -> None:
         timings[stage] = time.perf_counter() - started
