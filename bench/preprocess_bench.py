@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import threading
@@ -28,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.report import machine, write_section  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 WORK = BENCH_DIR / "_work"
-RESULTS = BENCH_DIR / "RESULTS.md"
 SECTION = "## Preprocessing (bench/preprocess_bench.py)"
 
 GENRES = (
@@ -190,8 +190,8 @@ def run_pandas(data: Path, out: Path) -> dict:
     df["from_end"] = df.groupby("user_id").cumcount(ascending=False)
     eligible = df["user_id"].map(df["user_id"].value_counts()) >= 3
     train = df[~eligible | (df["from_end"] >= 2)]
-    keep = features.max_history + 1
-    sequences = train.groupby("user_idx")[["item_idx", "value", "like", "timestamp"]].agg(lambda s: s.tolist()[-keep:])
+    chunk = train.groupby("user_id").cumcount(ascending=False) // (features.max_history + 1)
+    sequences = train.groupby(["user_idx", chunk.rename("chunk")])[["item_idx", "value", "like", "timestamp"]].agg(list)
     sequences.reset_index().to_parquet(out / "train.parquet")
     full = df.groupby("user_idx")["item_idx"].agg(list)
     for name, from_end in (("validation", 1), ("test", 0)):
@@ -285,23 +285,6 @@ def measure(implementation: str, data: Path | None = None) -> dict:
 # --- Reporting ------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )
-    import pandas
-    import pyarrow
-    import ray
-    import transformers
-
-    return (
-        f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
-        f"Python {platform.python_version()}, ray {ray.__version__}, pyarrow {pyarrow.__version__}, "
-        f"pandas {pandas.__version__}, transformers {transformers.__version__}"
-    )
-
-
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
@@ -310,7 +293,7 @@ def report(rows: list[tuple[int, dict, dict | None]], ml100k: dict) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: {machine()}. Run {time.strftime('%Y-%m-%d', time.gmtime())}.",
+        f"Machine: {machine('ray', 'pyarrow', 'pandas', 'transformers')}. Run {time.strftime('%Y-%m-%d', time.gmtime())}.",
         "Synthetic ml-latest CSVs (Zipf-like users and items); default settings (leave-one-out, k-core 3,",
         "min_value 0.5), item text tokenised with the packaged MiniLM tokenizer. Wall time includes reading",
         "the CSVs, starting Ray and writing Parquet. Memory: peak over the whole process tree; RSS counts",
@@ -339,14 +322,6 @@ def report(rows: list[tuple[int, dict, dict | None]], ml100k: dict) -> str:
 
 def _load(result: dict) -> str:
     return f"{result['load'][0]:.1f} → {result['load'][1]:.1f}"
-
-
-def update_results(section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (up to the next "## " heading), or append it."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 def main() -> None:
@@ -382,7 +357,7 @@ def main() -> None:
                 raise SystemExit(f"polyrec and pandas disagree on {count:,} rows: {mismatched}")
         results.append((count, polyrec, pandas))
     section = report(results, ml100k)
-    update_results(section)
+    write_section(SECTION, section)
     print(section)
 
 

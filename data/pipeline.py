@@ -150,9 +150,15 @@ def load_manifest(uri: str) -> Manifest:
     location = storage.resolve(uri)
     text = storage.read_text(location, MANIFEST_FILE)
     try:
-        return Manifest.model_validate_json(text)
+        manifest = Manifest.model_validate_json(text)
     except ValidationError as err:
         raise InputError(f"{uri}/{MANIFEST_FILE}: not a valid manifest: {err}") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise InputError(
+            f"{uri}/{MANIFEST_FILE}: field schema_version is {manifest.schema_version}, this polyrec reads "
+            f"{SCHEMA_VERSION}: run `polyrec preprocess` again to rewrite the data"
+        )
+    return manifest
 
 
 def format_report(manifest: Manifest) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: training rows are chunks of max_history + 1 holding every training interaction
 
 # --- What readers produce -------------------------------------------------------------------
 
@@ -101,8 +101,9 @@ ITEM_FEATURES = pa.schema(
     ]
 )
 
-#: sequences/train/*.parquet: a user's training interactions, time-ordered, truncated to
-#: ``max_history + 1`` most recent; position t's target is position t+1.
+#: sequences/train/*.parquet: a user's training interactions, time-ordered, in consecutive rows of at
+#: most ``max_history + 1`` (a user can have several; each interaction is in one row); position t's
+#: target is position t+1.
 TRAIN_SEQUENCE = pa.schema(
     [
         pa.field("user_idx", pa.int32(), nullable=False),

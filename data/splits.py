@@ -163,10 +163,22 @@ def gather_ranges(values: np.ndarray, begins: np.ndarray, ends: np.ndarray, valu
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[index], value_type))
 
 
+def _chunks(run_starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(begins, ends) of consecutive chunks of at most ``size`` rows within each run, cut back from the
+    run's end, in row order: a run of 7 with size 3 gives [0, 1), [1, 4), [4, 7)."""
+    _, _, firsts = run_ranks(run_starts)
+    run_ends = np.append(firsts[1:], len(run_starts)).astype(np.int64)
+    per_run = -(-(run_ends - firsts) // size)
+    run_of_chunk = np.repeat(np.arange(len(firsts)), per_run)
+    rank_in_run = np.arange(len(run_of_chunk)) - np.repeat(np.cumsum(per_run) - per_run, per_run)
+    ends = run_ends[run_of_chunk] - (per_run[run_of_chunk] - 1 - rank_in_run) * size
+    return np.maximum(firsts[run_of_chunk], ends - size), ends
+
+
 @dataclass
 class Sequences:
     tables: dict[str, pa.Table]  # "train" in TRAIN_SEQUENCE, "validation" / "test" in EVAL_SEQUENCE
-    train_interactions: int  # interactions in the train split (before truncation to max_history + 1)
+    train_interactions: int  # interactions in the train split's rows
     cold_withheld: int  # train-split interactions left out because their item is cold
 
 
@@ -195,14 +207,14 @@ def build_sequences(
     likes = like_labels(rows["event"], rows["value"], features)
     timestamps = rows["timestamp"].to_numpy()
 
-    # Train: each user's non-cold training interactions, the most recent max_history + 1.
+    # Train: each user's non-cold training interactions cut into consecutive chunks of at most
+    # max_history + 1, counted back from the most recent, so every interaction is in exactly one row
+    # and the most recent chunk is the full one.
     train = np.flatnonzero((histories.split == TRAIN) & ~histories.is_cold)
-    _, _, firsts = run_ranks(run_starts(user_idx[train]))
-    ends = np.append(firsts[1:], len(train)).astype(np.int64)
-    begins = np.maximum(firsts, ends - (features.max_history + 1))
+    begins, ends = _chunks(run_starts(user_idx[train]), features.max_history + 1)
     train_table = pa.table(
         {
-            "user_idx": pa.array(user_idx[train][firsts], pa.int32()),
+            "user_idx": pa.array(user_idx[train][begins], pa.int32()),
             "items": gather_ranges(item_idx[train], begins, ends, pa.int32()),
             "ratings": gather_ranges(ratings[train], begins, ends, pa.float32()),
             "likes": gather_ranges(likes[train], begins, ends, pa.int8()),

@@ -23,7 +23,7 @@ from data.errors import InputError
 from data.features import render_item_text
 from data.pipeline import Manifest, format_report, load_manifest, preprocess_tables, run_preprocess
 from data.readers import SourceTables
-from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, TRAIN_SEQUENCE
+from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE
 
 DAY = 86_400
 T0 = 1_599_955_200  # 2020-09-13 00:00 UTC
@@ -89,6 +89,18 @@ def _decode(root: Path, table: pa.Table) -> pd.DataFrame:
     return frame.set_index("user")
 
 
+def _train_chunks(train: pd.DataFrame, user: str) -> list[list[str]]:
+    """A user's training rows in time order, as item-id lists."""
+    rows = train.loc[[user]]
+    return [items for _, items in sorted(zip(rows["timestamps"].map(lambda ts: ts[0]), rows["items"]))]
+
+
+def _expected_chunks(items: list[str], size: int) -> list[list[str]]:
+    """Every item once, cut back from the end into chunks of ``size``; the oldest chunk takes the rest."""
+    head = len(items) % size
+    return ([items[:head]] if head else []) + [items[i : i + size] for i in range(head, len(items), size)]
+
+
 def _assert_accounting(manifest: Manifest, root: Path) -> None:
     """Before − after of every step equals what the quarantine holds for it, in the manifest and on disk."""
     on_disk = _read(root, "quarantine").to_pandas().groupby("stage").size().to_dict()
@@ -126,7 +138,9 @@ def test_ml100k_end_to_end(ml100k) -> None:
     assert (manifest.num_input_interactions, manifest.num_interactions) == (100_000, 100_000)
     assert (manifest.num_users, manifest.num_items, manifest.num_attributes) == (943, 1682, 19)
     assert manifest.splits["test"].rows == manifest.splits["validation"].rows == 943
-    assert (manifest.splits["train"].rows, manifest.splits["train"].interactions) == (943, 98_114)
+    train_lengths = _pandas_leave_one_out().query("from_end >= 2").groupby("user").size()
+    assert manifest.splits["train"].rows == int((-(-train_lengths // 51)).sum()) > 943  # chunks of max_history + 1
+    assert manifest.splits["train"].interactions == 98_114
     assert manifest.kcore_converged and manifest.kcore_iterations == 0 and manifest.quarantine == []
     assert manifest.rating.kind == "none" and manifest.tokenizer.class_name == "BertTokenizer"
     assert load_manifest(str(root)) == manifest
@@ -158,7 +172,7 @@ def test_ml100k_end_to_end(ml100k) -> None:
     assert validation["target"].to_dict() == expected[expected["from_end"] == 1].set_index("user")["item"].to_dict()
     for user in ("1", "405", "943"):  # the heaviest user (405) and two others
         history = expected[expected["user"] == user]["item"].tolist()
-        assert train.loc[user, "items"] == history[:-2][-51:]
+        assert _train_chunks(train, user) == _expected_chunks(history[:-2], 51)
         assert test.loc[user, "seen_items"] == history[:-1]
         assert test.loc[user, "history"] == history[:-1][-50:]
         assert validation.loc[user, "history"] == history[:-2][-50:]
@@ -409,3 +423,14 @@ def test_output_schemas(corrupted) -> None:
     assert _read(root, "sequences/train").schema.equals(TRAIN_SEQUENCE)
     assert _read(root, "sequences/test").schema.equals(EVAL_SEQUENCE)
     assert _read(root, "quarantine").schema.equals(QUARANTINE)
+
+
+def test_a_manifest_of_another_schema_version_is_refused_by_name(ml100k, tmp_path):
+    _, root = ml100k
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    document = json.loads((root / "manifest.json").read_text())
+    document["schema_version"] = SCHEMA_VERSION - 1
+    (stale / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(InputError, match=r"manifest.json: field schema_version is .*preprocess"):
+        load_manifest(str(stale))
