@@ -3,7 +3,9 @@ worker crash, and the exported artifact."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,8 +91,23 @@ def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """Three epochs on one worker, never interrupted: the reference for the resume and recovery tests."""
-    return run_training(tiny_config(data_dir, tmp_path_factory.mktemp("straight"), epochs=3))
+    """Three epochs on one worker, never interrupted: the reference for the resume and recovery tests.
+    The id-only ablation is trained after it, which leaves its weights alone."""
+    return run_training(tiny_config(data_dir, tmp_path_factory.mktemp("straight"), epochs=3, ablations=["id_only"]))
+
+
+def test_id_only_ablation_is_trained_without_text_and_evaluated_beside_the_model(data_dir, uninterrupted):
+    assert set(uninterrupted.test_metrics) == {"polyrec", "polyrec id-only", "popularity"}
+    ablation = load_artifact(Path(uninterrupted.artifact).parent / "ablations" / "id_only" / "artifact")
+    assert not ablation.config.item_encoder.use_text and ablation.model.item_encoder.backbone is None
+    assert ablation.config.item_encoder.id_dropout == 0.0
+    test = read_table(resolve(data_dir), f"{schema.SEQUENCES_DIR}/test")
+    with torch.no_grad():
+        again = evaluate(ablation.model, test, ks=[10, 20], num_items=ablation.model.num_items, max_history=20, batch_size=64)
+    for metric in ("HR@10", "NDCG@10", "MRR@20"):
+        assert uninterrupted.test_metrics["polyrec id-only"][metric] == pytest.approx(again[metric], abs=1e-6)
+    report = json.loads((Path(uninterrupted.artifact).parent / "metrics.json").read_text())
+    assert set(report) == set(uninterrupted.test_metrics)
 
 
 def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -119,3 +136,22 @@ def test_worker_crash_recovers_from_latest_checkpoint(data_dir, tmp_path, monkey
     assert marker.exists(), "the fault was not injected"
     assert [r["epoch"] for r in crashed.history] == [1, 2, 3]
     _assert_same_weights(_weights(crashed), _weights(uninterrupted))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor_at_the_last_configured_epoch():
+    from train.trainer import _learning_rate_schedule
+
+    config = TrainConfig(epochs=3, batch_size=16)
+    config.scaling.num_workers = 2
+    config.optimizer.warmup_steps, config.optimizer.min_lr_ratio = 2, 0.1
+    # 40 rows on 2 workers in batches of 16: 2 steps per epoch, 6 in all.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = _learning_rate_schedule(config, num_train_rows=40)(optimizer)
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert rates[3] > rates[4] > rates[5] > rates[6] == pytest.approx(0.1)
+    assert rates[4] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: the cosine's midpoint

@@ -83,6 +83,9 @@ class OptimizerConfig(StageConfig):
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    #: After the warm-up: "constant", or "cosine" decay to ``min_lr_ratio`` × lr at the last configured epoch.
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
 class DeepSpeedConfig(StageConfig):
@@ -115,6 +118,9 @@ class TrainConfig(StageConfig):
     resume_from: str | None = None  # a checkpoint path to start from
     warm_start_from: str | None = None  # a model artifact to initialise weights from (retraining)
     eval_ks: list[int] = Field(default_factory=lambda: [10, 20])
+    #: Variants trained after the model with the same settings and evaluated beside it on the test split:
+    #: "id_only" switches item text off (the ablation that shows what the language model adds).
+    ablations: list[Literal["id_only"]] = Field(default_factory=list)
     seed: int = 0
     run_name: str = "polyrec"
     model_version: str | None = None  # None: a timestamp

@@ -60,6 +60,7 @@ class TrainingInputs:
     max_text_tokens: int
     data_hash: str
     rating: dict[str, Any]  # the manifest's rating normalisation: raw = normalised * scale + shift + offset
+    num_train_rows: int
 
 
 class TrainingModule(torch.nn.Module):
@@ -151,9 +152,21 @@ def _parameter_groups(module: TrainingModule, config: TrainConfig) -> list[dict[
     return groups
 
 
-def _warmup_schedule(warmup_steps: int):
+def _learning_rate_schedule(config: TrainConfig, num_train_rows: int):
+    """Linear warm-up, then constant or a cosine decay to ``min_lr_ratio`` over the configured epochs
+    (an early stop ends it part-way)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    settings = config.optimizer
+    rows_per_worker = math.ceil(num_train_rows / config.scaling.num_workers)
+    total_steps = config.epochs * max(1, math.ceil(rows_per_worker / config.batch_size))
+
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+        if settings.schedule == "constant":
+            return get_constant_schedule_with_warmup(optimizer, settings.warmup_steps)
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, settings.warmup_steps, max(total_steps, settings.warmup_steps + 1), min_lr_rate=settings.min_lr_ratio
+        )
 
     return schedule
 
@@ -187,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         model=module,
         model_parameters=_parameter_groups(module, config),
         config=deepspeed_config(config, use_gpu),
-        lr_scheduler=_warmup_schedule(config.optimizer.warmup_steps),
+        lr_scheduler=_learning_rate_schedule(config, inputs.num_train_rows),
     )
     device = engine.device
 
@@ -317,6 +330,7 @@ def load_training_inputs(data_uri: str) -> TrainingInputs:
         max_text_tokens=manifest.tokenizer.max_text_tokens,
         data_hash=manifest.content_hash,
         rating=manifest.rating.model_dump(),
+        num_train_rows=manifest.splits["train"].rows,
     )
 
 
@@ -335,6 +349,17 @@ def _training_rating_mean(location: Location) -> float:
     sums = train_sequences(location).map_batches(block_sums, batch_format="pyarrow", batch_size=None).materialize()
     count = sums.sum("count") or 0
     return float(sums.sum("total") / count) if count else 0.0
+
+
+def ablation_config(config: TrainConfig, ablation: str, output: Path) -> TrainConfig:
+    """The training config of an ablation: the same settings with one part of the model switched off."""
+    variant = config.model_copy(deep=True)
+    variant.ablations, variant.output, variant.resume_from, variant.warm_start_from = [], str(output), None, None
+    variant.run_name = f"{config.run_name}-{ablation}"
+    if ablation == "id_only":
+        # Id dropout exists so that text alone can stand for an item; without text it only removes signal.
+        variant.model.item_encoder = variant.model.item_encoder.model_copy(update={"use_text": False, "use_id_embedding": True, "id_dropout": 0.0})
+    return variant
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -365,7 +390,7 @@ def run_training(config: TrainConfig) -> TrainResult:
                 else {"CPU": config.scaling.cpus_per_worker}
             ),
         ),
-        # One row per user: small enough to keep in the object store, which spares every epoch a re-read.
+        # A few rows per user: small enough to keep in the object store, which spares every epoch a re-read.
         datasets={"train": train_sequences(data).materialize()},
         run_config=RunConfig(
             name=config.run_name,
@@ -403,6 +428,9 @@ def run_training(config: TrainConfig) -> TrainResult:
             "polyrec": evaluate(model, test, **eval_args),
             "popularity": evaluate(PopularityScorer(read_table(data, f"{schema.SEQUENCES_DIR}/train"), inputs.num_items), test, **eval_args),
         }
+    for ablation in config.ablations:
+        variant = run_training(ablation_config(config, ablation, output / "ablations" / ablation))
+        test_metrics[f"polyrec {ablation.replace('_', '-')}"] = variant.test_metrics["polyrec"]
     artifact = save_artifact(
         model,
         output / "artifact",
