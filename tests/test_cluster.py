@@ -37,6 +37,7 @@ from ray.util.accelerators.accelerators import NVIDIA_A100_80G, NVIDIA_TESLA_A10
 
 from cluster import submit as jobs
 from data.errors import InputError
+from data.schema import SCHEMA_VERSION
 from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +158,7 @@ def test_job_runs_repository_code_with_the_embedded_dataset_and_without_the_venv
 
     assert status == JobStatus.SUCCEEDED, jobs.job_message(job_id, address=client_env.url)
     # MovieLens-100K has exactly 100,000 ratings; .venv and .git exist here but are not uploaded.
-    assert "ratings=100000 schema=1 venv=False git=False" in streamed.getvalue()
+    assert f"ratings=100000 schema={SCHEMA_VERSION} venv=False git=False" in streamed.getvalue()
     assert jobs.job_status(job_id, address=client_env.url) == JobStatus.SUCCEEDED
 
 
