@@ -152,6 +152,9 @@ def report(results: dict) -> str:
     for name, metrics in models.items():
         wall = f"{seconds[name] / 60:.1f} min" if name in seconds else ""
         lines.append(f"| {name} | " + " | ".join(_cell(metrics, key) for key in ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "MRR@20")) + f" | {wall} |")
+    missing = [name for name in RANKING_PEERS if name not in ranking_peers]
+    if missing:
+        lines += ["", f"Not in this table: {', '.join(missing)} (no kept result in bench/quality/peers; run peers.py --models {' '.join(missing)})."]
     if "Pop" in peers:
         lines += ["", f"Cross-check of the two ranking codes: peers.py's popularity gets HR@10 {peers['Pop']['HR@10']:.4f} and NDCG@10 "
                   f"{peers['Pop']['NDCG@10']:.4f}; polyrec's evaluator's popularity {results['popularity']['HR@10']:.4f} and "
