@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
-import re
 import socket
 import sys
 import tempfile
@@ -36,11 +34,11 @@ from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.report import machine, write_section  # noqa: E402
 from serve.config import FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import run_service  # noqa: E402
 from serve.testing import build_random_artifact, build_training_data  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Serving (bench/serve_bench.py)"
 NUM_USERS = 943  # all of MovieLens-100K
 API_KEY = "bench-key"
@@ -102,24 +100,6 @@ def measure(target: str, url: str, bodies: list[dict], concurrency: int, max_req
     return Level(target, concurrency, count, failures, seconds, np.array(latencies))
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"model name\s*:\s*(.+)", cpuinfo.read_text())
-        cpu = names[0].strip() if names else cpu
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM; Python {platform.python_version()}, "
-            f"ray {ray.__version__}, torch {__import__('torch').__version__}, httpx {httpx.__version__}")
-
-
-def write_section(text: str) -> None:
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    current = pattern.sub("", current).rstrip() + "\n\n"
-    RESULTS.write_text(current + text.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -155,7 +135,7 @@ def main() -> None:
     if args.no_write:
         print(section)
     else:
-        write_section(section)
+        write_section(SECTION, section)
         print(section)
 
 
@@ -229,7 +209,7 @@ def benchmark(base: str, args: argparse.Namespace) -> str:
     return "\n".join([
         SECTION,
         "",
-        f"Machine: {machine()}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
+        f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other jobs shared the machine when it was above ~2).",
         f"Model: random tiny-BERT artifact (`serve.testing`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
         f"training sequences as server-side histories; default `ServeConfig` ({defaults.retrieval.num_candidates} candidates, "
