@@ -1,9 +1,11 @@
 """The Serve application: ``import_path: serve.app:build_app`` in a Serve config file.
 
-``args`` are ``ServeConfig`` fields, plus optionally ``config``, a YAML file they override. The model
-served at start is ``model``; a new version is swapped in, without restarting anything, by changing
-the ``user_config`` of Ingress (``{"model": path}``), Retriever and Ranker (``{"models": [paths]}``):
-see ``serve.runner.swap_model``.
+``args`` are ``ServeConfig`` fields, plus optionally ``config``, a YAML file they override; ``graph``
+picks the layout (``split``: Ingress, Retriever, Ranker and ReRanker; ``colocated``: one Recommender,
+which is the Ingress running the stages in its replica). The model served at start is ``model``; a
+new version is swapped in, without restarting anything, by changing the ``user_config`` of the
+ingress (``{"model": path}``) and of the model deployments (``{"models": [paths]}``): see
+``serve.runner.swap_model``.
 """
 
 from __future__ import annotations
@@ -22,17 +24,24 @@ FEEDBACK_SHUTDOWN_TIMEOUT_S = 120
 def build_app(args: dict[str, Any] | None = None) -> Application:
     args = dict(args or {})
     config = ServeConfig.from_yaml(args.pop("config", None), **args)
+    ingress = config.ingress_deployment()
     internal = {"logging_config": {"enable_access_log": config.internal_access_log}}
-    options = {name: {**deployment.serve_options(), **(internal if name != "Ingress" else {})} for name, deployment in config.deployments.items()}
-    models = {"models": [config.model]}
+    user_configs = config.user_configs(models=[config.model], active=config.model)
+    options = {
+        name: {**deployment.serve_options(), **(internal if name != ingress else {}), **({"user_config": user_configs[name]} if name in user_configs else {})}
+        for name, deployment in config.deployments.items()
+    }
 
     store = UserStateStore.options(**options["UserStateStore"]).bind(config)
-    retriever = Retriever.options(**options["Retriever"], user_config=models).bind(config, store)
-    ranker = Ranker.options(**options["Ranker"], user_config=models).bind(config)
-    reranker = ReRanker.options(**options["ReRanker"]).bind(config)
     feedback_logger = FeedbackLogger.options(
         **options["FeedbackLogger"], graceful_shutdown_timeout_s=FEEDBACK_SHUTDOWN_TIMEOUT_S
     ).bind(config)
-    return Ingress.options(**options["Ingress"], user_config={"model": config.model}).bind(
-        config, store, retriever, ranker, reranker, feedback_logger
-    )
+    if config.graph == "split":
+        stages = (
+            Retriever.options(**options["Retriever"]).bind(config, store),
+            Ranker.options(**options["Ranker"]).bind(config),
+            ReRanker.options(**options["ReRanker"]).bind(config),
+        )
+    else:  # the ingress runs the stages itself
+        stages = ()
+    return Ingress.options(name=ingress, **options[ingress]).bind(config, store, feedback_logger, *stages)

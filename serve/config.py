@@ -12,8 +12,16 @@ from pydantic import Field, model_validator
 
 from data.config import StageConfig
 
-#: The deployments of the graph, in the order a request meets them.
-DEPLOYMENT_NAMES = ("Ingress", "UserStateStore", "Retriever", "Ranker", "ReRanker", "FeedbackLogger")
+Graph = Literal["split", "colocated"]
+#: The deployments of each graph, the HTTP ingress first, then in the order a request meets them.
+GRAPH_DEPLOYMENTS: dict[Graph, tuple[str, ...]] = {
+    "split": ("Ingress", "UserStateStore", "Retriever", "Ranker", "ReRanker", "FeedbackLogger"),
+    "colocated": ("Recommender", "UserStateStore", "FeedbackLogger"),
+}
+#: The deployments of each graph that hold model versions (``user_config = {"models": [paths]}``).
+MODEL_DEPLOYMENTS: dict[Graph, tuple[str, ...]] = {"split": ("Retriever", "Ranker"), "colocated": ("Recommender",)}
+#: Every deployment either graph has (the keys ``ServeConfig.deployments`` accepts).
+DEPLOYMENT_NAMES = tuple(dict.fromkeys(name for names in GRAPH_DEPLOYMENTS.values() for name in names))
 
 
 class DeploymentOptions(StageConfig):
@@ -45,15 +53,17 @@ class DeploymentOptions(StageConfig):
 
 
 def _default_deployments() -> dict[str, DeploymentOptions]:
-    # At minimum scale the graph asks for 1.1 CPUs, leaving the rest of 2 cores to the proxy,
-    # the controller and the load. UserStateStore is the one shared copy of server-side state and
-    # must stay at exactly one replica.
+    # At minimum scale either graph asks for 1.1 CPUs, leaving the rest of 2 cores to the proxy,
+    # the controller and the load (the Recommender has what Ingress, Retriever, Ranker and ReRanker
+    # have together). UserStateStore is the one shared copy of server-side state and must stay at
+    # exactly one replica.
     return {
         "Ingress": DeploymentOptions(num_cpus=0.2, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=128),
         "UserStateStore": DeploymentOptions(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256),
         "Retriever": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
         "Ranker": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
         "ReRanker": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=8),
+        "Recommender": DeploymentOptions(num_cpus=0.9, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=128),
         "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256),
     }
 
@@ -113,9 +123,19 @@ class StateConfig(StageConfig):
     #: Events that extend a user's history; impressions never do.
     history_events: list[str] = Field(default_factory=lambda: ["click", "like", "rate", "purchase", "view"])
     popular_items: int = Field(1000, ge=1)  # kept for cold-start answers
+    #: Colocated graph: the Recommender gathers concurrent requests' user lookups into one store call.
+    #: The requests of one lookup go on together, so this wait also sizes the model batches after it.
+    lookup_batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.01))
 
 
 class ServeConfig(StageConfig):
+    #: ``split``: an Ingress and one deployment per stage (Retriever, Ranker, ReRanker), each scaled
+    #: on its own: the production layout. ``colocated``: one Recommender deployment serves the API
+    #: and runs retrieval, ranking and re-ranking in its replica, so that a recommendation's only
+    #: call to another replica is the user lookup in the UserStateStore (one call for concurrent
+    #: requests together) instead of four calls: for small machines, where such calls cost more
+    #: than the model. Both graphs answer alike.
+    graph: Graph = "split"
     #: The model artifact served at start (a local folder); later versions are swapped in with
     #: ``serve.runner.swap_model`` or ``polyrec serve --model`` and recorded in ``<state_dir>/versions.json``.
     model: str = "runs/default/model/artifact"
@@ -139,7 +159,7 @@ class ServeConfig(StageConfig):
     #: Larger request bodies get 413 (the API's own limits on lists and texts are in ``serve.api``).
     max_body_bytes: int = Field(1_000_000, ge=1024)
     #: Serve's per-call access log of the internal deployments (every recommendation makes four such
-    #: calls); the Ingress always logs its HTTP requests.
+    #: calls in the split graph); the Ingress always logs its HTTP requests.
     internal_access_log: bool = False
     max_loaded_models: int = Field(2, ge=1)  # model versions held per replica (current + previous)
     torch_threads: int = Field(1, ge=1)  # per replica: replicas share a few cores
@@ -169,7 +189,25 @@ class ServeConfig(StageConfig):
     def _consistent(self) -> ServeConfig:
         unknown = set(self.deployments) - set(DEPLOYMENT_NAMES)
         if unknown:
-            raise ValueError(f"deployments: unknown {sorted(unknown)}; the graph has {list(DEPLOYMENT_NAMES)}")
+            raise ValueError(f"deployments: unknown {sorted(unknown)}; the graphs have {list(DEPLOYMENT_NAMES)}")
         if self.deployments["UserStateStore"].max_replicas != 1:
             raise ValueError("deployments.UserStateStore.max_replicas: must be 1 (it is the one copy of the state)")
         return self
+
+    def graph_deployments(self) -> tuple[str, ...]:
+        return GRAPH_DEPLOYMENTS[self.graph]
+
+    def ingress_deployment(self) -> str:
+        return self.graph_deployments()[0]
+
+    def model_deployments(self) -> tuple[str, ...]:
+        return MODEL_DEPLOYMENTS[self.graph]
+
+    def user_configs(self, *, models: list[str], active: str) -> dict[str, dict[str, Any]]:
+        """The ``user_config`` of each deployment that has one: the model versions a model
+        deployment holds, and the version the ingress sends new requests to (a model swap changes
+        only these, which Serve applies with ``reconfigure``)."""
+        configs: dict[str, dict[str, Any]] = {name: {"models": models} for name in self.model_deployments()}
+        ingress = self.ingress_deployment()
+        configs[ingress] = {**configs.get(ingress, {}), "model": active}
+        return configs

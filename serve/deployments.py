@@ -1,13 +1,17 @@
-"""The Ray Serve deployments of the recommendation graph.
+"""The Ray Serve deployments of the recommendation graph, in either layout (``ServeConfig.graph``).
 
-A recommendation flows Ingress → UserStateStore (the user's server-side history) → Retriever (user
-state, exact inner-product top-N) → Ranker (multi-task scores, final score, ``because``) → ReRanker
-(rules, diversity) → Ingress, which answers and hands the impression to the FeedbackLogger. Every
-stage of one request uses the model version the Ingress chose when the request arrived, so a version
-swap (``reconfigure`` with a new ``user_config``) never mixes two versions in one answer.
+Split graph: a recommendation flows Ingress → UserStateStore (the user's server-side history) →
+Retriever (user state, exact inner-product top-N) → Ranker (multi-task scores, final score) →
+ReRanker (rules, diversity, ``because``) → Ingress, which answers and hands the impression to the
+FeedbackLogger. Colocated graph: the same Ingress code, deployed as the Recommender, runs those
+stages in its own replica by the same code (``ColocatedStages``) and calls only the UserStateStore
+and the FeedbackLogger. ``serve.recommendation`` is the stage sequence both run. Every stage of one
+request uses the model version the ingress chose when the request arrived, so a version swap
+(``reconfigure`` with a new ``user_config``) never mixes two versions in one answer.
 
-Retriever and Ranker batch concurrent requests into one forward pass (``@serve.batch``); the
-FeedbackLogger batches concurrent appends into one fsync.
+Retrieval and ranking batch concurrent requests into one forward pass (``@serve.batch``), the
+colocated graph its user lookups into one store call, and the FeedbackLogger concurrent appends into
+one fsync.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures at run time.
@@ -20,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -41,14 +45,14 @@ from serve.api import (
     ItemInfo,
     ModelInfo,
     NewItem,
-    RecommendedItem,
     RecommendRequest,
     RecommendResponse,
 )
-from serve.config import ServeConfig
+from serve.config import BatchingConfig, ServeConfig
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
-from serve.messages import Candidates, Ranked, RetrievalRequest
-from serve.rerank import explain, rerank
+from serve.messages import Candidates, Query, Ranked, RetrievalRequest
+from serve.recommendation import LATENCY_BOUNDARIES_MS, HandleStages, StageLatency, run_stages
+from serve.rerank import final_items
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
 if TYPE_CHECKING:
@@ -56,8 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
-
-LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
 def wal_dir(config: ServeConfig) -> Path:
@@ -152,16 +154,149 @@ class IngressMetrics:
         self.requests = Counter("polyrec_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
         self.latency = Histogram("polyrec_request_latency_ms", "HTTP request latency", LATENCY_BOUNDARIES_MS, tag_keys=("route",))
-        self.stage_latency = Histogram("polyrec_stage_latency_ms", "Latency of each stage of a recommendation", LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
+        self.stage_latency = StageLatency()
         self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
         self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))
 
-    async def timed(self, stage: str, call: Awaitable[T]) -> T:
-        started = time.perf_counter()
-        try:
-            return await call
-        finally:
-            self.stage_latency.observe((time.perf_counter() - started) * 1000, tags={"stage": stage})
+
+# --- model stages ----------------------------------------------------------------------------
+
+
+class _ModelHolder:
+    """The model versions of a replica. ``user_config = {"models": [paths]}`` loads those versions
+    (before the Ingress switches to one of them) and drops the others; a version a request names
+    but the replica lacks is loaded on demand."""
+
+    def __init__(self, config: ServeConfig):
+        # Imported here: only the model stages need torch, so the other replicas start faster.
+        from serve.model_runtime import ModelCache, limit_threads
+
+        limit_threads(config.torch_threads)
+        self.config = config
+        self.models = ModelCache(config.max_loaded_models, config.model_root)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
+
+    async def _loaded(self, path: str) -> "ServingModel":
+        return self.models.loaded(path) or await asyncio.to_thread(self.models.get, path)
+
+
+def _set_batching(method: Any, settings: BatchingConfig) -> None:
+    """Apply the configured batching to a ``@serve.batch`` method."""
+    method.set_max_batch_size(settings.max_batch_size)
+    method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+
+def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) -> list[T]:
+    """``run(model path, requests of that path)`` per version in the batch, answers in request order."""
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        by_model[request.model].append(i)
+    answers: list[Any] = [None] * len(requests)
+    for path, rows in by_model.items():
+        for i, answer in zip(rows, run(path, [requests[i] for i in rows])):
+            answers[i] = answer
+    return answers
+
+
+class RetrievalStage(_ModelHolder):
+    """Retrieval, and the item and model lookups, over the replica's model versions with the items
+    registered in the UserStateStore (the Retriever; the first of the ColocatedStages)."""
+
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config)
+        self.store = store
+        _set_batching(self.retrieve, config.retrieval.batching)
+
+    async def _synced(self, path: str, registry_version: int | None = None) -> "ServingModel":
+        """The model with every registered item up to ``registry_version`` (None: the latest)."""
+        model = await self._loaded(path)
+        if registry_version is None or model.registry_version < registry_version:
+            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
+        return model
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
+        for path in {request.model for request in requests}:
+            await self._synced(path, max(r.registry_version for r in requests if r.model == path))
+        retrieval = self.config.retrieval
+        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
+            group, self.config.state.history_length, retrieval.interests_weight))
+
+    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
+        """ItemExists if the catalogue has ``item_id``; the text must encode."""
+        model = await self._synced(path)
+        if item_id in model.item_index:
+            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
+        model.encode_texts([text])
+
+    async def describe_item(self, path: str, item_id: str) -> dict | None:
+        return (await self._synced(path)).describe_item(item_id)
+
+    async def describe(self, path: str) -> dict:
+        return (await self._synced(path)).describe()
+
+
+class RankingStage(_ModelHolder):
+    """Multi-task scores and the final score of each candidate (the Ranker; the second of the ColocatedStages)."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config)
+        _set_batching(self.rank, config.ranking.batching)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
+        for path in {candidates.model for candidates in batch}:
+            await self._loaded(path)
+        weights = self.config.ranking.weights
+        return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
+
+
+@serve.deployment
+class Retriever(RetrievalStage):
+    """Split graph: the retrieval stage, and the item and model lookups."""
+
+
+@serve.deployment
+class Ranker(RankingStage):
+    """Split graph: the ranking stage."""
+
+
+@serve.deployment
+class ReRanker:
+    """Split graph: the re-ranking stage."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config.rerank
+
+    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
+        return final_items(ranked, k, drop, self.config)
+
+
+class ColocatedStages(RetrievalStage, RankingStage):
+    """The colocated graph's stages, in the ingress replica, by the code of the split graph's
+    Retriever, Ranker and ReRanker: retrieval and ranking batched across concurrent requests as
+    those deployments batch them, re-ranking in line, and the requests' user lookups gathered into
+    one call to the UserStateStore, which stays the one copy of the user state."""
+
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config, store)
+        _set_batching(self.context, config.state.lookup_batching)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def context(self, user_ids: list[str]) -> list[UserContext]:
+        return await self.store.contexts.remote(user_ids)
+
+    async def popular(self, n: int) -> list[tuple[str, int]]:
+        return await self.store.popular.remote(n)
+
+    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
+        return final_items(ranked, k, drop, self.config.rerank)
+
+
+# Everything the Ingress names is defined above it: ``serve.ingress`` freezes (pickles) the FastAPI app,
+# with the Ingress's methods and the globals they name, when it decorates the class.
 
 
 # --- Ingress ---------------------------------------------------------------------------------
@@ -170,19 +305,26 @@ class IngressMetrics:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    """The HTTP API. ``user_config = {"model": path}`` picks the version new requests use."""
+    """The HTTP API. ``user_config = {"model": path}`` picks the version new requests use.
+
+    Split graph: the stages are the ``retriever``, ``ranker`` and ``reranker`` deployments. Colocated
+    graph (deployed as the Recommender): they run in this replica, which holds the model versions,
+    so ``user_config`` also names them (``models``, as for a model deployment)."""
 
     def __init__(
         self,
         config: ServeConfig,
         store: DeploymentHandle,
-        retriever: DeploymentHandle,
-        ranker: DeploymentHandle,
-        reranker: DeploymentHandle,
         feedback_logger: DeploymentHandle,
+        retriever: DeploymentHandle | None = None,
+        ranker: DeploymentHandle | None = None,
+        reranker: DeploymentHandle | None = None,
     ):
         self.config = config
-        self.store, self.retriever, self.ranker, self.reranker, self.feedback_logger = store, retriever, ranker, reranker, feedback_logger
+        self.store, self.feedback_logger = store, feedback_logger
+        self.stages: HandleStages | ColocatedStages = (
+            HandleStages(store, retriever, ranker, reranker) if config.graph == "split" else ColocatedStages(config, store)
+        )
         self.model = config.model
         self.metrics = IngressMetrics()
         app.state.metrics = self.metrics
@@ -195,51 +337,27 @@ class Ingress:
         self._impressions: list[dict[str, Any]] = []
         self._impression_sender: asyncio.Future | None = None
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if isinstance(self.stages, ColocatedStages):
+            await self.stages.reconfigure(user_config)  # loads the versions before any request may name them
         self.model = user_config["model"]
 
     # --- recommendations ---------------------------------------------------------------------
 
     @app.post("/v1/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
-        request_id, model, timed = uuid.uuid4().hex, self.model, self.metrics.timed
-        context: UserContext = await timed("state", self.store.context.remote(body.user_id))
-        drop = sorted(set(context.seen) | set(body.history) | set(body.exclude))
-        request = RetrievalRequest(
-            model=model,
-            user_id=body.user_id,
-            history=context.history + body.history,
-            interests=body.interests,
-            num_candidates=self.config.retrieval.num_candidates + body.k,
-            registry_version=context.registry_version,
-            exclude=drop,
-        )
-        candidates: Candidates = await timed("retrieve", self.retriever.retrieve.remote(request))
-        if candidates.mode is None:
-            request.popular = await timed("popular", self.store.popular.remote(self.config.state.popular_items))
-            candidates = await timed("retrieve", self.retriever.retrieve.remote(request))
-        if candidates.mode != "personal":
-            self.metrics.cold_starts.inc(tags={"mode": candidates.mode})
-        ranked: Ranked = await timed("rank", self.ranker.rank.remote(candidates))
-        chosen: list[tuple[int, list[str]]] = await timed("rerank", self.reranker.rerank.remote(ranked, body.k, drop))
-
-        items = [
-            RecommendedItem(
-                item_id=ranked.item_ids[i],
-                title=ranked.titles[i],
-                score=float(ranked.score[i]),
-                p_like=float(ranked.p_like[i]) if ranked.p_like is not None else None,
-                rating=float(ranked.rating[i]) if ranked.rating is not None else None,
-                because=because,
-            )
-            for i, because in chosen
-        ]
+        request_id = uuid.uuid4().hex
+        query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
+        recommendation = await run_stages(query, self.stages, self.config, self.metrics.stage_latency)
+        if recommendation.mode != "personal":
+            self.metrics.cold_starts.inc(tags={"mode": recommendation.mode})
         if body.context:
             logger.info("request %s context %s", request_id, body.context)
+        items = recommendation.items
         self._log_impressions(impression_rows(request_id=request_id, user_id=body.user_id, items=[(item.item_id, item.score) for item in items],
-                                              model_version=ranked.model_version, ts=now_ms()))
-        return RecommendResponse(request_id=request_id, model_version=ranked.model_version, items=items,
-                                 ignored_history=candidates.ignored_history)
+                                              model_version=recommendation.model_version, ts=now_ms()))
+        return RecommendResponse(request_id=request_id, model_version=recommendation.model_version, items=items,
+                                 ignored_history=recommendation.ignored_history)
 
     def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
         """Queue impression rows; they reach the log in one call per ``impression_batch_s``.
@@ -281,13 +399,13 @@ class Ingress:
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received}
             for event in events
         ]
-        await self.metrics.timed("feedback_log", self.feedback_logger.append.remote(rows))
+        await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
         for row in rows:
             self.metrics.feedback_events.inc(tags={"event": row["event"]})
         interactions = [(row["user_id"], row["item_id"]) for row in rows if row["event"] in self.history_events]
         if interactions:
             try:
-                await self.metrics.timed("state", self.store.record.remote(interactions))
+                await self.metrics.stage_latency.timed("state", self.store.record.remote(interactions))
             except Exception:
                 # The events are durable; the store re-reads the log when it restarts.
                 logger.exception("feedback logged but the user state was not updated")
@@ -300,7 +418,7 @@ class Ingress:
     async def register_item(self, body: NewItem) -> ItemInfo:
         """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
         try:
-            await self.retriever.check_new_item.remote(self.model, body.item_id, body.text)
+            await self.stages.check_new_item(self.model, body.item_id, body.text)
             item: RegisteredItem = await self.store.register.remote(body.item_id, body.title or "", body.text)
         except ItemExists as error:
             raise HTTPException(409, str(_cause(error))) from None
@@ -308,14 +426,14 @@ class Ingress:
 
     @app.get("/v1/items/{item_id}", response_model=ItemInfo)
     async def get_item(self, item_id: Annotated[str, PathParam(min_length=1, max_length=256)]) -> ItemInfo:
-        found = await self.retriever.describe_item.remote(self.model, item_id)
+        found = await self.stages.describe_item(self.model, item_id)
         if found is None:
             raise HTTPException(404, f"item_id: {item_id!r} is not known")
         return ItemInfo(**found)
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model_info(self) -> ModelInfo:
-        return ModelInfo(**await self.retriever.describe.remote(self.model))
+        return ModelInfo(**await self.stages.describe(self.model))
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -336,6 +454,9 @@ class UserStateStore:
     async def context(self, user_id: str) -> UserContext:
         return self.state.context(user_id)
 
+    async def contexts(self, user_ids: list[str]) -> list[UserContext]:
+        return [self.state.context(user_id) for user_id in user_ids]
+
     async def popular(self, n: int) -> list[tuple[str, int]]:
         return self.state.popular(n)
 
@@ -348,104 +469,6 @@ class UserStateStore:
 
     async def registered_since(self, version: int) -> list[RegisteredItem]:
         return self.state.registered_since(version)
-
-
-# --- model stages ----------------------------------------------------------------------------
-
-
-class _ModelHolder:
-    """The model versions of a Retriever or Ranker replica. ``user_config = {"models": [paths]}``
-    loads those versions (before the Ingress switches to one of them) and drops the others; a
-    version a request names but the replica lacks is loaded on demand."""
-
-    def __init__(self, config: ServeConfig):
-        # Imported here: only the model stages need torch, so the other replicas start faster.
-        from serve.model_runtime import ModelCache, limit_threads
-
-        limit_threads(config.torch_threads)
-        self.config = config
-        self.models = ModelCache(config.max_loaded_models, config.model_root)
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
-
-    async def _loaded(self, path: str) -> "ServingModel":
-        return self.models.loaded(path) or await asyncio.to_thread(self.models.get, path)
-
-
-def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) -> list[T]:
-    """``run(model path, requests of that path)`` per version in the batch, answers in request order."""
-    by_model: dict[str, list[int]] = defaultdict(list)
-    for i, request in enumerate(requests):
-        by_model[request.model].append(i)
-    answers: list[Any] = [None] * len(requests)
-    for path, rows in by_model.items():
-        for i, answer in zip(rows, run(path, [requests[i] for i in rows])):
-            answers[i] = answer
-    return answers
-
-
-@serve.deployment
-class Retriever(_ModelHolder):
-    def __init__(self, config: ServeConfig, store: DeploymentHandle):
-        super().__init__(config)
-        self.store = store
-        self.retrieve.set_max_batch_size(config.retrieval.batching.max_batch_size)
-        self.retrieve.set_batch_wait_timeout_s(config.retrieval.batching.batch_wait_timeout_s)
-
-    async def _synced(self, path: str, registry_version: int | None = None) -> "ServingModel":
-        """The model with every registered item up to ``registry_version`` (None: the latest)."""
-        model = await self._loaded(path)
-        if registry_version is None or model.registry_version < registry_version:
-            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
-        return model
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
-        for path in {request.model for request in requests}:
-            await self._synced(path, max(r.registry_version for r in requests if r.model == path))
-        retrieval = self.config.retrieval
-        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
-            group, self.config.state.history_length, retrieval.interests_weight))
-
-    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
-        """ItemExists if the catalogue has ``item_id``; the text must encode."""
-        model = await self._synced(path)
-        if item_id in model.item_index:
-            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
-        model.encode_texts([text])
-
-    async def describe_item(self, path: str, item_id: str) -> dict | None:
-        return (await self._synced(path)).describe_item(item_id)
-
-    async def describe(self, path: str) -> dict:
-        return (await self._synced(path)).describe()
-
-
-@serve.deployment
-class Ranker(_ModelHolder):
-    def __init__(self, config: ServeConfig):
-        super().__init__(config)
-        self.rank.set_max_batch_size(config.ranking.batching.max_batch_size)
-        self.rank.set_batch_wait_timeout_s(config.ranking.batching.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
-        for path in {candidates.model for candidates in batch}:
-            await self._loaded(path)
-        weights = self.config.ranking.weights
-        return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
-
-
-@serve.deployment
-class ReRanker:
-    def __init__(self, config: ServeConfig):
-        self.config = config.rerank
-
-    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
-        """The final ``k`` candidates (positions in ``ranked``), best first, each with its ``because``."""
-        positions = rerank(ranked, k, drop, self.config)
-        return list(zip(positions, explain(ranked, positions, self.config.because_size)))
 
 
 # --- feedback log ----------------------------------------------------------------------------

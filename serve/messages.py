@@ -1,5 +1,7 @@
-"""The messages the deployments pass to each other (plain data, no torch: the Ingress, store and
-re-ranker replicas never import the model).
+"""The messages of a recommendation (plain data, no torch: the Ingress, store and re-ranker replicas
+never import the model). The ingress hands the stages a ``Query`` and gets a ``Recommendation``
+back (``serve.recommendation``); the others pass between the stages: between deployments in the
+split graph, within the Recommender's replica in the colocated one.
 
 Item indices: 0 is padding, 1..N the catalogue, N + 1 + j the j-th row of a request's
 ``extra_vectors`` (items registered at run time).
@@ -12,7 +14,29 @@ from typing import Literal
 
 import numpy as np
 
+from serve.api import RecommendedItem
+
 Mode = Literal["personal", "interests", "popular"]
+
+
+@dataclass
+class Query:
+    """A recommendation request as the stages see it: the API body and the model version to use."""
+
+    model: str  # artifact path: the version every stage of this request uses
+    user_id: str
+    k: int
+    history: list[str]  # item ids the client adds to the server-side history
+    interests: str | None
+    exclude: list[str]
+
+
+@dataclass
+class Recommendation:
+    model_version: str
+    mode: Mode  # how the candidates were found (anything but "personal" is a cold start)
+    items: list[RecommendedItem]
+    ignored_history: list[str]  # history item ids the model does not know
 
 
 @dataclass

@@ -21,6 +21,13 @@ from serve.config import ReRankConfig
 from serve.messages import Ranked
 
 
+def final_items(ranked: Ranked, k: int, drop: Collection[str], config: ReRankConfig) -> list[tuple[int, list[str]]]:
+    """The re-ranking stage (the ReRanker's, or the last of the colocated graph's): the final ``k`` candidates
+    (positions in ``ranked``), best first, each with its ``because``."""
+    positions = rerank(ranked, k, drop, config)
+    return list(zip(positions, explain(ranked, positions, config.because_size)))
+
+
 def rerank(ranked: Ranked, k: int, drop: Collection[str], config: ReRankConfig) -> list[int]:
     """Positions (into the candidate lists of ``ranked``) of the final ``k`` items, best first."""
     blocked = set(drop) | set(config.blocked_items)

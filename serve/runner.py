@@ -5,8 +5,9 @@ declarative config (``serve.app:build_app`` plus ``args``). Only on that path do
 deployment's ``user_config`` alone reach the running replicas through ``reconfigure``, without
 restarting them; ``serve.run`` gives every deploy a new code version and so replaces every replica.
 
-A swap runs in two steps, so that no request meets a replica without its version: first Retriever
-and Ranker load the new version beside the current one, then the Ingress sends new requests to it.
+A swap runs in two steps, so that no request meets a replica without its version: first the model
+deployments (Retriever and Ranker, or the colocated graph's Recommender) load the new version beside
+the current one, then the ingress (Ingress or Recommender) sends new requests to it.
 Every swap is recorded in ``<state_dir>/versions.json``; a rollback serves the version before.
 """
 
@@ -27,7 +28,7 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 
 from data.errors import InputError
 from serve.app import build_app
-from serve.config import DEPLOYMENT_NAMES, ServeConfig
+from serve.config import ServeConfig
 from serve.versions import VersionHistory, VersionRecord, artifact_version
 
 APP_NAME = "polyrec"
@@ -48,7 +49,10 @@ SERVE_CONFIG_HEADER = """\
 # workers: use absolute paths or URIs on a cluster.
 # Model swap without restart: set user_config {models: [OLD, NEW]} on Retriever and Ranker, apply,
 # then user_config {model: NEW} on Ingress and apply again (serve.runner.swap_model does both).
-# UserStateStore is the single shared copy of the server-side state: keep it at one replica."""
+# UserStateStore is the single shared copy of the server-side state: keep it at one replica.
+# On a small machine, `graph: colocated` under args serves the API and runs every model stage in
+# one Recommender deployment: list it instead of Ingress, Retriever, Ranker and ReRanker, and give
+# it both user_config keys {model, models} in a swap."""
 
 
 @dataclass
@@ -143,21 +147,15 @@ def application_config(config: ServeConfig, *, models: list[str], active: str) -
         "args": config.model_dump(mode="json", exclude=DRIVER_FIELDS),
         # Replicas and the controller's build task import polyrec from this checkout, installed or not.
         "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}},
-        "deployments": [
-            {"name": "Ingress", "user_config": {"model": active}},
-            {"name": "Retriever", "user_config": {"models": models}},
-            {"name": "Ranker", "user_config": {"models": models}},
-        ],
+        "deployments": [{"name": name, "user_config": user_config} for name, user_config in config.user_configs(models=models, active=active).items()],
     }
 
 
 def serve_config_document(config: ServeConfig, args: dict[str, Any]) -> dict[str, Any]:
     """A whole Serve config file (``serve run``/``serve deploy``, KubeRay ``serveConfigV2``) whose
-    deployments carry ``config``'s resources; ``serve/serve_config.yaml`` is this for the defaults."""
-    deployments = []
-    for name in DEPLOYMENT_NAMES:
-        options = config.deployments[name].serve_options()
-        deployments.append({"name": name, **options})
+    deployments, those of ``config``'s graph, carry its resources; ``serve/serve_config.yaml`` is
+    this for the defaults."""
+    deployments = [{"name": name, **config.deployments[name].serve_options()} for name in config.graph_deployments()]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.port},

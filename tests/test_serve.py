@@ -1,10 +1,14 @@
 """The Serve graph over real HTTP: recommendations, bad input, cold start, feedback, new items, a model
 hot swap under load with rollback, and feedback durability across a FeedbackLogger crash.
 
-One Ray instance (2 CPUs) and one Serve application for the module; the model is a random tiny
-artifact over the first 40 MovieLens-100K users (``serve.testing``). Expected values come from the
-MovieLens files directly. Tests that change server-side state (feedback, new items) come after those
-that read popularity, and the crash test comes last.
+One Ray instance (2 CPUs) for the module. The Serve application first runs the colocated graph (one
+Recommender), whose answers to a set of requests are kept and whose stateful behaviours (new items,
+feedback, impressions, hot swap and rollback) are checked; then it is redeployed in place as the
+split graph, with its own fresh state, which must answer those requests the same and which the rest
+of the module tests. The model is a random tiny artifact over the first 40 MovieLens-100K users
+(``serve.testing``). Expected values come from the MovieLens files directly. Tests that change
+server-side state (feedback, new items) come after those that read popularity, and the crash test
+comes last.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pytest
 import ray
 import torch
 import yaml
+from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from data.config import DEFAULT_DATASET_DIR
@@ -32,7 +37,7 @@ from serve.feedback_log import FeedbackLog, impression_rows, read_feedback_log
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
 from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank
-from serve.runner import SERVE_CONFIG_FILE, rollback, run_service, serve_config_document, swap_model
+from serve.runner import APP_NAME, SERVE_CONFIG_FILE, Service, application_config, rollback, run_service, serve_config_document, swap_model
 from serve.state import ItemExists, ServerState
 from serve.testing import build_random_artifact, build_training_data
 from serve.versions import VersionHistory
@@ -82,35 +87,68 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def artifacts(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("serve")
-    first = build_random_artifact(root / "model-a", num_users=NUM_USERS, seed=0, model_version="random-0")
-    second = build_random_artifact(root / "model-b", num_users=NUM_USERS, seed=1, model_version="random-1")
+    return {
+        "root": str(root),
+        "first": str(build_random_artifact(root / "model-a", num_users=NUM_USERS, seed=0, model_version="random-0")),
+        "second": str(build_random_artifact(root / "model-b", num_users=NUM_USERS, seed=1, model_version="random-1")),
+        "training_data": build_training_data(root / "data", num_users=NUM_USERS),
+        "port": free_port(),
+    }
+
+
+def start(artifacts: dict[str, str], graph: str) -> Service:
+    """The application with ``graph`` and its own fresh state, in place of any running one."""
+    root = Path(artifacts["root"]) / graph
     config = ServeConfig(
-        model=str(first),
-        training_data=build_training_data(root / "data", num_users=NUM_USERS),
+        graph=graph,
+        model=artifacts["first"],
+        training_data=artifacts["training_data"],
         state_dir=str(root / "state"),
         # Parquet only at start and shutdown, so the crash test proves the WAL replay.
         feedback=FeedbackLogConfig(path=str(root / "feedback"), flush_interval_s=3600),
         # Ranked by the retrieval logit alone, so an exact text match comes first whatever the random
         # heads say; the mix of the three scores is tested on its own below.
         ranking=RankingConfig(weights={"retrieval": 1.0, "like": 0.0, "rating": 0.0}),
-        port=free_port(),
+        port=artifacts["port"],
     )
+    running = run_service(config, blocking=False)
+    running.second_model = artifacts["second"]
+    return running
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
     saved_key = os.environ.get("POLYREC_API_KEY")
     os.environ["POLYREC_API_KEY"] = API_KEY  # replicas inherit the environment of the Ray instance
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        running = run_service(config, blocking=False)
-        running.second_model = str(second)
-        yield running
-        running.stop()
+        yield
+        serve.shutdown()  # graceful: the FeedbackLogger flushes its WAL
     finally:
         ray.shutdown()
         if saved_key is None:
             os.environ.pop("POLYREC_API_KEY", None)
         else:
             os.environ["POLYREC_API_KEY"] = saved_key
+
+
+@pytest.fixture(scope="module")
+def colocated_service(ray_instance, artifacts) -> Service:
+    return start(artifacts, "colocated")
+
+
+@pytest.fixture(scope="module")
+def service(colocated_service, artifacts) -> Service:
+    """The split graph, which replaces the colocated one (so the colocated tests must come first)."""
+    return start(artifacts, "split")
+
+
+@pytest.fixture(scope="module")
+def colocated_client(colocated_service) -> httpx.Client:
+    with httpx.Client(base_url=colocated_service.url, timeout=120) as http:
+        yield http
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +165,139 @@ def recommend(client: httpx.Client, **body) -> dict:
 
 def field_named(response: httpx.Response, field: str) -> bool:
     return any(field in [str(part) for part in error["loc"]] for error in response.json()["detail"])
+
+
+# --- behaviours both graphs have (checked on each) ------------------------------------------
+
+
+def check_impressions_are_logged_with_positions_and_version(client, service):
+    answer = recommend(client, user_id="2", k=4)
+    feedback = service.config.feedback
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        log = read_feedback_log(feedback.path, Path(service.config.state_dir) / "wal").to_pandas()
+        rows = log[log["request_id"] == answer["request_id"]].sort_values("position")
+        if len(rows) == 4:
+            break
+        time.sleep(0.5)
+    assert rows["item_id"].tolist() == [item["item_id"] for item in answer["items"]]
+    assert rows["position"].tolist() == [1, 2, 3, 4]
+    assert set(rows["event"]) == {"impression"} and set(rows["model_version"]) == {"random-0"}
+    assert rows["value"].tolist() == pytest.approx([item["score"] for item in answer["items"]])
+
+
+def check_a_registered_item_is_recommendable_at_once(client):
+    text = "Robots Sing in Space. Genres: Musical, Sci-Fi."
+    created = client.post("/v1/items", json={"item_id": "robot-musical", "title": "Robots Sing", "text": text}, headers=AUTH)
+    assert created.status_code == 201, created.text
+    assert client.get("/v1/items/robot-musical").json() == {"item_id": "robot-musical", "title": "Robots Sing", "registered": True, "attributes": []}
+    answer = recommend(client, user_id="nobody-4", k=3, interests=text)
+    assert answer["items"][0] == {**answer["items"][0], "item_id": "robot-musical", "title": "Robots Sing"}
+    assert client.post("/v1/items", json={"item_id": "robot-musical", "text": text}, headers=AUTH).status_code == 409
+    assert client.post("/v1/items", json={"item_id": "50", "text": text}, headers=AUTH).status_code == 409
+
+
+def check_feedback_extends_the_server_side_history(client):
+    clicked = ["181", "174", "172"]  # Return of the Jedi, Raiders of the Lost Ark, The Empire Strikes Back
+    assert set(clicked) <= set(ratings()["item"])
+    before = recommend(client, user_id="newcomer", k=5)
+    assert before["items"][0]["score"] == pytest.approx(1.0)  # popular: nothing known yet
+    response = client.post("/v1/feedback", headers=AUTH, json={"events": [
+        {"user_id": "newcomer", "item_id": item, "event": "click"} for item in clicked]})
+    assert response.status_code == 200 and response.json()["accepted"] == 3
+    after = recommend(client, user_id="newcomer", k=5)
+    ids = [item["item_id"] for item in after["items"]]
+    assert ids != [item["item_id"] for item in before["items"]]
+    assert not set(ids) & set(clicked)
+    assert all(set(item["because"]) <= set(clicked) for item in after["items"])
+    assert any(item["because"] for item in after["items"])
+
+
+def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service):
+    outcomes: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def load(user: int) -> None:
+        with httpx.Client(base_url=service.url, timeout=120) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                response = http.post("/v1/recommend", json={"user_id": str(user), "k": 5})
+                version = response.json().get("model_version") if response.status_code == 200 else None
+                outcomes.append((sent, response.status_code, version))
+
+    threads = [threading.Thread(target=load, args=(user,)) for user in (1, 2, 3, 4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        record = swap_model(service.config, service.second_model)
+        swapped = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert record.model_version == "random-1"
+    assert [status for _, status, _ in outcomes if status != 200] == []
+    assert {version for _, _, version in outcomes} == {"random-0", "random-1"}
+    assert {version for sent, _, version in outcomes if sent > swapped} == {"random-1"}
+    assert client.get("/v1/model").json()["model_version"] == "random-1"
+    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0", "random-1"]
+
+    previous = rollback(service.config, blocking=False)
+    assert previous.model_version == "random-0"
+    assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
+    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0"]
+    with pytest.raises(InputError, match="no earlier model version"):
+        rollback(service.config, blocking=False)
+
+
+# --- the colocated graph (first: the split graph then replaces it) ---------------------------
+
+
+def compared_requests() -> list[dict]:
+    """Personal (with excluded items, client history and context), popular fallback, interests, and
+    ignored history: one request of each path through the stages."""
+    seen = user_items("1")
+    unseen_popular = [item for item in most_popular() if item not in seen]
+    return [
+        {"user_id": "1", "k": 10, "exclude": unseen_popular[:3], "history": unseen_popular[3:4], "context": {"page": "home"}},
+        {"user_id": "7", "k": 20},
+        {"user_id": "nobody-1", "k": 5},
+        {"user_id": "nobody-2", "k": 5, "interests": item_text("50")},
+        {"user_id": "12", "k": 8, "interests": "Space adventure"},
+        {"user_id": "nobody-3", "k": 5, "history": ["no-such-item", "50", "no-such-item"]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def colocated_answers(colocated_client) -> list[dict]:
+    """The colocated graph's answers to ``compared_requests``, before any state changes."""
+    return [recommend(colocated_client, **body) for body in compared_requests()]
+
+
+def test_colocated_graph_serves_and_runs_the_stages_in_one_recommender(colocated_answers):
+    assert set(serve.status().applications[APP_NAME].deployments) == {"Recommender", "UserStateStore", "FeedbackLogger"}
+    popular = [answer["items"][0]["score"] == pytest.approx(1.0) for answer in colocated_answers]  # popular mode: share of the top count
+    assert popular == [False, False, True, False, False, False]
+    assert [len(answer["items"]) for answer in colocated_answers] == [body["k"] for body in compared_requests()]
+
+
+def test_colocated_graph_logs_impressions(colocated_client, colocated_service):
+    check_impressions_are_logged_with_positions_and_version(colocated_client, colocated_service)
+
+
+def test_colocated_graph_recommends_a_registered_item_at_once(colocated_client):
+    check_a_registered_item_is_recommendable_at_once(colocated_client)
+
+
+def test_colocated_graph_reads_the_history_feedback_extends(colocated_client):
+    check_feedback_extends_the_server_side_history(colocated_client)
+
+
+def test_colocated_graph_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service):
+    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service)
 
 
 # --- recommendations -------------------------------------------------------------------------
@@ -179,19 +350,17 @@ def test_unknown_history_items_are_ignored_and_reported(client):
 
 
 def test_impressions_are_logged_with_positions_and_version(client, service):
-    answer = recommend(client, user_id="2", k=4)
-    feedback = service.config.feedback
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        log = read_feedback_log(feedback.path, Path(service.config.state_dir) / "wal").to_pandas()
-        rows = log[log["request_id"] == answer["request_id"]].sort_values("position")
-        if len(rows) == 4:
-            break
-        time.sleep(0.5)
-    assert rows["item_id"].tolist() == [item["item_id"] for item in answer["items"]]
-    assert rows["position"].tolist() == [1, 2, 3, 4]
-    assert set(rows["event"]) == {"impression"} and set(rows["model_version"]) == {"random-0"}
-    assert rows["value"].tolist() == pytest.approx([item["score"] for item in answer["items"]])
+    check_impressions_are_logged_with_positions_and_version(client, service)
+
+
+def test_split_graph_answers_like_the_colocated_graph(colocated_answers, client):
+    for body, colocated in zip(compared_requests(), colocated_answers, strict=True):
+        split = recommend(client, **body)
+        assert {**split, "request_id": None, "items": None} == {**colocated, "request_id": None, "items": None}
+        assert [item["item_id"] for item in split["items"]] == [item["item_id"] for item in colocated["items"]]
+        for ours, theirs in zip(split["items"], colocated["items"]):
+            assert ours == {**theirs, "score": pytest.approx(theirs["score"], abs=1e-5),
+                            "p_like": pytest.approx(theirs["p_like"], abs=1e-5), "rating": pytest.approx(theirs["rating"], abs=1e-4)}
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -277,73 +446,18 @@ def test_item_model_health_and_docs_endpoints(client):
 
 
 def test_a_registered_item_is_recommendable_at_once(client):
-    text = "Robots Sing in Space. Genres: Musical, Sci-Fi."
-    created = client.post("/v1/items", json={"item_id": "robot-musical", "title": "Robots Sing", "text": text}, headers=AUTH)
-    assert created.status_code == 201, created.text
-    assert client.get("/v1/items/robot-musical").json() == {"item_id": "robot-musical", "title": "Robots Sing", "registered": True, "attributes": []}
-    answer = recommend(client, user_id="nobody-4", k=3, interests=text)
-    assert answer["items"][0] == {**answer["items"][0], "item_id": "robot-musical", "title": "Robots Sing"}
-    assert client.post("/v1/items", json={"item_id": "robot-musical", "text": text}, headers=AUTH).status_code == 409
-    assert client.post("/v1/items", json={"item_id": "50", "text": text}, headers=AUTH).status_code == 409
+    check_a_registered_item_is_recommendable_at_once(client)
 
 
 def test_feedback_extends_the_server_side_history(client):
-    clicked = ["181", "174", "172"]  # Return of the Jedi, Raiders of the Lost Ark, The Empire Strikes Back
-    assert set(clicked) <= set(ratings()["item"])
-    before = recommend(client, user_id="newcomer", k=5)
-    assert before["items"][0]["score"] == pytest.approx(1.0)  # popular: nothing known yet
-    response = client.post("/v1/feedback", headers=AUTH, json={"events": [
-        {"user_id": "newcomer", "item_id": item, "event": "click"} for item in clicked]})
-    assert response.status_code == 200 and response.json()["accepted"] == 3
-    after = recommend(client, user_id="newcomer", k=5)
-    ids = [item["item_id"] for item in after["items"]]
-    assert ids != [item["item_id"] for item in before["items"]]
-    assert not set(ids) & set(clicked)
-    assert all(set(item["because"]) <= set(clicked) for item in after["items"])
-    assert any(item["because"] for item in after["items"])
+    check_feedback_extends_the_server_side_history(client)
 
 
 # --- model versions --------------------------------------------------------------------------
 
 
 def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service):
-    outcomes: list[tuple[float, int, str | None]] = []
-    stop = threading.Event()
-
-    def load(user: int) -> None:
-        with httpx.Client(base_url=service.url, timeout=120) as http:
-            while not stop.is_set():
-                sent = time.monotonic()
-                response = http.post("/v1/recommend", json={"user_id": str(user), "k": 5})
-                version = response.json().get("model_version") if response.status_code == 200 else None
-                outcomes.append((sent, response.status_code, version))
-
-    threads = [threading.Thread(target=load, args=(user,)) for user in (1, 2, 3, 4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(1.0)
-        record = swap_model(service.config, service.second_model)
-        swapped = time.monotonic()
-        time.sleep(1.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-
-    assert record.model_version == "random-1"
-    assert [status for _, status, _ in outcomes if status != 200] == []
-    assert {version for _, _, version in outcomes} == {"random-0", "random-1"}
-    assert {version for sent, _, version in outcomes if sent > swapped} == {"random-1"}
-    assert client.get("/v1/model").json()["model_version"] == "random-1"
-    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0", "random-1"]
-
-    previous = rollback(service.config, blocking=False)
-    assert previous.model_version == "random-0"
-    assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
-    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0"]
-    with pytest.raises(InputError, match="no earlier model version"):
-        rollback(service.config, blocking=False)
+    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service)
 
 
 # --- durability (last: it kills a replica) ---------------------------------------------------
@@ -475,3 +589,20 @@ def test_serve_config_file_matches_the_defaults_and_builds():
     ServeDeploySchema.model_validate(document)
     application = document["applications"][0]
     assert document == serve_config_document(ServeConfig(), application["args"])
+
+
+def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys():
+    config = ServeConfig(graph="colocated")
+    document = serve_config_document(config, {"graph": "colocated"})
+    ServeDeploySchema.model_validate(document)
+    deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
+    assert list(deployments) == ["Recommender", "UserStateStore", "FeedbackLogger"]
+    assert deployments["Recommender"]["ray_actor_options"] == {"num_cpus": 0.9}
+    assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments.values()) == pytest.approx(1.1)  # as the split graph
+    swap = application_config(config, models=["old", "new"], active="new")["deployments"]
+    assert swap == [{"name": "Recommender", "user_config": {"models": ["old", "new"], "model": "new"}}]
+    assert application_config(ServeConfig(), models=["old", "new"], active="old")["deployments"] == [
+        {"name": "Retriever", "user_config": {"models": ["old", "new"]}},
+        {"name": "Ranker", "user_config": {"models": ["old", "new"]}},
+        {"name": "Ingress", "user_config": {"model": "old"}},
+    ]
