@@ -179,7 +179,8 @@ def score_rows(scorer: Scorer, rows: pa.Table, *, num_items: int, max_history: i
     )
 
 
-def _ranking_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+def ranking_metrics(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    """HR, NDCG and MRR at each of ``ks`` from the targets' ranks (``train.metrics``' protocol)."""
     metrics = {}
     for k in ks:
         metrics[f"HR@{k}"] = hit_rate_at_k(ranks, k)
@@ -204,13 +205,13 @@ def summarise(
     per_row = per_row.sort_by([(name, "ascending") for name in PER_ROW_SCHEMA.names if name != "top_items"])
     column = {name: per_row[name].to_numpy() for name in PER_ROW_SCHEMA.names if name != "top_items"}
     ranks = column["rank"]
-    metrics: dict[str, float] = {"num_rows": per_row.num_rows, **_ranking_metrics(ranks, ks)}
+    metrics: dict[str, float] = {"num_rows": per_row.num_rows, **ranking_metrics(ranks, ks)}
     metrics[f"coverage@{coverage_k}"] = coverage_at_k(per_row["top_items"].to_numpy(), num_items)
 
     cold = column["is_cold"]
     if cold.any():
         metrics["cold/num_rows"] = int(cold.sum())
-        metrics |= {f"cold/{name}": value for name, value in _ranking_metrics(ranks[cold], ks).items()}
+        metrics |= {f"cold/{name}": value for name, value in ranking_metrics(ranks[cold], ks).items()}
 
     liked = (column["like_label"] >= 0) & ~np.isnan(column["like_probability"])
     if liked.any():

@@ -39,7 +39,8 @@ from data.config import PreprocessConfig  # noqa: E402
 from data.pipeline import run_preprocess  # noqa: E402
 from data.storage import read_table, resolve  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.metrics import hit_rate_at_k, mae, mrr_at_k, ndcg_at_k, rmse  # noqa: E402
+from train.evaluate import ranking_metrics  # noqa: E402
+from train.metrics import mae, rmse  # noqa: E402
 from train.trainer import ablation_config, run_training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -50,13 +51,6 @@ RANKING_PEERS = ("SASRec", "GRU4Rec", "BERT4Rec")
 KS = (10, 20)
 #: Share of items withheld from training in the cold-start check.
 COLD_ITEM_FRACTION = 0.1
-
-
-def ranking_metrics(ranks: np.ndarray) -> dict[str, float]:
-    metrics = {}
-    for k in KS:
-        metrics |= {f"HR@{k}": hit_rate_at_k(ranks, k), f"NDCG@{k}": ndcg_at_k(ranks, k), f"MRR@{k}": mrr_at_k(ranks, k)}
-    return metrics
 
 
 def timed_training(config: TrainConfig) -> tuple[dict[str, dict[str, float]], float, list[dict]]:
@@ -93,7 +87,7 @@ def peer_results(manifest_hash: str, test: pa.Table) -> tuple[dict, dict[str, di
         got = dict(zip(ranks["user_idx"].to_pylist(), ranks["target_item"].to_pylist()))
         if got != expected:
             raise SystemExit(f"{path}: its (user, target) pairs are not this split's test rows")
-        ranking[model] = ranking_metrics(ranks["rank"].to_numpy())
+        ranking[model] = ranking_metrics(ranks["rank"].to_numpy(), KS)
     svdpp = None
     predictions_file = PEERS / "svdpp-predictions.parquet"
     if "SVDpp" in runs and predictions_file.exists():
