@@ -22,6 +22,7 @@ import ray
 from cluster.retrain import RetrainConfig, run_retrain
 from cluster.simulate import replay
 from data.config import ColumnMapping, PreprocessConfig, SourceConfig
+from data.errors import InputError
 from data.pipeline import format_report, run_preprocess
 from data.readers import read_source
 from train.config import TrainConfig
@@ -72,6 +73,8 @@ def run_pipeline(
     from train.trainer import run_training
 
     root = Path(output).resolve()
+    if (root / "model" / "artifact").exists():  # every later stage would refuse to overwrite its output
+        raise InputError(f"{root} already holds a finished run; choose another output (make run RUN_DIR=...) or remove it")
     timings: dict[str, float] = {}
     if not ray.is_initialized():
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as

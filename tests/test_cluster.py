@@ -354,3 +354,15 @@ def test_deepspeed_parser_catches_a_misspelt_zero_key():
 
     with pytest.raises(ValidationError, match="overlap_com"):
         ParsedDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "overlap_com": True}})
+
+
+def test_the_main_job_refuses_a_folder_that_holds_a_finished_run(tmp_path, capsys):
+    from cluster.cli import main
+
+    (tmp_path / "model" / "artifact").mkdir(parents=True)
+    (tmp_path / "model" / "artifact" / "model.safetensors").write_bytes(b"earlier run")
+    assert main(["pipeline", "--output", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "already holds a finished run" in error and str(tmp_path) in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # nothing preprocessed or overwritten
+    assert (tmp_path / "model" / "artifact" / "model.safetensors").read_bytes() == b"earlier run"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from data import schema
+from data.errors import InputError
 from data.storage import read_table, resolve
 from train.artifact import load_artifact
-from train.config import TrainConfig
+from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate
 from train.trainer import CONSOLIDATED_WEIGHTS, run_training
 
@@ -155,3 +157,21 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_the_last_configured_
     assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
     assert rates[3] > rates[4] > rates[5] > rates[6] == pytest.approx(0.1)
     assert rates[4] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: the cosine's midpoint
+
+
+def test_a_second_run_into_the_same_output_starts_afresh(data_dir, tmp_path):
+    """A finished run's artifact is refused before any training; once it is moved away, a new run into the same
+    output (here with another loss weighting, whose state would not even load into the old checkpoints) starts
+    at epoch 1 instead of Ray Train restoring the earlier run from its folder."""
+    first = run_training(tiny_config(data_dir, tmp_path, epochs=2))
+    uncertainty = tiny_config(data_dir, tmp_path, epochs=1, model__loss_weighting=LossWeightingConfig(method="uncertainty"))
+    with pytest.raises(InputError, match=f"{tmp_path / 'artifact'}: an artifact is already there"):
+        run_training(uncertainty)
+    shutil.move(tmp_path / "artifact", tmp_path.parent / f"{tmp_path.name}-first-artifact")
+    second = run_training(uncertainty)
+    assert [record["epoch"] for record in first.history] == [1, 2]
+    assert [record["epoch"] for record in second.history] == [1]
+    assert Path(first.latest_checkpoint).parent != Path(second.latest_checkpoint).parent
+    # Each run trained with its own config: static weights stay as configured, uncertainty weights move.
+    assert first.history[-1]["train/weight_rating"] == pytest.approx(0.5)
+    assert second.history[-1]["train/weight_rating"] != pytest.approx(0.5)

@@ -125,7 +125,7 @@ class TrainConfig(StageConfig):
     #: "id_only" switches item text off (the ablation that shows what the language model adds).
     ablations: list[Literal["id_only"]] = Field(default_factory=list)
     seed: int = 0
-    run_name: str = "polyrec"
+    run_name: str = "polyrec"  # prefix of this run's folder under <output>/ray_results (a new folder per run)
     model_version: str | None = None  # None: a timestamp
     ray_address: str | None = None  # None: a local Ray instance
     ray_num_cpus: int | None = None  # for a local instance

@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     output = Path(config.output).resolve() if "://" not in config.output else None
     if output is None:
         raise InputError(f"train.output must be a local folder on this version, got {config.output!r}")
+    for artifact_dir in [output / "artifact"] + [output / "ablations" / name / "artifact" for name in config.ablations]:
+        if artifact_dir.exists() and any(artifact_dir.iterdir()):  # checked now, not after hours of training
+            raise InputError(f"{artifact_dir}: an artifact is already there and is never overwritten; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
 
     trainer = TorchTrainer(
@@ -393,7 +397,9 @@ def run_training(config: TrainConfig) -> TrainResult:
         # A few rows per user: small enough to keep in the object store, which spares every epoch a re-read.
         datasets={"train": train_sequences(data).materialize()},
         run_config=RunConfig(
-            name=config.run_name,
+            # One folder per invocation: Ray Train restores a run whose folder exists, so a reused name would
+            # silently continue (or, with another config, fail to load) an earlier training into this output.
+            name=f"{config.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=str(output / "ray_results"),
             failure_config=FailureConfig(max_failures=config.max_failures),
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("POLYREC_FAIL_")}},

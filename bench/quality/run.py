@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,15 @@ def _cell(metrics: dict[str, float] | None, key: str) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4f}"
 
 
+def _load_note(results: dict) -> str:
+    """What else ran: wall times on 2 shared cores mean little without it."""
+    if "load_average" not in results:
+        return "polyrec's machine load was not recorded; the peers' wall times come from their own runs."
+    before, after = results["load_average"]
+    return (f"1-minute load average {before:.1f} before polyrec's trainings and {after:.1f} after (1-2 is this job alone); "
+            "the peers' wall times come from their own runs, which shared the machine with other jobs.")
+
+
 def report(results: dict) -> str:
     polyrec, peers, runs = results["polyrec"], results["peers"], results["peer_runs"]
     ranking_peers = {name: metrics for name, metrics in peers.items() if name in RANKING_PEERS}
@@ -121,7 +131,7 @@ def report(results: dict) -> str:
         SECTION,
         "",
         f"Machine: {machine('ray', 'torch', 'transformers', 'deepspeed')}. Run {time.strftime('%Y-%m-%d', time.gmtime())}; "
-        "the machine was shared with other jobs, so wall times are noisy.",
+        + _load_note(results),
         "",
         "Protocol: every rating an interaction, users with fewer than 3 interactions dropped, per-user order "
         "(timestamp, file order), leave-one-out (last = test, second-to-last = validation), full ranking over all "
@@ -216,6 +226,7 @@ def verdicts(results: dict, seconds: dict[str, float]) -> list[str]:
 def measure_polyrec(skip_cold: bool) -> dict:
     """Preprocess ml-100k, train polyrec and its id-only ablation, and (unless skipped) polyrec on a cold-item split."""
     ray.init(include_dashboard=False, logging_level="WARNING")
+    load_before = os.getloadavg()[0]
     data_dir = WORK / "data"
     manifest = run_preprocess(PreprocessConfig(output=str(data_dir)))
     config = TrainConfig(data=str(data_dir), output=str(WORK / "polyrec"), model_version="quality-bench")
@@ -231,6 +242,7 @@ def measure_polyrec(skip_cold: bool) -> dict:
         "polyrec_seconds": polyrec_seconds,
         "id_only_seconds": id_only_seconds,
         "polyrec_curve": ", ".join(f"{record['validation/NDCG@10']:.4f}" for record in history),
+        "load_average": [load_before, os.getloadavg()[0]],
     }
     if not skip_cold:
         cold_dir = WORK / "cold-data"
