@@ -79,6 +79,12 @@ def _backbone_saved_in_state(config: ModelConfig) -> bool:
     return config.backbone.mode != "frozen"
 
 
+def refuse_existing_artifact(out_dir: Path) -> None:
+    """An artifact is never overwritten: raise if ``out_dir`` holds anything."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: an artifact is already there (the folder is not empty) and is never overwritten; choose another output")
+
+
 def save_artifact(
     model: PolyrecModel,
     out_dir: str | Path,
@@ -94,8 +100,7 @@ def save_artifact(
     under that name. ``items`` is the data output's items table, ``users`` its user vocabulary,
     ``metrics`` any JSON-able mapping, ``rating`` the manifest's rating normalisation."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise InputError(f"{out_dir}: already exists and is not empty; an artifact is never overwritten")
+    refuse_existing_artifact(out_dir)
     item_table = _select(items, ITEM_COLUMNS, "items", optional=("title",)).sort_by("item_idx")
     user_table = _select(users, USER_COLUMNS, "users")
 

@@ -365,7 +365,7 @@ def ablation_config(config: TrainConfig, ablation: str, output: Path) -> TrainCo
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Train on Ray Train + DeepSpeed, export the best checkpoint as an artifact, evaluate it on the test split."""
-    from train.artifact import save_artifact
+    from train.artifact import refuse_existing_artifact, save_artifact
     from train.evaluate import PopularityScorer, write_report
     from train.plots import plot_training_curves
 
@@ -378,8 +378,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     if output is None:
         raise InputError(f"train.output must be a local folder on this version, got {config.output!r}")
     for artifact_dir in [output / "artifact"] + [output / "ablations" / name / "artifact" for name in config.ablations]:
-        if artifact_dir.exists() and any(artifact_dir.iterdir()):  # checked now, not after hours of training
-            raise InputError(f"{artifact_dir}: an artifact is already there and is never overwritten; choose another --output")
+        refuse_existing_artifact(artifact_dir)  # now, not after the training
     output.mkdir(parents=True, exist_ok=True)
 
     trainer = TorchTrainer(
