@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, FeedbackLogConfig, ServeConfig  # noqa: E402
-from serve.runner import APP_NAME, run_service  # noqa: E402
+from serve.runner import APP_NAME, run_service, use_throughput_env  # noqa: E402
 from serve.testing import build_random_artifact, build_training_data  # noqa: E402
 
 SECTION = "## Serving (bench/serve_bench.py)"
@@ -140,6 +140,7 @@ def main() -> None:
             feedback=FeedbackLogConfig(path=str(root / "feedback")),
             port=port,
         )
+        use_throughput_env()  # as `polyrec serve` starts its local instance: the bare endpoint gets the same flags
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             serve.start(http_options={"host": config.host, "port": config.port})

@@ -69,7 +69,7 @@ def run_pipeline(
     from ray import serve
 
     from serve.config import ServeConfig
-    from serve.runner import APP_NAME, run_service
+    from serve.runner import APP_NAME, run_service, use_throughput_env
     from train.trainer import run_training
 
     root = Path(output).resolve()
@@ -80,6 +80,7 @@ def run_pipeline(
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
         # the app runs, so the instance advertises more logical CPUs than the machine has: otherwise the
         # retraining's Ray Data and Train tasks (1 CPU each) would wait for the service forever.
+        use_throughput_env()
         ray.init(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False)
 
     def timed(stage: str, started: float) -> None:

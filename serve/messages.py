@@ -66,6 +66,10 @@ class Candidates:
     titles: list[str]
     retrieval: np.ndarray  # [C] retrieval logit (popularity share in popular mode)
     extra_vectors: np.ndarray  # [E, d] item vectors of the registered items among the candidates
+    #: The user model's pass, made once in retrieval and reused by ranking: per task its query [d],
+    #: and each ``history`` position's attention share in the user state [len(history)].
+    queries: dict[str, np.ndarray]
+    contributions: np.ndarray
 
 
 @dataclass

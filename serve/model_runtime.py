@@ -8,7 +8,7 @@ request keeps one version from retrieval to ranking while a new version is swapp
 
 The messages (``serve.messages``) carry item indices: 0 is padding, 1..N the catalogue. A registered item has index N + its registration
 number in the Retriever's index; in messages to the Ranker it becomes N + 1 + j, the j-th row of
-the request's ``extra_vectors``, which ``PolyrecModel.score_candidates`` takes as extra items.
+the request's ``extra_vectors``, which ``PolyrecModel.score_with_queries`` takes as extra items.
 """
 
 from __future__ import annotations
@@ -148,13 +148,16 @@ class ServingModel:
                 modes.append("popular" if request.popular is not None else None)
 
         searched = [i for i, mode in enumerate(modes) if mode in ("personal", "interests")]
-        queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
         personal = [i for i in searched if modes[i] == "personal"]
         retrieval_task = self.model.tasks["retrieval"]
         with torch.inference_mode():
-            if personal:
-                inputs = left_pad([resolved[i][0] for i in personal], max([1, *(len(resolved[i][0]) for i in personal)]))
-                queries[personal] = self.model.retrieval_query(inputs, torch.tensor([user_idx[i] for i in personal])).float().numpy()
+            # One user-model pass for the whole batch: ranking reuses its task queries and attention.
+            inputs = left_pad([history for history, _ in resolved], max([1, *(len(history) for history, _ in resolved)]))
+            task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx))
+            queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
+            queries[personal] = retrieval_task.query_embedding(task_queries["retrieval"][personal]).float().numpy()
+            task_queries = {name: query.float().numpy() for name, query in task_queries.items()}
+            contributions = contributions.float().numpy()
             with_interests = [i for i in searched if requests[i].interests]
             if with_interests:
                 interest_queries = retrieval_task.query_embedding(self.encode_texts([requests[i].interests for i in with_interests])).numpy()
@@ -180,14 +183,15 @@ class ServingModel:
                 logits = counts / max(1.0, float(counts.max(initial=0)))
             else:
                 idx, logits = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            answers.append(self._candidates(request, modes[i], user_idx[i], resolved[i], idx, logits))
+            pass_of_request = ({name: query[i] for name, query in task_queries.items()}, contributions[i, inputs.shape[1] - len(resolved[i][0]):])
+            answers.append(self._candidates(request, modes[i], user_idx[i], resolved[i], idx, logits, pass_of_request))
         return answers
 
     def _index_of(self, item_id: str) -> int:
         return self.item_index.get(item_id) or self.registered_index[item_id]
 
     def _candidates(self, request: RetrievalRequest, mode: Mode | None, user: int, resolved: tuple[list[int], list[str]],
-                    idx: np.ndarray, logits: np.ndarray) -> Candidates:
+                    idx: np.ndarray, logits: np.ndarray, user_pass: tuple[dict[str, np.ndarray], np.ndarray]) -> Candidates:
         registered = idx > self.num_items
         registration = idx[registered] - self.num_items - 1  # rows of registered_vectors
         local_idx = idx.copy()
@@ -206,15 +210,17 @@ class ServingModel:
             titles=titles,
             retrieval=logits.astype(np.float32),
             extra_vectors=self.registered_vectors[registration],
+            queries=user_pass[0],
+            contributions=user_pass[1],
         )
 
     # --- ranking -----------------------------------------------------------------------------
 
     def rank(self, batch: Sequence[Candidates], weights: dict[str, float]) -> list[Ranked]:
-        """Multi-task scores of a batch of candidate lists, in one model pass."""
+        """Multi-task scores of a batch of candidate lists, from the user model's pass in retrieval."""
         width = max([1, *(len(c.item_idx) for c in batch)])
-        inputs = left_pad([c.history for c in batch], max([1, *(len(c.history) for c in batch)]))
         users = torch.tensor([c.user_idx for c in batch])
+        queries = {name: torch.from_numpy(np.stack([c.queries[name] for c in batch])) for name in self.model.task_names}
         offsets = np.cumsum([0, *(len(c.extra_vectors) for c in batch)])
         candidates = torch.zeros((len(batch), width), dtype=torch.long)
         for row, c in enumerate(batch):
@@ -222,8 +228,7 @@ class ServingModel:
             candidates[row, : len(shifted)] = torch.from_numpy(shifted)
         extra = torch.from_numpy(np.concatenate([c.extra_vectors for c in batch])) if offsets[-1] else None
         with torch.inference_mode():
-            scores = {name: value.float().numpy() for name, value in self.model.score_candidates(inputs, users, candidates, extra).items()}
-            contributions = self.model.attention_contributions(inputs, users).float().numpy()
+            scores = {name: value.float().numpy() for name, value in self.model.score_with_queries(queries, users, candidates, extra).items()}
             extra_keys = F.normalize(extra, dim=-1).numpy() if extra is not None else np.zeros((0, self.keys.shape[1]), np.float32)
         all_keys = np.concatenate([self.keys, extra_keys])
 
@@ -239,8 +244,6 @@ class ServingModel:
                 final = weights.get("retrieval", 0.0) * c.retrieval
                 final = final + (weights.get("like", 0.0) * p_like if p_like is not None else 0.0)
                 final = final + (weights.get("rating", 0.0) * rating if rating is not None else 0.0)
-            history = inputs[row].numpy()
-            positions = np.flatnonzero(history)
             ranked.append(Ranked(
                 model_version=self.version,
                 mode=c.mode,
@@ -251,9 +254,9 @@ class ServingModel:
                 rating=rating,
                 keys=keys,
                 groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
-                history_ids=[self.item_ids[i] for i in history[positions]],
-                history_keys=self.keys[history[positions]],
-                contributions=contributions[row][positions],
+                history_ids=[self.item_ids[i] for i in c.history],
+                history_keys=self.keys[c.history],
+                contributions=c.contributions,
             ))
         return ranked
 

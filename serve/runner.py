@@ -39,6 +39,14 @@ SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 #: the application's code version (which would restart every replica).
 DRIVER_FIELDS = {"model", "host", "port", "ray_address", "ray_num_cpus"}
 DEPLOY_TIMEOUT_S = 600
+#: Ray Serve's throughput flags (its performance guide): a replica runs user code, and a handle its
+#: router, on the replica's own event loop instead of a thread each, which saves two thread handoffs
+#: on every HTTP request and handle call (measured in bench/RESULTS.md). Then user code must not
+#: block that loop for long: model versions load in a worker thread (``_ModelHolder``), and a
+#: batch's forward pass takes milliseconds. Given to the application's replicas through its
+#: runtime_env, and to a local Ray instance (proxy included) through the environment it starts in;
+#: k8s/base/rayservice.yaml sets them on the cluster's pods. A variable already set wins.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 SERVE_CONFIG_HEADER = """\
 # Ray Serve config of polyrec's recommendation service (Ray Serve config schema, ray 2.60).
 #   serve run serve/serve_config.yaml      (or `serve deploy` to a running cluster)
@@ -137,6 +145,18 @@ def _swap_in_place(config: ServeConfig, current: str | None, model: str) -> None
 # --- the Serve config ------------------------------------------------------------------------
 
 
+def throughput_env() -> dict[str, str]:
+    """``SERVE_THROUGHPUT_ENV``, each variable as this process's environment has it if set."""
+    return {name: os.environ.get(name, value) for name, value in SERVE_THROUGHPUT_ENV.items()}
+
+
+def use_throughput_env() -> None:
+    """Put ``SERVE_THROUGHPUT_ENV`` in this process's environment (where not set), before it starts a
+    local Ray instance: every process of the instance, the HTTP proxy too, inherits it."""
+    for name, value in SERVE_THROUGHPUT_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def application_config(config: ServeConfig, *, models: list[str], active: str) -> dict[str, Any]:
     """The application's entry of a Serve config file: ``args`` from ``config``, and the model
     versions as ``user_config`` overrides (which a redeploy applies in place)."""
@@ -146,7 +166,7 @@ def application_config(config: ServeConfig, *, models: list[str], active: str) -
         "import_path": IMPORT_PATH,
         "args": config.model_dump(mode="json", exclude=DRIVER_FIELDS),
         # Replicas and the controller's build task import polyrec from this checkout, installed or not.
-        "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}},
+        "runtime_env": {"env_vars": {**throughput_env(), "PYTHONPATH": os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}},
         "deployments": [{"name": name, "user_config": user_config} for name, user_config in config.user_configs(models=models, active=active).items()],
     }
 
@@ -160,7 +180,8 @@ def serve_config_document(config: ServeConfig, args: dict[str, Any]) -> dict[str
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.port},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args, "deployments": deployments}
+            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
+             "runtime_env": {"env_vars": SERVE_THROUGHPUT_ENV}, "deployments": deployments}
         ],
     }
 
@@ -226,6 +247,7 @@ def _connect(config: ServeConfig) -> bool:
     if config.ray_address:
         ray.init(address=config.ray_address, logging_level="WARNING")
         return False
+    use_throughput_env()
     ray.init(num_cpus=config.ray_num_cpus, logging_level="WARNING")
     return True
 

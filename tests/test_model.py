@@ -188,6 +188,32 @@ def test_padding_never_attends_and_states_are_causal():
             model.user_state(torch.ones(1, 17, dtype=torch.long), users)
 
 
+def test_the_one_pass_for_serving_gives_the_encoders_queries_and_the_last_layers_attention():
+    model = build_model(model_config()).eval()
+    history, users = torch.tensor([[0, 0, 4, 9, 2], [3, 8, 1, 7, 6]]), torch.tensor([3, 0])
+    last = model.user_model.encoder.layers[-1]
+    assert last.norm_first  # the reference below normalises before attention
+    captured = {}
+    hook = last.register_forward_pre_hook(lambda module, args: captured.setdefault("hidden", args[0]))
+    with torch.no_grad():
+        states = model.sequence_states(history, users)  # the encoder's own forward
+        hook.remove()
+        queries, contributions = model.queries_and_contributions(history, users)
+        expected_queries = model.towers(states[:, -1])
+        torch.testing.assert_close(queries, expected_queries)
+
+        # Reference: softmax(q·k / sqrt(d_head)) of the last position over the real positions, averaged over heads.
+        x = last.norm1(captured["hidden"])
+        q, k, _ = F.linear(x, last.self_attn.in_proj_weight, last.self_attn.in_proj_bias).chunk(3, -1)
+        batch, length, width = x.shape
+        heads = last.self_attn.num_heads
+        q, k = q.view(batch, length, heads, -1)[:, -1], k.view(batch, length, heads, -1)
+        logits = torch.einsum("bhd,blhd->bhl", q, k) / (width // heads) ** 0.5
+        expected = logits.masked_fill((history == 0).unsqueeze(1), float("-inf")).softmax(-1).mean(1)
+    torch.testing.assert_close(contributions, expected)
+    assert contributions[0, :2].abs().max() == 0
+
+
 def test_switched_off_tasks_are_not_built():
     model = build_model(model_config(tasks={"like": False, "attributes": False}, towers={"kind": "shared_bottom"}))
     assert model.task_names == ["retrieval", "rating"]

@@ -7,8 +7,8 @@ query per task; the tasks (``train.tasks``) turn queries into losses and scores.
 
 Interface (RecBole style): ``calculate_loss(batch)`` for training (the losses are combined by
 ``train.weighting.LossWeighting``, which the trainer owns), ``predict``, ``full_sort_predict`` and
-``score_candidates`` for evaluation and serving. Histories
-are left-padded with item 0, the last column being the most recent item.
+``score_candidates`` for evaluation and serving (serving's retrieval and ranking stages share one
+user-model pass: ``queries_and_contributions``, then ``score_with_queries``). Histories are left-padded with item 0, the last column being the most recent item.
 
 Shapes: B users, L history positions, N items, A attributes, T tokens, d the user model's width
 (also the item vectors' width), H the backbone's width.
@@ -293,16 +293,20 @@ class UserModel(nn.Module):
         hidden, blocked = self._inputs(item_vectors, input_items, user_idx)
         return self.encoder(hidden, mask=blocked)
 
-    def last_position_attention(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor) -> Tensor:
-        """The last layer's attention of the last position over the history [B, L], averaged over heads."""
+    def forward_with_last_attention(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward``'s states [B, L, d] and, from the same pass, the last layer's attention of the
+        last position over the history [B, L], averaged over heads (serving needs both per request)."""
         hidden, blocked = self._inputs(item_vectors, input_items, user_idx)
         *earlier, last = self.encoder.layers
         for layer in earlier:
             hidden = layer(hidden, src_mask=blocked)
-        if last.norm_first:
-            hidden = last.norm1(hidden)
-        _, weights = last.self_attn(hidden, hidden, hidden, attn_mask=blocked, need_weights=True, average_attn_weights=True)
-        return weights[:, -1]
+        attended = last.norm1(hidden) if last.norm_first else hidden
+        _, weights = last.self_attn(attended[:, -1:], attended, attended, attn_mask=blocked[:, -1:], need_weights=True,
+                                    average_attn_weights=True)
+        states = last(hidden, src_mask=blocked)
+        if self.encoder.norm is not None:
+            states = self.encoder.norm(states)
+        return states, weights[:, 0]
 
 
 class MMoE(nn.Module):
@@ -466,7 +470,8 @@ class PolyrecModel(nn.Module):
         """The state after the whole history [B, d]."""
         return self.sequence_states(input_items, user_idx)[:, -1]
 
-    def _queries(self, input_items: Tensor, user_idx: Tensor) -> dict[str, Tensor]:
+    def user_queries(self, input_items: Tensor, user_idx: Tensor) -> dict[str, Tensor]:
+        """Each task's query [B, d]: its tower's output for the state after the whole history."""
         return self.towers(self.user_state(input_items, user_idx))
 
     def score_candidates(
@@ -476,7 +481,13 @@ class PolyrecModel(nn.Module):
         item 0), the rating (normalised scale), the like probability, the attribute affinity.
         ``extra_item_vectors`` [E, d] (e.g. from ``encode_item_text``) are items N+1 .. N+E; they
         have no learned biases."""
-        queries = self._queries(input_items, user_idx)
+        return self.score_with_queries(self.user_queries(input_items, user_idx), user_idx, candidate_items, extra_item_vectors)
+
+    def score_with_queries(
+        self, queries: Mapping[str, Tensor], user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``score_candidates`` for queries already computed by ``user_queries`` (or
+        ``queries_and_contributions``): the user model does not run again."""
         table = self.item_table()
         if extra_item_vectors is not None:
             table = torch.cat([table, extra_item_vectors.to(table)])
@@ -491,7 +502,7 @@ class PolyrecModel(nn.Module):
     def retrieval_query(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
         """Query vectors [B, d] whose inner products with ``retrieval_keys()`` are the retrieval logits
         (for an inner-product ANN index)."""
-        return self.tasks["retrieval"].query_embedding(self._queries(input_items, user_idx)["retrieval"])
+        return self.tasks["retrieval"].query_embedding(self.user_queries(input_items, user_idx)["retrieval"])
 
     def retrieval_keys(self) -> Tensor:
         """Key vectors [N+1, d] of every item for ``retrieval_query``."""
@@ -503,9 +514,13 @@ class PolyrecModel(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
+    def queries_and_contributions(self, input_items: Tensor, user_idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``user_queries`` and ``attention_contributions`` from one pass of the user model."""
+        items = self._step_items(input_items, None)
+        states, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx)
+        return self.towers(states[:, -1]), weights * (input_items != 0)
+
     def attention_contributions(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
         """How much each history position contributed to the last state [B, L] (the last layer's
         attention from the last position, averaged over heads); padding positions get 0."""
-        items = self._step_items(input_items, None)
-        weights = self.user_model.last_position_attention(items.lookup(input_items), input_items, user_idx)
-        return weights * (input_items != 0)
+        return self.queries_and_contributions(input_items, user_idx)[1]
