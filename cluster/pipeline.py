@@ -79,9 +79,11 @@ def run_pipeline(
     if not ray.is_initialized():
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
         # the app runs, so the instance advertises more logical CPUs than the machine has: otherwise the
-        # retraining's Ray Data and Train tasks (1 CPU each) would wait for the service forever.
+        # retraining's Ray Data and Train tasks (1 CPU each) would wait for the service forever. The dashboard
+        # stays on: Ray Train's placement-group cleaner asks its state API whether the training controller
+        # lives (without it, it logs a warning every few seconds while training runs).
         use_throughput_env()
-        ray.init(num_cpus=(os.cpu_count() or 2) + 2, include_dashboard=False)
+        ray.init(num_cpus=(os.cpu_count() or 2) + 2)
 
     def timed(stage: str, started: float) -> None:
         timings[stage] = time.perf_counter() - started

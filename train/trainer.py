@@ -10,6 +10,7 @@ early when validation NDCG@10 stops improving.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -39,6 +40,10 @@ from train.config import TrainConfig
 from train.evaluate import evaluate, rating_denormaliser
 from train.model import CatalogFeatures, PolyrecModel
 from train.weighting import LossWeighting
+
+# Not print: Ray Train's workers tee print to stdout and to the root logger, so each line would show
+# twice; the root logger alone reaches the console (and Ray Train's application log) once.
+logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = "validation/NDCG@10"
 CONSOLIDATED_WEIGHTS = "model.safetensors"
@@ -212,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             engine.load_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR))
             state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
         if rank == 0:
-            print(f"[polyrec train] resumed at epoch {state['epoch']} from {checkpoint.path}")
+            logger.info("[polyrec train] resumed at epoch %d from %s", state["epoch"], checkpoint.path)
 
     shard = ray.train.get_dataset_shard("train")
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.early_stopping_patience:
@@ -269,7 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         state["history"].append(metrics)
         if rank == 0:
             losses_text = " ".join(f"{k[len('train/loss_'):]}={v:.4f}" for k, v in metrics.items() if k.startswith("train/loss_"))
-            print(
+            logger.info(
                 f"[polyrec train] epoch {epoch + 1}/{config.epochs} {losses_text} "
                 f"val ndcg@10={score:.4f} hr@10={metrics['validation/HR@10']:.4f} ({train_seconds:.1f}s)"
                 + (" *" if improved else "")
@@ -294,7 +299,7 @@ def _warm_start(model: PolyrecModel, artifact_path: str, *, announce: bool) -> N
     compatible = {name: tensor for name, tensor in source.items() if name in target and target[name].shape == tensor.shape}
     model.load_state_dict(compatible, strict=False)
     if announce:
-        print(f"[polyrec train] warm start from {artifact_path}: {len(compatible)}/{len(target)} tensors")
+        logger.info("[polyrec train] warm start from %s: %d/%d tensors", artifact_path, len(compatible), len(target))
 
 
 def _fault_injection(epoch: int) -> None:
