@@ -248,7 +248,7 @@ def benchmark(config: ServeConfig, args: argparse.Namespace) -> str:
         f"{defaults.rerank.diversity}, batching {defaults.retrieval.batching.max_batch_size} / "
         f"{defaults.retrieval.batching.batch_wait_timeout_s * 1000:g} ms, colocated user lookups "
         f"{defaults.state.lookup_batching.max_batch_size} / {defaults.state.lookup_batching.batch_wait_timeout_s * 1000:g} ms, "
-        "default autoscaling), as the split graph, then redeployed as the colocated graph. Bare: one deployment returning a constant, same proxy. Each level: at most "
+        "default autoscaling), as the split graph, then redeployed as the colocated graph (`ServeConfig`'s default). Bare: one deployment returning a constant, same proxy. Each level: at most "
         f"{args.max_requests:,} requests or {args.max_seconds:.0f} s per target, in {args.rounds} turns alternating bare and "
         "recommend; the load generator runs on the same 2 cores.",
         "",

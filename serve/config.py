@@ -110,8 +110,10 @@ class FeedbackLogConfig(StageConfig):
     flush_interval_s: float = Field(5.0, gt=0)  # WAL → Parquet at least this often
     flush_max_events: int = Field(20_000, ge=1)  # ... or as soon as a WAL segment holds this many
     batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=64))
-    #: The Ingress gathers impressions for this long and sends them to the log in one call.
-    impression_batch_s: float = Field(0.1, gt=0)
+    #: The Ingress gathers impressions for this long and sends them to the log in one call: each call
+    #: costs the FeedbackLogger a Serve hop and a WAL fsync, whatever its size. Impressions are not
+    #: acknowledged to anyone, so waiting longer only risks the last second's on a crash.
+    impression_batch_s: float = Field(1.0, gt=0)
 
 
 class StateConfig(StageConfig):
@@ -129,13 +131,15 @@ class StateConfig(StageConfig):
 
 
 class ServeConfig(StageConfig):
-    #: ``split``: an Ingress and one deployment per stage (Retriever, Ranker, ReRanker), each scaled
-    #: on its own: the production layout. ``colocated``: one Recommender deployment serves the API
-    #: and runs retrieval, ranking and re-ranking in its replica, so that a recommendation's only
-    #: call to another replica is the user lookup in the UserStateStore (one call for concurrent
-    #: requests together) instead of four calls: for small machines, where such calls cost more
-    #: than the model. Both graphs answer alike.
-    graph: Graph = "split"
+    #: ``colocated``: one Recommender deployment serves the API and runs retrieval, ranking and
+    #: re-ranking in its replica, so that a recommendation's only call to another replica is the
+    #: user lookup in the UserStateStore (one call for concurrent requests together) instead of
+    #: four calls: the default, because on a few cores such a call costs more CPU than the model
+    #: (bench/RESULTS.md). ``split``: an Ingress and one deployment per stage (Retriever, Ranker,
+    #: ReRanker), each scaled and placed on its own: the layout of the cluster config
+    #: (``serve/serve_config.yaml``, the RayService), where stages get their own nodes or GPUs.
+    #: Both graphs answer alike.
+    graph: Graph = "colocated"
     #: The model artifact served at start (a local folder); later versions are swapped in with
     #: ``serve.runner.swap_model`` or ``polyrec serve --model`` and recorded in ``<state_dir>/versions.json``.
     model: str = "runs/default/model/artifact"

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import threading
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -34,8 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from ray.serve.metrics import Counter
 
 from serve.api import (
     FeedbackBatch,
@@ -51,7 +49,7 @@ from serve.api import (
 from serve.config import BatchingConfig, ServeConfig
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.messages import Candidates, Query, Ranked, RetrievalRequest
-from serve.recommendation import LATENCY_BOUNDARIES_MS, HandleStages, StageLatency, run_stages
+from serve.recommendation import HandleStages, StageLatency, run_stages
 from serve.rerank import final_items
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
@@ -81,37 +79,6 @@ app = FastAPI(
 )
 
 
-class RequestMetrics:
-    """Requests, errors and latency per route, counted for every answer including 4xx and 5xx."""
-
-    def __init__(self, inner: ASGIApp):
-        self.inner = inner
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        metrics: IngressMetrics = scope["app"].state.metrics
-        started, status = time.perf_counter(), 500
-
-        async def observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.inner(scope, receive, observed)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.requests.inc(tags={"route": route, "status": str(status)})
-            metrics.latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
-            if status >= 500:
-                metrics.errors.inc(tags={"route": route})
-
-
-app.add_middleware(RequestMetrics)
-
-
 @app.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 naming each bad field (``loc``); the offending input is echoed only when a JSON response
@@ -132,6 +99,7 @@ def _json_safe(value: Any) -> bool:
 async def _server_fault(request: Request, error: Exception) -> JSONResponse:
     """Only genuine server faults get here: every bad input is answered 4xx before."""
     logger.exception("internal error on %s %s", request.method, request.url.path)
+    request.app.state.metrics.errors.inc(tags={"route": getattr(request.scope.get("route"), "path", "unmatched")})
     return JSONResponse({"detail": "internal server error"}, 500)
 
 
@@ -150,10 +118,12 @@ def _invalid(location: tuple[Any, ...], message: str, value: Any) -> RequestVali
 
 
 class IngressMetrics:
+    """polyrec's own metrics. Requests, their latency and their errors by route and status are Ray
+    Serve's (``ray_serve_num_http_requests``, ``ray_serve_http_request_latency_ms``,
+    ``ray_serve_num_http_error_requests``, recorded by the HTTP proxy), so they are not counted twice."""
+
     def __init__(self) -> None:
-        self.requests = Counter("polyrec_requests", "HTTP requests by route and status", tag_keys=("route", "status"))
         self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
-        self.latency = Histogram("polyrec_request_latency_ms", "HTTP request latency", LATENCY_BOUNDARIES_MS, tag_keys=("route",))
         self.stage_latency = StageLatency()
         self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
         self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))

@@ -52,15 +52,15 @@ SERVE_CONFIG_HEADER = """\
 #   serve run serve/serve_config.yaml      (or `serve deploy` to a running cluster)
 # The KubeRay RayService's serveConfigV2 is generated from this file:
 #   python -m cluster.manifests sync       (see k8s/README.md)
-# Generated from serve.config.ServeConfig's defaults by serve.runner.write_serve_config_file; any
-# ServeConfig field may be added under args. Paths are relative to the working folder of the
-# workers: use absolute paths or URIs on a cluster.
+# Generated from serve.config.ServeConfig's defaults, with the split graph for a cluster, by
+# serve.runner.write_serve_config_file; any ServeConfig field may be added under args. Paths are
+# relative to the working folder of the workers: use absolute paths or URIs on a cluster.
 # Model swap without restart: set user_config {models: [OLD, NEW]} on Retriever and Ranker, apply,
 # then user_config {model: NEW} on Ingress and apply again (serve.runner.swap_model does both).
 # UserStateStore is the single shared copy of the server-side state: keep it at one replica.
-# On a small machine, `graph: colocated` under args serves the API and runs every model stage in
-# one Recommender deployment: list it instead of Ingress, Retriever, Ranker and ReRanker, and give
-# it both user_config keys {model, models} in a swap."""
+# On a small machine, `graph: colocated` (the default of `polyrec serve`) serves the API and runs
+# every model stage in one Recommender deployment: list it instead of Ingress, Retriever, Ranker and
+# ReRanker, and give it both user_config keys {model, models} in a swap."""
 
 
 @dataclass
@@ -275,8 +275,8 @@ def _serve_until_stopped(service: Service) -> None:
 
 
 def write_serve_config_file(path: Path = SERVE_CONFIG_FILE) -> None:
-    """Regenerate ``serve/serve_config.yaml`` from the ``ServeConfig`` defaults."""
-    config = ServeConfig()
-    document = serve_config_document(config, {"model": config.model, "feedback_log": config.feedback.path})
+    """Regenerate ``serve/serve_config.yaml``: the ``ServeConfig`` defaults with the cluster's split graph."""
+    config = ServeConfig(graph="split")
+    document = serve_config_document(config, {"graph": config.graph, "model": config.model, "feedback_log": config.feedback.path})
     header = "".join(line + "\n" for line in SERVE_CONFIG_HEADER.splitlines())
     path.write_text(header + yaml.safe_dump(document, sort_keys=False, width=120))

@@ -27,6 +27,7 @@ import pytest
 import ray
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
@@ -119,12 +120,14 @@ def start(artifacts: dict[str, str], graph: str) -> Service:
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
+def ray_instance() -> int:
+    """A local Ray instance; its Prometheus metrics port, whose values are at most a second old."""
     saved_key = os.environ.get("POLYREC_API_KEY")
     os.environ["POLYREC_API_KEY"] = API_KEY  # replicas inherit the environment of the Ray instance
-    ray.init(num_cpus=2, include_dashboard=False)
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
-        yield
+        yield metrics_port
         serve.shutdown()  # graceful: the FeedbackLogger flushes its WAL
     finally:
         ray.shutdown()
@@ -294,6 +297,45 @@ def test_colocated_graph_recommends_a_registered_item_at_once(colocated_client):
 
 def test_colocated_graph_reads_the_history_feedback_extends(colocated_client):
     check_feedback_extends_the_server_side_history(colocated_client)
+
+
+def metric_totals(port: int, wanted: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Per name in ``wanted``: the sum of the Prometheus samples of that name whose labels include the given ones."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    totals = dict.fromkeys(wanted, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted and wanted[sample.name].items() <= sample.labels.items():
+                totals[sample.name] += sample.value
+    return totals
+
+
+def test_colocated_graph_exports_stage_latency_feedback_events_and_requests_to_prometheus(colocated_client, ray_instance):
+    wanted = {
+        "ray_polyrec_stage_latency_ms_count": {"stage": "rank", "deployment": "Recommender"},
+        "ray_polyrec_feedback_events_total": {"event": "skip"},
+        "ray_serve_num_http_requests_total": {"route": "/v1/recommend", "application": APP_NAME},
+    }
+    before = metric_totals(ray_instance, wanted)
+    while True:  # until the earlier tests' requests have all been reported
+        time.sleep(2.5)
+        settled = metric_totals(ray_instance, wanted)
+        if settled == before:
+            break
+        before = settled
+    for user in ("1", "2", "3", "4"):
+        recommend(colocated_client, user_id=user, k=3)
+    skips = [{"user_id": "5", "item_id": item, "event": "skip"} for item in ("1", "2", "3")]
+    assert colocated_client.post("/v1/feedback", json={"events": skips}, headers=AUTH).status_code == 200
+    expected = {
+        "ray_polyrec_stage_latency_ms_count": before["ray_polyrec_stage_latency_ms_count"] + 4,
+        "ray_polyrec_feedback_events_total": before["ray_polyrec_feedback_events_total"] + 3,
+        "ray_serve_num_http_requests_total": before["ray_serve_num_http_requests_total"] + 4,
+    }
+    deadline = time.monotonic() + 60
+    while (after := metric_totals(ray_instance, wanted)) != expected and time.monotonic() < deadline:
+        time.sleep(1)
+    assert after == expected
 
 
 def test_colocated_graph_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service):
@@ -584,11 +626,13 @@ def test_config_rejects_a_scaled_out_state_store():
         ServeConfig.from_yaml(None, deployments={"UserStateStore": {"max_replicas": 2}})
 
 
-def test_serve_config_file_matches_the_defaults_and_builds():
+def test_serve_config_file_is_the_defaults_with_the_split_graph_and_builds():
     document = yaml.safe_load(SERVE_CONFIG_FILE.read_text())
     ServeDeploySchema.model_validate(document)
     application = document["applications"][0]
-    assert document == serve_config_document(ServeConfig(), application["args"])
+    assert application["args"]["graph"] == "split" and ServeConfig().graph == "colocated"
+    assert document == serve_config_document(ServeConfig(graph="split"), application["args"])
+    assert [d["name"] for d in application["deployments"]] == ["Ingress", "UserStateStore", "Retriever", "Ranker", "ReRanker", "FeedbackLogger"]
 
 
 def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys():
@@ -601,7 +645,7 @@ def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys
     assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments.values()) == pytest.approx(1.1)  # as the split graph
     swap = application_config(config, models=["old", "new"], active="new")["deployments"]
     assert swap == [{"name": "Recommender", "user_config": {"models": ["old", "new"], "model": "new"}}]
-    assert application_config(ServeConfig(), models=["old", "new"], active="old")["deployments"] == [
+    assert application_config(ServeConfig(graph="split"), models=["old", "new"], active="old")["deployments"] == [
         {"name": "Retriever", "user_config": {"models": ["old", "new"]}},
         {"name": "Ranker", "user_config": {"models": ["old", "new"]}},
         {"name": "Ingress", "user_config": {"model": "old"}},
