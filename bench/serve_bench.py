@@ -174,7 +174,7 @@ def model_work(config: ServeConfig) -> str:
     for batch in (1, 8):
         started = time.perf_counter()
         for start in range(0, len(contexts), batch):
-            requests = [RetrievalRequest(model=config.model, user_id=c.user_id, history=c.history, interests=None,
+            requests = [RetrievalRequest(model=config.model, user_id=c.user_id, history=c.history, history_ratings=c.history_ratings, interests=None,
                                          num_candidates=config.retrieval.num_candidates + 10, registry_version=0, exclude=c.seen)
                         for c in contexts[start : start + batch]]
             for ranked, context in zip(model.rank(model.retrieve(requests, config.state.history_length, 0.5), config.ranking.weights), contexts[start:]):

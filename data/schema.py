@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: training rows are chunks of max_history + 1 holding every training interaction
+SCHEMA_VERSION = 3  # 2: training rows are chunks of max_history + 1 holding every training interaction; 3: history_ratings
 
 # --- What readers produce -------------------------------------------------------------------
 
@@ -119,6 +119,7 @@ EVAL_SEQUENCE = pa.schema(
     [
         pa.field("user_idx", pa.int32(), nullable=False),
         pa.field("history", pa.list_(pa.int32()), nullable=False),  # last max_history items
+        pa.field("history_ratings", pa.list_(pa.float32()), nullable=False),  # theirs, normalised; NaN if none
         pa.field("seen_items", pa.list_(pa.int32()), nullable=False),  # every earlier item
         pa.field("target_item", pa.int32(), nullable=False),
         pa.field("target_rating", pa.float32()),  # normalised; NaN if none

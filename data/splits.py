@@ -232,6 +232,7 @@ def build_sequences(
             {
                 "user_idx": pa.array(user_idx[targets], pa.int32()),
                 "history": gather_ranges(item_idx, np.maximum(first, targets - features.max_history), targets, pa.int32()),
+                "history_ratings": gather_ranges(ratings, np.maximum(first, targets - features.max_history), targets, pa.float32()),
                 "seen_items": gather_ranges(item_idx, first, targets, pa.int32()),
                 "target_item": pa.array(item_idx[targets], pa.int32()),
                 "target_rating": pa.array(ratings[targets], pa.float32()),

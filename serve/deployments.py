@@ -372,7 +372,8 @@ class Ingress:
         await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
         for row in rows:
             self.metrics.feedback_events.inc(tags={"event": row["event"]})
-        interactions = [(row["user_id"], row["item_id"]) for row in rows if row["event"] in self.history_events]
+        interactions = [(row["user_id"], row["item_id"], row["value"] if row["event"] == "rate" else None)
+                        for row in rows if row["event"] in self.history_events]
         if interactions:
             try:
                 await self.metrics.stage_latency.timed("state", self.store.record.remote(interactions))
@@ -430,9 +431,10 @@ class UserStateStore:
     async def popular(self, n: int) -> list[tuple[str, int]]:
         return self.state.popular(n)
 
-    async def record(self, interactions: list[tuple[str, str]]) -> None:
-        for user_id, item_id in interactions:
-            self.state.record(user_id, item_id)
+    async def record(self, interactions: list[tuple[str, str, float | None]]) -> None:
+        """(user_id, item_id, raw rating of a ``rate`` event or None), in the order they happened."""
+        for user_id, item_id, rating in interactions:
+            self.state.record(user_id, item_id, rating)
 
     async def register(self, item_id: str, title: str, text: str) -> RegisteredItem:
         return self.state.register(item_id, title, text, now_ms())

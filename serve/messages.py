@@ -44,6 +44,7 @@ class RetrievalRequest:
     model: str  # artifact path: the version every stage of this request uses
     user_id: str
     history: list[str]  # item ids, oldest first
+    history_ratings: list[float]  # the user's raw rating of each, NaN where none
     interests: str | None
     num_candidates: int
     registry_version: int  # registered items up to here must be searchable

@@ -134,6 +134,12 @@ class ServingModel:
         ignored = [item_id for item_id in dict.fromkeys(history) if not self.knows(item_id)]
         return known[-length:], ignored
 
+    def history_ratings(self, request: RetrievalRequest, length: int, user: int) -> list[float]:
+        """The normalised ratings of ``resolve_history``'s items (NaN where none), as the model reads them."""
+        raw = [rating for item_id, rating in zip(request.history, request.history_ratings) if item_id in self.item_index][-length:]
+        offset = self.rating_offsets[user] if user < len(self.rating_offsets) else 0.0
+        return ((np.array(raw, dtype=np.float64) - self.rating.shift - offset) / self.rating.scale).tolist()
+
     def retrieve(self, requests: Sequence[RetrievalRequest], history_length: int, interests_weight: float) -> list[Candidates]:
         """Candidates for a batch of requests: one user-model pass and one index search."""
         resolved = [self.resolve_history(request.history, history_length) for request in requests]
@@ -152,8 +158,11 @@ class ServingModel:
         retrieval_task = self.model.tasks["retrieval"]
         with torch.inference_mode():
             # One user-model pass for the whole batch: ranking reuses its task queries and attention.
-            inputs = left_pad([history for history, _ in resolved], max([1, *(len(history) for history, _ in resolved)]))
-            task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx))
+            width = max([1, *(len(history) for history, _ in resolved)])
+            inputs = left_pad([history for history, _ in resolved], width)
+            ratings = left_pad([self.history_ratings(request, history_length, user) for request, user in zip(requests, user_idx)],
+                               width, pad_value=float("nan"), dtype=torch.float32)
+            task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx), ratings)
             queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
             queries[personal] = retrieval_task.query_embedding(task_queries["retrieval"][personal]).float().numpy()
             task_queries = {name: query.float().numpy() for name, query in task_queries.items()}

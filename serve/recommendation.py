@@ -10,6 +10,7 @@ ColocatedStages``), by the same code, batched across concurrent requests. Every 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ async def run_stages(query: Query, stages: Stages, config: ServeConfig, latency:
         model=query.model,
         user_id=query.user_id,
         history=context.history + query.history,
+        history_ratings=context.history_ratings + [math.nan] * len(query.history),  # a request's own history has no ratings
         interests=query.interests,
         num_candidates=config.retrieval.num_candidates + query.k,
         registry_version=context.registry_version,

@@ -11,6 +11,7 @@ In production, a shared store such as Redis would hold the same keys (``history:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import pyarrow.compute as pc
 
 from data import schema
 from data.errors import InputError
+from data.pipeline import load_manifest
 from data.storage import exists, read_table, resolve
 from serve.config import StateConfig
 from serve.feedback_log import read_feedback_log
@@ -35,6 +37,7 @@ class ItemExists(InputError):
 class UserContext:
     user_id: str
     history: list[str]  # most recent last, at most ``history_length`` items
+    history_ratings: list[float]  # the rating the user gave each of them (raw scale); NaN: none
     seen: list[str]  # every remembered item of the user (up to ``max_seen_items``)
     registry_version: int  # registered items up to this sequence number exist
 
@@ -52,7 +55,7 @@ class RegisteredItem:
 class ServerState:
     config: StateConfig
     registry_file: Path
-    histories: dict[str, deque[str]] = field(default_factory=dict)
+    histories: dict[str, deque[tuple[str, float]]] = field(default_factory=dict)  # (item_id, raw rating or NaN)
     popularity: Counter[str] = field(default_factory=Counter)
     registered: list[RegisteredItem] = field(default_factory=list)
     registered_ids: set[str] = field(default_factory=set)
@@ -65,7 +68,10 @@ class ServerState:
         state = cls(config, Path(state_dir) / "items.jsonl")
         events = [training_interactions(training_data)] if training_data else []
         logged = read_feedback_log(feedback_log, wal_dir)
-        events.append(logged.filter(pc.is_in(logged["event"], pa.array(config.history_events))).select(["user_id", "item_id", "ts"]))
+        logged = logged.filter(pc.is_in(logged["event"], pa.array(config.history_events)))
+        rated = pc.equal(logged["event"], "rate")
+        events.append(pa.table({"user_id": logged["user_id"], "item_id": logged["item_id"], "ts": logged["ts"],
+                                "rating": pc.if_else(rated, logged["value"], pa.scalar(None, pa.float64()))}))
         state.record_many(pa.concat_tables(events, promote_options="permissive").sort_by("ts"))
         state.load_registry()
         return state
@@ -80,21 +86,24 @@ class ServerState:
     # --- users ---------------------------------------------------------------------------------
 
     def record_many(self, events: pa.Table) -> None:
-        """Time-ordered (user_id, item_id) rows extend the histories and the popularity counts."""
-        for user_id, item_id in zip(events["user_id"].to_pylist(), events["item_id"].to_pylist()):
-            self.record(user_id, item_id)
+        """Time-ordered (user_id, item_id, rating) rows extend the histories and the popularity counts."""
+        ratings = pc.fill_null(events["rating"], np.nan).to_pylist()
+        for user_id, item_id, rating in zip(events["user_id"].to_pylist(), events["item_id"].to_pylist(), ratings):
+            self.record(user_id, item_id, rating)
 
-    def record(self, user_id: str, item_id: str) -> None:
+    def record(self, user_id: str, item_id: str, rating: float | None = None) -> None:
+        """``rating``: the raw rating of a ``rate`` event; None for other events."""
         history = self.histories.get(user_id)
         if history is None:
             history = self.histories[user_id] = deque(maxlen=self.config.max_seen_items)
-        history.append(item_id)
+        history.append((item_id, math.nan if rating is None else float(rating)))
         self.popularity[item_id] += 1
 
     def context(self, user_id: str) -> UserContext:
         remembered = self.histories.get(user_id, ())
         recent = list(remembered)[-self.config.history_length :]
-        return UserContext(user_id, recent, list(dict.fromkeys(remembered)), len(self.registered))
+        return UserContext(user_id, [item for item, _ in recent], [rating for _, rating in recent],
+                           list(dict.fromkeys(item for item, _ in remembered)), len(self.registered))
 
     def popular(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` most interacted-with items and their counts, most popular first (ties by id)."""
@@ -124,8 +133,8 @@ class ServerState:
 
 
 def training_interactions(data_dir: str) -> pa.Table:
-    """(user_id, item_id, ts in ms) of a preprocessing output: each user's training sequence and
-    the validation and test targets, i.e. the whole known recent history."""
+    """(user_id, item_id, ts in ms, raw rating or null) of a preprocessing output: each user's
+    training sequence and the validation and test targets, i.e. the whole known recent history."""
     location = resolve(data_dir)
     if not exists(location, schema.USER_VOCAB_PATH):
         raise InputError(f"training_data: {data_dir} has no {schema.USER_VOCAB_PATH}; is it a preprocessing output?")
@@ -134,20 +143,30 @@ def training_interactions(data_dir: str) -> pa.Table:
     user_ids = _by_index(users, "user_idx", "user_id")
     item_ids = _by_index(items, "item_idx", "item_id")
 
+    # The sequences hold normalised ratings: normalised = (raw - shift - user's rating_offset) / scale.
+    normalisation = load_manifest(data_dir).rating
+    offsets = np.zeros(int(users["user_idx"].to_numpy().max(initial=0)) + 1)
+    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
+
     train = read_table(location, f"{schema.SEQUENCES_DIR}/train")
     lengths = pc.list_value_length(train["items"]).to_numpy(zero_copy_only=False)
-    parts = [(np.repeat(train["user_idx"].to_numpy(), lengths),
+    train_users = np.repeat(train["user_idx"].to_numpy(), lengths)
+    train_ratings = pc.list_flatten(train["ratings"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    parts = [(train_users,
               pc.list_flatten(train["items"]).to_numpy(zero_copy_only=False),
-              pc.list_flatten(train["timestamps"]).to_numpy(zero_copy_only=False))]
+              pc.list_flatten(train["timestamps"]).to_numpy(zero_copy_only=False),
+              train_ratings * normalisation.scale + normalisation.shift + offsets[train_users])]
     for split in schema.SPLITS[1:]:
         if exists(location, f"{schema.SEQUENCES_DIR}/{split}"):
             targets = read_table(location, f"{schema.SEQUENCES_DIR}/{split}")
-            parts.append((targets["user_idx"].to_numpy(), targets["target_item"].to_numpy(), targets["target_timestamp"].to_numpy()))
-    user_idx, item_idx, seconds = (np.concatenate(columns) for columns in zip(*parts))
+            parts.append((targets["user_idx"].to_numpy(), targets["target_item"].to_numpy(), targets["target_timestamp"].to_numpy(),
+                          pc.fill_null(targets["target_rating_raw"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)))
+    user_idx, item_idx, seconds, ratings = (np.concatenate(columns) for columns in zip(*parts))
     return pa.table({
         "user_id": pa.array(user_ids[user_idx]),
         "item_id": pa.array(item_ids[item_idx]),
         "ts": pa.array(seconds.astype(np.int64) * 1000),
+        "rating": pa.array(ratings, pa.float64(), from_pandas=True),  # NaN → null
     })
 
 

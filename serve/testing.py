@@ -23,6 +23,8 @@ from transformers import AutoTokenizer
 
 from data import schema
 from data.config import DEFAULT_DATASET_DIR
+from data.features import RatingNormalisation
+from data.pipeline import Manifest, SplitSize, TokenizerInfo
 from train.artifact import save_artifact
 from train.backbone import default_backbone_path
 from train.config import ModelConfig
@@ -91,6 +93,9 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
     torch.manual_seed(seed)
     model = PolyrecModel(config, num_users=users.num_rows, num_items=items.num_rows, num_attributes=len(GENRES),
                          catalog=catalog, rating_mean=float(ratings["rating"].mean()))
+    with torch.no_grad():  # zero at the start of training; random here, so that a history's ratings change the answers
+        model.user_model.rating_direction.normal_(std=0.5)
+        model.user_model.rated_embedding.normal_(std=0.5)
     model.tokenizer = tokenizer  # saved beside the backbone, so the artifact can encode new items
     return save_artifact(
         model,
@@ -105,7 +110,8 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
 
 
 def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
-    """The vocabularies and training sequences (every rating, time-ordered) in the preprocessing layout."""
+    """The vocabularies and training sequences (every rating, time-ordered, raw: no normalisation) in
+    the preprocessing layout, with a manifest saying so."""
     out_dir = Path(out_dir)
     items, users, ratings = movielens_tables(num_users)
     (out_dir / "vocab").mkdir(parents=True, exist_ok=True)
@@ -121,4 +127,17 @@ def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
         "timestamps": pa.array([g["ts"].tolist() for _, g in grouped], pa.list_(pa.int64())),
     }, schema=schema.TRAIN_SEQUENCE)
     pq.write_table(sequences, out_dir / schema.SEQUENCES_DIR / "train" / "part-0.parquet")
+    tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)
+    manifest = Manifest(
+        schema_version=schema.SCHEMA_VERSION, created_at=pd.Timestamp.now("UTC").isoformat(), config={}, input_files=[],
+        input_hash=f"movielens-100k-first-{num_users}-users", content_hash=f"movielens-100k-first-{num_users}-users",
+        num_input_interactions=len(ratings), steps=[], kcore_iterations=0, kcore_converged=True, quarantine=[],
+        num_interactions=len(ratings), num_users=users.num_rows, num_items=items.num_rows, num_attributes=len(GENRES),
+        num_cold_items=0, cold_withheld_interactions=0, temporal_cutoffs=None,
+        splits={"train": SplitSize(rows=sequences.num_rows, interactions=len(ratings))},
+        rating=RatingNormalisation(kind="none"),
+        tokenizer=TokenizerInfo(path=str(default_backbone_path()), class_name=type(tokenizer).__name__, vocab_size=tokenizer.vocab_size,
+                                pad_token_id=tokenizer.pad_token_id, max_text_tokens=MAX_TEXT_TOKENS),
+    )
+    (out_dir / schema.MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return str(out_dir)

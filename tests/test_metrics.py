@@ -137,7 +137,8 @@ def test_regression_errors_by_hand():
 
 def _eval_table(rows: list[dict]) -> pa.Table:
     defaults = {"target_timestamp": 0, "target_rating_raw": None, "is_cold_target": False}
-    return pa.Table.from_pylist([defaults | row for row in rows], schema=EVAL_SEQUENCE)
+    return pa.Table.from_pylist([defaults | {"history_ratings": [float("nan")] * len(row["history"])} | row for row in rows],
+                                schema=EVAL_SEQUENCE)
 
 
 def test_left_pad_keeps_the_most_recent_items():
@@ -255,7 +256,8 @@ def _random_tables(num_items: int, num_users: int, seed: int) -> tuple[pa.Table,
         train_rows.append({"user_idx": user, "items": items[:-1], "ratings": ratings[:-1].tolist(),
                            "likes": generator.integers(-1, 2, len(items) - 1).tolist(),
                            "timestamps": list(range(len(items) - 1))})
-        eval_rows.append({"user_idx": user, "history": items[-6:-1], "seen_items": items[:-1], "target_item": items[-1],
+        eval_rows.append({"user_idx": user, "history": items[-6:-1], "history_ratings": ratings[-6:-1].tolist(),
+                          "seen_items": items[:-1], "target_item": items[-1],
                           "target_rating": float(ratings[-1]), "target_rating_raw": float(2 * ratings[-1] + user),
                           "target_like": int(generator.integers(-1, 2)), "is_cold_target": bool(user % 7 == 0)})
     return pa.Table.from_pylist(train_rows, schema=TRAIN_SEQUENCE), _eval_table(eval_rows)

@@ -188,6 +188,83 @@ def test_padding_never_attends_and_states_are_causal():
             model.user_state(torch.ones(1, 17, dtype=torch.long), users)
 
 
+def test_history_ratings_are_read_causally_and_a_missing_one_adds_nothing():
+    model = build_model(model_config()).eval()
+    with torch.no_grad():  # zero at initialisation (training starts from the model without ratings)
+        assert model.user_model.rating_direction.abs().max() == 0 and model.user_model.rated_embedding.abs().max() == 0
+        model.user_model.rating_direction.normal_()
+        model.user_model.rated_embedding.normal_()
+    users, history = torch.tensor([3]), torch.tensor([[0, 0, 4, 9, 2, 17]])
+    nan = float("nan")
+    with torch.no_grad():
+        unrated = model.sequence_states(history, users)
+        torch.testing.assert_close(model.sequence_states(history, users, torch.full((1, 6), nan)), unrated)
+        ratings = torch.tensor([[5.0, -7.0, nan, 1.0, nan, nan]])  # the padding's "ratings" are ignored
+        rated = model.sequence_states(history, users, ratings)
+        torch.testing.assert_close(rated[:, :3], unrated[:, :3])
+        assert (rated[0, 3:] - unrated[0, 3:]).abs().amax(-1).min() > 1e-3
+        torch.testing.assert_close(rated, model.sequence_states(history, users, torch.tensor([[nan, nan, nan, 1.0, nan, nan]])))
+        # A rating at the mean adds only the "rated" vector; the direction scales with the distance from the mean.
+        at_mean = model.user_model._rating_inputs(torch.tensor([[0.25, 2.25]]), torch.tensor([[True, True]]))
+        torch.testing.assert_close(at_mean[0, 0], model.user_model.rated_embedding)
+        torch.testing.assert_close(at_mean[0, 1] - at_mean[0, 0], 2.0 * model.user_model.rating_direction)
+    assert not model.config.user_model.rating_input or build_model(model_config(user_model={"rating_input": False})).user_model.rating_direction is None
+
+
+def test_a_users_mood_is_learned_from_the_ratings_of_the_history():
+    """Each row's ratings are one mood (+1 or -1) that neither the items nor the user say: only the
+    history's ratings can predict the next rating, read by the user model or by the rating task's
+    recent level."""
+
+    def mood_batch(generator: torch.Generator, size: int = 32, length: int = 6) -> dict[str, torch.Tensor]:
+        items = torch.randint(1, NUM_WARM + 1, (size, length + 1), generator=generator)
+        mood = torch.where(torch.rand(size, 1, generator=generator) < 0.5, 1.0, -1.0).expand(size, length + 1).clone()
+        return {"input_items": items[:, :-1], "target_items": items[:, 1:], "input_ratings": mood[:, :-1],
+                "target_ratings": mood[:, 1:], "target_likes": torch.full((size, length), -1),
+                "user_idx": torch.randint(1, NUM_USERS + 1, (size,), generator=generator)}
+
+    held_out = {}
+    for reader in ("user model", "recent level", None):
+        model = build_model(model_config(user_model={"rating_input": reader == "user model"},
+                                         tasks={"retrieval": False, "like": False, "attributes": False,
+                                                "rating_recency": reader == "recent level"}))
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(150):
+            loss = model.calculate_loss(mood_batch(generator))["rating"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            held_out[reader] = model.eval().calculate_loss(mood_batch(torch.Generator().manual_seed(7), size=256))["rating"].item()
+    assert held_out[None] > 0.8  # the mood's variance is 1
+    # The recent level is shrunk towards 0 by its prior pseudo-ratings, which matters over six positions.
+    assert held_out["user model"] < 0.2 and held_out["recent level"] < 0.4, held_out
+
+
+def test_the_rating_tasks_recent_level_as_computed_by_hand():
+    model = build_model(model_config()).eval()
+    rating = model.tasks["rating"]
+    with torch.no_grad():
+        rating.item_bias.weight[3] = 0.5
+        rating.item_bias.weight[7] = -0.25
+        rating.decay_logit.fill_(0.0)  # decay 0.5 per step back
+        rating.prior_logit.fill_(math.log(math.e - 1))  # softplus: 1 pseudo-rating
+    nan = float("nan")
+    items, ratings = torch.tensor([[0, 3, 5, 7]]), torch.tensor([[2.0, 1.25, nan, 1.0]])  # the padding's rating is ignored
+    residual_3, residual_7 = 1.25 - 0.25 - 0.5, 1.0 - 0.25 + 0.25  # rating - mu - b_i
+    expected = [0.0, residual_3 / (1 + 1), 0.5 * residual_3 / (0.5 + 1), (0.25 * residual_3 + residual_7) / (0.25 + 1 + 1)]
+    with torch.no_grad():
+        torch.testing.assert_close(rating.recent_level(items, ratings)[0], torch.tensor(expected))
+        users = torch.tensor([2])
+        query = model.user_queries(items, users, ratings)["rating"]
+        assert query[0, -1].item() == pytest.approx(expected[-1])
+        unrated = model.score_candidates(items, users, torch.tensor([[9]]))["rating"]
+        rated = model.score_candidates(items, users, torch.tensor([[9]]), input_ratings=ratings)["rating"]
+    torch.testing.assert_close(rated - unrated, torch.tensor([[expected[-1]]]), atol=1e-5, rtol=0)
+
+
 def test_the_one_pass_for_serving_gives_the_encoders_queries_and_the_last_layers_attention():
     model = build_model(model_config()).eval()
     history, users = torch.tensor([[0, 0, 4, 9, 2], [3, 8, 1, 7, 6]]), torch.tensor([3, 0])
@@ -199,7 +276,7 @@ def test_the_one_pass_for_serving_gives_the_encoders_queries_and_the_last_layers
         states = model.sequence_states(history, users)  # the encoder's own forward
         hook.remove()
         queries, contributions = model.queries_and_contributions(history, users)
-        expected_queries = model.towers(states[:, -1])
+        expected_queries = model.user_queries(history, users)
         torch.testing.assert_close(queries, expected_queries)
 
         # Reference: softmax(q·k / sqrt(d_head)) of the last position over the real positions, averaged over heads.
@@ -274,7 +351,9 @@ def test_scores_agree_across_predict_full_sort_and_candidates(trained):
 
     # The rating is <u, i> / sqrt(d) + b_u + b_i + mu, on the rating tower's query.
     with torch.no_grad():
-        query = model.towers(model.user_state(inputs, users))["rating"]
+        query = model.user_queries(inputs, users)["rating"]
+        query, level = query[:, :-1], query[:, -1]  # no ratings in the history: the recent level is 0
+        assert level.abs().max() == 0
         rating = model.tasks["rating"]
         expected = ((query * model.item_table()[targets]).sum(-1) / 32 ** 0.5 + rating.user_bias.weight[users, 0]
                     + rating.item_bias.weight[targets, 0] + 0.25)

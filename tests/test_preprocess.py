@@ -176,6 +176,8 @@ def test_ml100k_end_to_end(ml100k) -> None:
         assert test.loc[user, "seen_items"] == history[:-1]
         assert test.loc[user, "history"] == history[:-1][-50:]
         assert validation.loc[user, "history"] == history[:-2][-50:]
+        ratings = expected[expected["user"] == user]["rating"].astype(float).tolist()
+        assert test.loc[user, "history_ratings"].tolist() == ratings[:-1][-50:]  # "none": raw
     raw = expected[expected["from_end"] == 0].set_index("user")["rating"].astype(float)
     assert (test["target_rating"] == test.index.map(raw)).all()  # "none": ratings stay raw
 
@@ -307,6 +309,8 @@ def test_leave_one_out_with_a_timestamp_tie_and_user_centring(tmp_path) -> None:
     assert train.loc["a", "ratings"].tolist() == [0.0, 1.0, -1.0]
     assert train.loc["a", "likes"].tolist() == [0, 1, 0]  # 3 < 4, 4 ≥ 4, 2 < 4
     assert (test.loc["a", "target_rating"], test.loc["a", "target_rating_raw"]) == (-2.0, 1.0)
+    assert validation.loc["a", "history_ratings"].tolist() == [1.0, -1.0]  # i1 (4), i2 (2), centred on 3
+    assert test.loc["a", "history_ratings"].tolist() == [-1.0, 2.0]  # i2 (2), i3 (5)
     assert train.loc["b", "ratings"][0] == 0.0 and np.isnan(train.loc["b", "ratings"][1])
     assert train.loc["b", "likes"].tolist() == [1, 1]  # 5 ≥ 4; a "like" event
     assert manifest.rating.model_dump() == {"kind": "user_center", "shift": 0.0, "scale": 1.0}

@@ -536,16 +536,21 @@ def test_ranker_score_mixes_the_task_outputs_with_the_rating_on_the_raw_scale(tm
     model = ServingModel(str(path))
     history_ids = ["50", "181", "1", "50"]
     history = [model.item_index[item] for item in history_ids]
-    request = RetrievalRequest(model=str(path), user_id="3", history=history_ids, interests=None, num_candidates=20,
-                               registry_version=0, exclude=["50", "181", "1"])
+    raw_ratings = [5.0, float("nan"), 2.0, 3.0]
+    ratings = torch.tensor([[(4.0 / 4), float("nan"), (1.0 / 4), (2.0 / 4)]])  # (raw - 1) / 4; none stays none
+    request = RetrievalRequest(model=str(path), user_id="3", history=history_ids, history_ratings=raw_ratings, interests=None,
+                               num_candidates=20, registry_version=0, exclude=["50", "181", "1"])
     candidates = model.retrieve([request], history_length=50, interests_weight=0.5)[0]
     assert len(candidates.item_ids) == 20 and not {"50", "181", "1"} & set(candidates.item_ids)
     ranked = model.rank([candidates], {"retrieval": 1.0, "like": 2.0, "rating": 0.5})[0]
 
     user_idx = model.user_index["3"]
     with torch.no_grad():
-        direct = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None])
-        attention = model.model.attention_contributions(torch.tensor([history]), torch.tensor([user_idx]))[0].numpy()
+        direct = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None],
+                                              input_ratings=ratings)
+        attention = model.model.attention_contributions(torch.tensor([history]), torch.tensor([user_idx]), ratings)[0].numpy()
+        unrated = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None])
+    assert not np.allclose(unrated["rating"].numpy(), direct["rating"].numpy(), atol=1e-3)  # the ratings are read
     assert candidates.retrieval == pytest.approx(direct["retrieval"][0].numpy(), abs=1e-4)
     assert ranked.p_like == pytest.approx(direct["like"][0].numpy(), abs=1e-5)
     assert ranked.rating == pytest.approx(direct["rating"][0].numpy() * 4.0 + 1.0, abs=1e-4)
@@ -565,7 +570,8 @@ def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_p
     data = build_training_data(tmp_path / "data", num_users=NUM_USERS)
     log = FeedbackLog(str(tmp_path / "feedback"), tmp_path / "wal", writer="w")
     clicks = [{"event_id": f"c{i}", "ts": 2_000_000_000_000 + i, "user_id": "1", "item_id": item, "event": "click"} for i, item in enumerate(["7", "8"])]
-    log.append(clicks + impression_rows(request_id="r", user_id="1", items=[("9", 1.0)], model_version="v", ts=1))
+    rated = {"event_id": "r1", "ts": 2_000_000_000_003, "user_id": "1", "item_id": "8", "event": "rate", "value": 2.0}
+    log.append(clicks + [rated] + impression_rows(request_id="r", user_id="1", items=[("9", 1.0)], model_version="v", ts=1))
     log.flush()
     log.append([{**clicks[0], "event_id": "c2", "ts": 2_000_000_000_005}])  # still in the WAL
 
@@ -575,9 +581,12 @@ def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_p
     # Sequences list equal timestamps in item-number order; the state must keep that order.
     frame = frame.assign(number=frame["item"].astype(int)).sort_values(["ts", "number"], kind="stable")
     training = frame[frame["user"] == "1"]["item"].tolist()
-    assert state.context("1").history == (training + ["7", "8", "7"])[-5:]
+    assert state.context("1").history == (training + ["7", "8", "8", "7"])[-5:]
+    # Each item's raw rating: the training data's, a rate event's value, none for a click.
+    expected_ratings = frame[frame["user"] == "1"]["rating"].astype(float).tolist()[-1:] + [np.nan, np.nan, 2.0, np.nan]
+    np.testing.assert_array_equal(state.context("1").history_ratings, expected_ratings)
     assert set(state.context("1").seen) == set(training) | {"7", "8"}
-    counts = Counter(frame["item"]) + Counter({"7": 2, "8": 1})
+    counts = Counter(frame["item"]) + Counter({"7": 2, "8": 2})
     assert state.popular(3) == sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:3]
 
     state.register("new-1", "New", "some text", ts=1)

@@ -34,6 +34,12 @@ class UserModelConfig(StageConfig):
     max_positions: int = Field(256, ge=1)
     #: Initialise the user transformer from the backbone's first layers (same width required).
     init_from_backbone: bool = False
+    #: The ratings of the history are input too (a user's recent ratings say more about their next
+    #: one than their average does); positions without a rating (clicks, views) get none.
+    rating_input: bool = True
+    #: Share of the history's ratings hidden in training, so that a history of clicks alone, as
+    #: served feedback often is, is not new to the model.
+    rating_dropout: float = Field(0.2, ge=0, lt=1)
 
 
 class ItemEncoderConfig(StageConfig):
@@ -57,6 +63,9 @@ class TaskConfig(StageConfig):
     retrieval_loss: Literal["full", "sampled"] = "full"
     num_sampled_negatives: int = 512
     temperature: float = 0.07
+    #: The rating task's user bias follows the user's recent ratings (a time-aware b_u, as in Koren's
+    #: timeSVD++): the history's rating residuals, weighted by a learned decay per step back.
+    rating_recency: bool = True
 
 
 class LossWeightingConfig(StageConfig):

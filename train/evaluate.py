@@ -57,6 +57,7 @@ RatingDenormaliser = Callable[[np.ndarray, np.ndarray], np.ndarray]
 EVAL_COLUMNS = (
     "user_idx",
     "history",
+    "history_ratings",
     "seen_items",
     "target_item",
     "target_rating",
@@ -97,6 +98,7 @@ def collate_eval_rows(rows: pa.Table, max_history: int) -> tuple[dict[str, Tenso
     """One eval batch from ``EVAL_SEQUENCE`` rows: the model's input, each row's seen items, its cold flag."""
     batch = {
         "input_items": left_pad(rows["history"].to_pylist(), max_history),
+        "input_ratings": left_pad(rows["history_ratings"].to_pylist(), max_history, pad_value=float("nan"), dtype=torch.float32),
         "user_idx": _long_tensor(rows["user_idx"]),
         "target_items": _long_tensor(rows["target_item"]),
         "target_ratings": torch.from_numpy(_float_column(rows["target_rating"])),

@@ -225,13 +225,15 @@ class UserModel(nn.Module):
 
     Positions count from the oldest item of each row, so a history's states do not depend on how
     much left padding it has. A zero-initialised user embedding is added to every input (users not
-    seen in training get none). Attention: a position sees itself and earlier non-padding
+    seen in training get none), and with ``rating_input`` each rated position's rating, centred on
+    the mean rating, along a learned direction plus a learned "rated" vector (both zero at first, so
+    training starts from the model without them; ``rating_dropout`` hides some in training). Attention: a position sees itself and earlier non-padding
     positions; a padding position sees only itself (so an empty history still has a state).
     ``init_from_backbone`` copies the backbone's first layers, which then also fix the heads,
     feed-forward width and (post-)LayerNorm placement.
     """
 
-    def __init__(self, config: UserModelConfig, num_users: int, backbone: PreTrainedModel | None):
+    def __init__(self, config: UserModelConfig, num_users: int, backbone: PreTrainedModel | None, rating_mean: float = 0.0):
         super().__init__()
         width = config.hidden_size
         settings = dict(
@@ -276,27 +278,48 @@ class UserModel(nn.Module):
         nn.init.zeros_(self.user_embedding.weight)
         self.input_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(config.dropout)
+        self.rating_mean = float(rating_mean)
+        self.rating_dropout = config.rating_dropout
+        if config.rating_input:
+            self.rating_direction = nn.Parameter(torch.zeros(width))
+            self.rated_embedding = nn.Parameter(torch.zeros(width))
+        else:
+            self.rating_direction = self.rated_embedding = None
 
-    def _inputs(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor) -> tuple[Tensor, Tensor]:
+    def _rating_inputs(self, input_ratings: Tensor, real: Tensor) -> Tensor:
+        """What the ratings add to each position [B, L, d]: nothing where there is none."""
+        rated = real & input_ratings.isfinite()
+        if self.training and self.rating_dropout > 0:
+            rated = rated & (torch.rand(rated.shape, device=rated.device) >= self.rating_dropout)
+        centred = torch.where(rated, input_ratings - self.rating_mean, torch.zeros_like(input_ratings)).unsqueeze(-1)
+        return centred * self.rating_direction + rated.unsqueeze(-1).to(centred) * self.rated_embedding
+
+    def _inputs(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None) -> tuple[Tensor, Tensor]:
         length = input_items.shape[1]
         if length > self.max_positions:
             raise InputError(f"history of {length} items is longer than model.user_model.max_positions ({self.max_positions})")
         real = input_items != 0
         positions = (real.cumsum(1) - 1).clamp(min=0)
         hidden = item_vectors + self.position_embedding(positions) + embedding_or_zero(self.user_embedding, user_idx).unsqueeze(1)
+        if self.rating_direction is not None and input_ratings is not None:
+            hidden = hidden + self._rating_inputs(input_ratings.to(hidden), real)
         future = torch.ones(length, length, dtype=torch.bool, device=input_items.device).triu(1)
         itself = torch.eye(length, dtype=torch.bool, device=input_items.device)
         blocked = future | (~real.unsqueeze(1) & ~itself)  # [B, L, L]: True = may not attend
         return self.dropout(self.input_norm(hidden)), blocked.repeat_interleave(self.num_heads, dim=0)
 
-    def forward(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor) -> Tensor:
-        hidden, blocked = self._inputs(item_vectors, input_items, user_idx)
+    def forward(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
+        """``input_ratings`` [B, L]: the history's ratings on the normalised scale, NaN where none
+        (None: no rating anywhere)."""
+        hidden, blocked = self._inputs(item_vectors, input_items, user_idx, input_ratings)
         return self.encoder(hidden, mask=blocked)
 
-    def forward_with_last_attention(self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_with_last_attention(
+        self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``forward``'s states [B, L, d] and, from the same pass, the last layer's attention of the
         last position over the history [B, L], averaged over heads (serving needs both per request)."""
-        hidden, blocked = self._inputs(item_vectors, input_items, user_idx)
+        hidden, blocked = self._inputs(item_vectors, input_items, user_idx, input_ratings)
         *earlier, last = self.encoder.layers
         for layer in earlier:
             hidden = layer(hidden, src_mask=blocked)
@@ -386,7 +409,7 @@ class PolyrecModel(nn.Module):
 
         backbone, self.tokenizer = load_backbone(config.backbone) if config.item_encoder.use_text else (None, None)
         # Layers are copied before LoRA wraps the backbone.
-        self.user_model = UserModel(config.user_model, num_users, backbone if config.user_model.init_from_backbone else None)
+        self.user_model = UserModel(config.user_model, num_users, backbone if config.user_model.init_from_backbone else None, rating_mean)
         self.item_encoder = ItemEncoder(config, catalog, backbone)
         setup = TaskSetup(
             config=config.tasks,
@@ -454,34 +477,43 @@ class PolyrecModel(nn.Module):
         input_items, target_items = batch["input_items"], batch["target_items"]
         negatives = self.tasks["retrieval"].sample_negatives() if "retrieval" in self.tasks else None
         items = self._step_items(torch.stack([input_items, target_items]), negatives)
-        shared = self.user_model(items.lookup(input_items), input_items, batch["user_idx"])
-        queries = self.towers(shared)
+        input_ratings = batch.get("input_ratings")
+        shared = self.user_model(items.lookup(input_items), input_items, batch["user_idx"], input_ratings)
+        queries = self._read_history(self.towers(shared), input_items, input_ratings)
         losses = {name: task.loss(queries[name], batch, items) for name, task in self.tasks.items()}
         return (losses, shared) if return_shared else losses
 
     # --- inference ------------------------------------------------------------------------------
 
-    def sequence_states(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
+    # ``input_ratings`` [B, L] below: the history's ratings (normalised scale), NaN where none; None: none at all.
+
+    def sequence_states(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
         """The user model's state at every position [B, L, d]."""
         items = self._step_items(input_items, None)
-        return self.user_model(items.lookup(input_items), input_items, user_idx)
+        return self.user_model(items.lookup(input_items), input_items, user_idx, input_ratings)
 
-    def user_state(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
+    def user_state(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
         """The state after the whole history [B, d]."""
-        return self.sequence_states(input_items, user_idx)[:, -1]
+        return self.sequence_states(input_items, user_idx, input_ratings)[:, -1]
 
-    def user_queries(self, input_items: Tensor, user_idx: Tensor) -> dict[str, Tensor]:
+    def user_queries(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> dict[str, Tensor]:
         """Each task's query [B, d]: its tower's output for the state after the whole history."""
-        return self.towers(self.user_state(input_items, user_idx))
+        return self._read_history(self.towers(self.user_state(input_items, user_idx, input_ratings)), input_items, input_ratings)
+
+    def _read_history(self, outputs: Mapping[str, Tensor], input_items: Tensor, input_ratings: Tensor | None) -> dict[str, Tensor]:
+        """Each task's query from its tower's output and the history (``Task.read_history``)."""
+        return {name: task.read_history(outputs[name], input_items, input_ratings) for name, task in self.tasks.items()}
 
     def score_candidates(
-        self, input_items: Tensor, user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None
+        self, input_items: Tensor, user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None,
+        input_ratings: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Every task's score [B, C] of ``candidate_items`` [B, C]: the retrieval logit (-inf for
         item 0), the rating (normalised scale), the like probability, the attribute affinity.
         ``extra_item_vectors`` [E, d] (e.g. from ``encode_item_text``) are items N+1 .. N+E; they
         have no learned biases."""
-        return self.score_with_queries(self.user_queries(input_items, user_idx), user_idx, candidate_items, extra_item_vectors)
+        queries = self.user_queries(input_items, user_idx, input_ratings)
+        return self.score_with_queries(queries, user_idx, candidate_items, extra_item_vectors)
 
     def score_with_queries(
         self, queries: Mapping[str, Tensor], user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None
@@ -496,13 +528,14 @@ class PolyrecModel(nn.Module):
 
     def predict(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every task's score [B] of (user, ``target_items``)."""
-        scores = self.score_candidates(batch["input_items"], batch["user_idx"], batch["target_items"].unsqueeze(1))
+        scores = self.score_candidates(batch["input_items"], batch["user_idx"], batch["target_items"].unsqueeze(1),
+                                       input_ratings=batch.get("input_ratings"))
         return {name: score[:, 0] for name, score in scores.items()}
 
-    def retrieval_query(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
+    def retrieval_query(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
         """Query vectors [B, d] whose inner products with ``retrieval_keys()`` are the retrieval logits
         (for an inner-product ANN index)."""
-        return self.tasks["retrieval"].query_embedding(self.user_queries(input_items, user_idx)["retrieval"])
+        return self.tasks["retrieval"].query_embedding(self.user_queries(input_items, user_idx, input_ratings)["retrieval"])
 
     def retrieval_keys(self) -> Tensor:
         """Key vectors [N+1, d] of every item for ``retrieval_query``."""
@@ -510,17 +543,19 @@ class PolyrecModel(nn.Module):
 
     def full_sort_predict(self, batch: Mapping[str, Tensor]) -> Tensor:
         """Retrieval logits of every item [B, N+1]; column 0 (padding) is -inf."""
-        scores = self.retrieval_query(batch["input_items"], batch["user_idx"]) @ self.retrieval_keys().T
+        scores = self.retrieval_query(batch["input_items"], batch["user_idx"], batch.get("input_ratings")) @ self.retrieval_keys().T
         scores[:, 0] = float("-inf")
         return scores
 
-    def queries_and_contributions(self, input_items: Tensor, user_idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def queries_and_contributions(
+        self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """``user_queries`` and ``attention_contributions`` from one pass of the user model."""
         items = self._step_items(input_items, None)
-        states, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx)
-        return self.towers(states[:, -1]), weights * (input_items != 0)
+        states, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx, input_ratings)
+        return self._read_history(self.towers(states[:, -1]), input_items, input_ratings), weights * (input_items != 0)
 
-    def attention_contributions(self, input_items: Tensor, user_idx: Tensor) -> Tensor:
+    def attention_contributions(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
         """How much each history position contributed to the last state [B, L] (the last layer's
         attention from the last position, averaged over heads); padding positions get 0."""
-        return self.queries_and_contributions(input_items, user_idx)[1]
+        return self.queries_and_contributions(input_items, user_idx, input_ratings)[1]

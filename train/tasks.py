@@ -10,6 +10,7 @@ Shapes: B users, L history positions, d the item vector width, C candidates per 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -70,6 +71,12 @@ class Task(nn.Module):
     def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
         """Mean loss over the positions of ``batch`` that carry this task's target; query [B, L, d]."""
         raise NotImplementedError
+
+    def read_history(self, output: Tensor, input_items: Tensor, input_ratings: Tensor | None) -> Tensor:
+        """The task's query from its tower's output, [B, L, d] for every position or [B, d] for the
+        last, and the history [B, L] behind it; a task may add what it reads from the history itself
+        (``input_ratings``: normalised, NaN where none; None: no ratings). By default the output."""
+        return output
 
     def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         """Scores [B, C] of candidates ``item_idx`` [B, C] with vectors [B, C, d] for queries [B, d]."""
@@ -137,8 +144,14 @@ class RetrievalTask(Task):
 
 
 class RatingTask(Task):
-    """Explicit rating on the normalised scale: ``<u, i> / sqrt(d) + b_u + b_i + mu``, MSE where rated.
-    (The inner product is scaled as in attention, so untrained predictions start near ``mu``.)"""
+    """Explicit rating on the normalised scale: ``<u, i> / sqrt(d) + b_u(t) + b_i + mu``, MSE where rated.
+    (The inner product is scaled as in attention, so untrained predictions start near ``mu``.)
+
+    ``b_u(t) = b_u + recent level``: with ``rating_recency``, the user's ratings up to position t minus
+    their ``mu + b_i``, weighted by ``decay`` per step back and shrunk towards 0 by ``prior`` pseudo-
+    ratings (both learned), as Koren's timeSVD++ lets a user's bias drift: on MovieLens a user's recent
+    ratings say more about the next one than their average does. The level travels as the last
+    component of the task's query, so whatever carries queries (serving) carries it too."""
 
     name = "rating"
 
@@ -149,15 +162,42 @@ class RatingTask(Task):
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("rating_mean", torch.tensor([float(setup.rating_mean)]))  # 1-d for DeepSpeed
+        self.recency = setup.config.rating_recency
+        if self.recency:
+            self.decay_logit = nn.Parameter(torch.tensor([math.log(0.8 / 0.2)]))  # decay 0.8 per step back
+            self.prior_logit = nn.Parameter(torch.tensor([math.log(math.expm1(3.0))]))  # softplus: 3 pseudo-ratings
+
+    def recent_level(self, input_items: Tensor, input_ratings: Tensor) -> Tensor:
+        """The recent rating level after each position [B, L] (0 without rated items)."""
+        rated = (input_items > 0) & input_ratings.isfinite()
+        item_bias = embedding_or_zero(self.item_bias, input_items).squeeze(-1)
+        residuals = torch.where(rated, input_ratings.to(item_bias) - self.rating_mean - item_bias, torch.zeros_like(item_bias))
+        steps = torch.arange(input_items.shape[1], device=input_items.device)
+        back = steps[:, None] - steps[None, :]  # [t, s]: how far s lies before t
+        weights = torch.where(back >= 0, torch.sigmoid(self.decay_logit) ** back.clamp(min=0), torch.zeros_like(item_bias[:1]))
+        return (residuals @ weights.T) / (rated.to(item_bias) @ weights.T + F.softplus(self.prior_logit))
+
+    def read_history(self, output: Tensor, input_items: Tensor, input_ratings: Tensor | None) -> Tensor:
+        if not self.recency:
+            return output
+        if input_ratings is None:
+            level = output.new_zeros(output.shape[:-1])
+        else:
+            level = self.recent_level(input_items, input_ratings).to(output)
+            level = level[:, -1] if output.ndim == 2 else level
+        return torch.cat([output, level.unsqueeze(-1)], dim=-1)
 
     @classmethod
     def metric_names(cls, ks: Sequence[int]) -> list[str]:
         return ["rmse", "mae"]
 
     def predict(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
+        level = 0.0
+        if self.recency:
+            query, level = query[..., :-1], query[..., -1]
         user_bias = embedding_or_zero(self.user_bias, user_idx)  # [B, 1] or [B, L, 1]
         item_bias = embedding_or_zero(self.item_bias, item_idx).squeeze(-1)
-        return scaled_dot(query, item_vectors) + user_bias.squeeze(-1) + item_bias + self.rating_mean
+        return scaled_dot(query, item_vectors) + user_bias.squeeze(-1) + level + item_bias + self.rating_mean
 
     def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
         ratings = batch["target_ratings"]

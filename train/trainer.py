@@ -102,6 +102,7 @@ def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, t
     likes = [np.array(seq, dtype=np.int64) for seq in rows["likes"]]
     return {
         "input_items": left_pad([s[:-1] for s in items], max_history),
+        "input_ratings": left_pad([s[:-1] for s in ratings], max_history, pad_value=float("nan"), dtype=torch.float32),
         "target_items": left_pad([s[1:] for s in items], max_history),
         "target_ratings": left_pad([s[1:] for s in ratings], max_history, pad_value=float("nan"), dtype=torch.float32),
         "target_likes": left_pad([s[1:] for s in likes], max_history, pad_value=-1),
