@@ -8,7 +8,9 @@ and imports nothing from polyrec. It reads polyrec's preprocessing output and tr
   prefix of a user's training history (last 50 items) -> next item, valid = training history -> validation
   target, test = training history + validation target -> test target;
 - popularity (training interaction counts);
-- Surprise's SVD++ on the raw training ratings, predicting each test target's rating.
+- Surprise's SVD++ on the raw training ratings and each user's validation rating (every rating known before the
+  test target, as the sequential models read the validation item in the test-time history), predicting each test
+  target's rating.
 
 RecBole ranks sequential models without masking the user's history, so test ranks are computed here, for every
 model alike: full ranking over all items 1..num_items, every item the user interacted with before the target
@@ -32,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from split_hash import split_hash  # bench/quality/split_hash.py, beside this script
 
 RECBOLE_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec")
 ALL_MODELS = ("Pop", "SVDpp", *RECBOLE_MODELS)
@@ -56,6 +61,7 @@ class Split:
     test_ratings: np.ndarray  # raw scale
     test_likes: np.ndarray
     train_ratings: pa.Table  # user_idx, item_idx, rating (raw scale), one row per training interaction
+    validation_ratings: pa.Table  # the same columns, one row per validation target with a rating
 
 
 def load_split(data_dir: Path) -> Split:
@@ -93,6 +99,11 @@ def load_split(data_dir: Path) -> Split:
         test_ratings=np.asarray(test["target_rating_raw"], dtype=np.float32),
         test_likes=np.asarray(test["target_like"], dtype=np.int8),
         train_ratings=train_ratings,
+        validation_ratings=pa.table({
+            "user_idx": pa.array(validation["user_idx"], pa.int32()),
+            "item_idx": pa.array(validation["target_item"], pa.int32()),
+            "rating": pa.array(validation["target_rating_raw"], pa.float32()),
+        }).filter(pc.is_finite(pa.array(validation["target_rating_raw"], pa.float32()))),
     )
 
 
@@ -150,7 +161,9 @@ def run_svdpp(split: Split, out: Path, seed: int) -> dict:
     import pandas as pd
     from surprise import Dataset, Reader, SVDpp
 
-    ratings = split.train_ratings.to_pandas()
+    # Every rating known before the test targets, as the sequential models and polyrec read each user's
+    # validation item (and polyrec its rating) in the test-time history.
+    ratings = pa.concat_tables([split.train_ratings.cast(split.validation_ratings.schema), split.validation_ratings]).to_pandas()
     trainset = Dataset.load_from_df(ratings[["user_idx", "item_idx", "rating"]],
                                     Reader(rating_scale=(1, 5))).build_full_trainset()
     algorithm = SVDpp(random_state=seed, verbose=True)
@@ -330,7 +343,7 @@ def main() -> None:
     os.chdir(work)  # RecBole writes its tensorboard logs under the working directory
     common = {"threads": args.threads, "seed": args.seed, "versions": versions(),
               "command": shlex.join([Path(sys.executable).name, *sys.argv]), "data": str(args.data),
-              "data_content_hash": split.content_hash, "test_users": len(split.users),
+              "data_content_hash": split.content_hash, "split_hash": split_hash(data), "test_users": len(split.users),
               "ranking": "all items, history masked, ties pessimistic"}
     for model in args.models:
         print(f"== {model}", flush=True)

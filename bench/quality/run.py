@@ -34,6 +34,7 @@ import ray
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.quality.split_hash import split_hash  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from data import schema  # noqa: E402
 from data.config import PreprocessConfig  # noqa: E402
@@ -68,16 +69,18 @@ def random_hit_rate(test: pa.Table, num_items: int, k: int, rows: np.ndarray) ->
     return float(np.mean(np.minimum(k, candidates) / candidates))
 
 
-def peer_results(manifest_hash: str, test: pa.Table) -> tuple[dict, dict[str, dict[str, float]], dict[str, float] | None]:
+def peer_results(data_dir: Path, test: pa.Table) -> tuple[dict, dict[str, dict[str, float]], dict[str, float] | None]:
     """The peers' kept runs (peers.json, one entry per model) and their metrics on ``test``; refuses results
-    of another split."""
+    of another split (``split_hash``)."""
     record_file = PEERS / "peers.json"
     if not record_file.exists():
         raise SystemExit(f"no peer results in {PEERS}: run bench/quality/peers.py first (see this script's docstring)")
     runs = json.loads(record_file.read_text())["models"]
-    stale = sorted(name for name, run in runs.items() if run.get("data_content_hash") != manifest_hash)
+    this_split = split_hash(data_dir)
+    stale = sorted(name for name, run in runs.items() if run.get("split_hash") != this_split)
     if stale:
-        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than {manifest_hash}: re-run bench/quality/peers.py on it")
+        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than {data_dir} ({this_split[:12]}…): "
+                         "re-run bench/quality/peers.py on it")
     expected = dict(zip(test["user_idx"].to_pylist(), test["target_item"].to_pylist()))
     ranking: dict[str, dict[str, float]] = {}
     for model in (*RANKING_PEERS, "Pop"):
@@ -136,7 +139,7 @@ def report(results: dict) -> str:
         "Protocol: every rating an interaction, users with fewer than 3 interactions dropped, per-user order "
         "(timestamp, file order), leave-one-out (last = test, second-to-last = validation), full ranking over all "
         f"{results['num_items']:,} items with the user's earlier items masked, ties counted against the model, "
-        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`) and one set of metric "
+        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`, split fingerprint `{split_hash(WORK / 'data')[:12]}…`) and one set of metric "
         "functions (`train.metrics`) for every model; the peers' per-user test ranks come from bench/quality/peers.py, "
         "which masks the same way.",
         "",
@@ -179,7 +182,8 @@ def report(results: dict) -> str:
     lines += [f"- {verdict}" for verdict in verdicts(results, seconds)]
     lines += ["", "The peers' runs (bench/quality/peers/peers.json):", ""]
     for name, run in runs.items():
-        facts = {key: value for key, value in run.items() if isinstance(value, (int, float, str, bool)) and key not in ("data", "data_content_hash", "command")}
+        facts = {key: value for key, value in run.items() if isinstance(value, (int, float, str, bool))
+                 and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command")}
         lines.append(f"- {name}: " + ", ".join(f"{key} {round(value, 4) if isinstance(value, float) else value}" for key, value in facts.items()))
     lines += ["", f"polyrec's validation NDCG@10 by epoch: {results['polyrec_curve']}."]
     return "\n".join(lines)
@@ -278,7 +282,7 @@ def main() -> None:
         raise SystemExit(f"no polyrec results in {polyrec_file}: run without --report-only first")
     results = json.loads(polyrec_file.read_text())
     test = read_table(resolve(str(WORK / "data")), f"{schema.SEQUENCES_DIR}/test")
-    results["peer_runs"], results["peers"], results["svdpp"] = peer_results(results["manifest_hash"], test)
+    results["peer_runs"], results["peers"], results["svdpp"] = peer_results(WORK / "data", test)
     section = report(results)
     print(section)
     if not args.no_write:
