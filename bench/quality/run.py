@@ -171,7 +171,9 @@ def report(results: dict) -> str:
     lines += [
         "",
         "Rating and like on the same test interactions (raw 1–5 ratings; a like is a rating ≥ 4; SVD++'s predicted "
-        "rating serves as its like score):",
+        "rating serves as its like score; SVD++ is fitted on the training ratings and each user's validation rating, "
+        "every rating known before the test target, as polyrec reads the validation item and its rating in the "
+        "test-time history):",
         "",
         "| model | rating RMSE | rating MAE | like AUC |",
         "|---|---:|---:|---:|",
