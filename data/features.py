@@ -96,6 +96,10 @@ class RatingNormalisation(BaseModel):
         """Raw values (NaN where none) → normalised float32, NaN staying NaN."""
         return ((raw - self.shift - offsets) / self.scale).astype(np.float32)
 
+    def invert(self, normalised: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``apply`` undone: normalised values → the raw scale, NaN staying NaN."""
+        return normalised * self.scale + self.shift + offsets
+
 
 def rating_normalisation(features: FeatureConfig, clean: CleanConfig) -> RatingNormalisation:
     kind = features.rating_normalisation

@@ -126,26 +126,24 @@ class ServingModel:
 
     # --- retrieval ---------------------------------------------------------------------------
 
-    def resolve_history(self, history: Sequence[str], length: int) -> tuple[list[int], list[str]]:
-        """Catalogue indices of the last ``length`` usable items, and the ids the model does not know.
-        Registered items are known but have no learned position in the user model, so they only count
-        as seen."""
-        known = [self.item_index[item_id] for item_id in history if item_id in self.item_index]
-        ignored = [item_id for item_id in dict.fromkeys(history) if not self.knows(item_id)]
-        return known[-length:], ignored
+    def resolve_history(self, request: RetrievalRequest, length: int) -> tuple[list[int], list[str], list[float]]:
+        """Catalogue indices of the last ``length`` usable items, the ids the model does not know, and
+        the usable items' raw ratings (NaN where none). Registered items are known but have no learned
+        position in the user model, so they only count as seen."""
+        usable = [(self.item_index[item_id], rating) for item_id, rating in zip(request.history, request.history_ratings)
+                  if item_id in self.item_index][-length:]
+        ignored = [item_id for item_id in dict.fromkeys(request.history) if not self.knows(item_id)]
+        return [idx for idx, _ in usable], ignored, [rating for _, rating in usable]
 
-    def history_ratings(self, request: RetrievalRequest, length: int, user: int) -> list[float]:
-        """The normalised ratings of ``resolve_history``'s items (NaN where none), as the model reads them."""
-        raw = [rating for item_id, rating in zip(request.history, request.history_ratings) if item_id in self.item_index][-length:]
-        offset = self.rating_offsets[user] if user < len(self.rating_offsets) else 0.0
-        return ((np.array(raw, dtype=np.float64) - self.rating.shift - offset) / self.rating.scale).tolist()
+    def _rating_offset(self, user_idx: int) -> float:
+        return self.rating_offsets[user_idx] if user_idx < len(self.rating_offsets) else 0.0
 
     def retrieve(self, requests: Sequence[RetrievalRequest], history_length: int, interests_weight: float) -> list[Candidates]:
         """Candidates for a batch of requests: one user-model pass and one index search."""
-        resolved = [self.resolve_history(request.history, history_length) for request in requests]
+        resolved = [self.resolve_history(request, history_length) for request in requests]
         user_idx = [self.user_index.get(request.user_id, PAD_INDEX) for request in requests]
         modes: list[Mode | None] = []
-        for request, (history, _), user in zip(requests, resolved, user_idx):
+        for request, (history, *_), user in zip(requests, resolved, user_idx):
             if history or user != PAD_INDEX:
                 modes.append("personal")
             elif request.interests:
@@ -158,10 +156,10 @@ class ServingModel:
         retrieval_task = self.model.tasks["retrieval"]
         with torch.inference_mode():
             # One user-model pass for the whole batch: ranking reuses its task queries and attention.
-            width = max([1, *(len(history) for history, _ in resolved)])
-            inputs = left_pad([history for history, _ in resolved], width)
-            ratings = left_pad([self.history_ratings(request, history_length, user) for request, user in zip(requests, user_idx)],
-                               width, pad_value=float("nan"), dtype=torch.float32)
+            width = max([1, *(len(history) for history, *_ in resolved)])
+            inputs = left_pad([history for history, *_ in resolved], width)
+            ratings = left_pad([self.rating.apply(np.array(raw, dtype=np.float64), self._rating_offset(user))
+                                for (*_, raw), user in zip(resolved, user_idx)], width, pad_value=float("nan"), dtype=torch.float32)
             task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx), ratings)
             queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
             queries[personal] = retrieval_task.query_embedding(task_queries["retrieval"][personal]).float().numpy()
@@ -199,7 +197,7 @@ class ServingModel:
     def _index_of(self, item_id: str) -> int:
         return self.item_index.get(item_id) or self.registered_index[item_id]
 
-    def _candidates(self, request: RetrievalRequest, mode: Mode | None, user: int, resolved: tuple[list[int], list[str]],
+    def _candidates(self, request: RetrievalRequest, mode: Mode | None, user: int, resolved: tuple[list[int], list[str], list[float]],
                     idx: np.ndarray, logits: np.ndarray, user_pass: tuple[dict[str, np.ndarray], np.ndarray]) -> Candidates:
         registered = idx > self.num_items
         registration = idx[registered] - self.num_items - 1  # rows of registered_vectors
@@ -246,7 +244,7 @@ class ServingModel:
             count = len(c.item_idx)
             keys = all_keys[candidates[row, :count].numpy()]
             p_like = scores["like"][row, :count] if "like" in scores else None
-            rating = self._raw_rating(scores["rating"][row, :count], c.user_idx) if "rating" in scores else None
+            rating = self.rating.invert(scores["rating"][row, :count], self._rating_offset(c.user_idx)) if "rating" in scores else None
             if c.mode == "popular":
                 final = c.retrieval
             else:
@@ -268,10 +266,6 @@ class ServingModel:
                 contributions=c.contributions,
             ))
         return ranked
-
-    def _raw_rating(self, normalised: np.ndarray, user_idx: int) -> np.ndarray:
-        offset = self.rating_offsets[user_idx] if user_idx < len(self.rating_offsets) else 0.0
-        return normalised * self.rating.scale + self.rating.shift + offset
 
     def describe(self) -> dict:
         return {

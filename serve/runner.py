@@ -41,7 +41,7 @@ DRIVER_FIELDS = {"model", "host", "port", "ray_address", "ray_num_cpus"}
 DEPLOY_TIMEOUT_S = 600
 #: Ray Serve's throughput flags (its performance guide): a replica runs user code, and a handle its
 #: router, on the replica's own event loop instead of a thread each, which saves two thread handoffs
-#: on every HTTP request and handle call (bench/serve_cpu.py: a quarter less CPU a request). Then user code must not
+#: on every HTTP request and handle call (bench/serve_cpu.py measures them; here within the box's noise). Then user code must not
 #: block that loop for long: model versions load in a worker thread (``_ModelHolder``), and a
 #: batch's forward pass takes milliseconds. Given to the application's replicas through its
 #: runtime_env, and to a local Ray instance (proxy included) through the environment it starts in;

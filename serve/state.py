@@ -143,8 +143,7 @@ def training_interactions(data_dir: str) -> pa.Table:
     user_ids = _by_index(users, "user_idx", "user_id")
     item_ids = _by_index(items, "item_idx", "item_id")
 
-    # The sequences hold normalised ratings: normalised = (raw - shift - user's rating_offset) / scale.
-    normalisation = load_manifest(data_dir).rating
+    normalisation = load_manifest(data_dir).rating  # the sequences hold normalised ratings
     offsets = np.zeros(int(users["user_idx"].to_numpy().max(initial=0)) + 1)
     offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
 
@@ -155,7 +154,7 @@ def training_interactions(data_dir: str) -> pa.Table:
     parts = [(train_users,
               pc.list_flatten(train["items"]).to_numpy(zero_copy_only=False),
               pc.list_flatten(train["timestamps"]).to_numpy(zero_copy_only=False),
-              train_ratings * normalisation.scale + normalisation.shift + offsets[train_users])]
+              normalisation.invert(train_ratings, offsets[train_users]))]
     for split in schema.SPLITS[1:]:
         if exists(location, f"{schema.SEQUENCES_DIR}/{split}"):
             targets = read_table(location, f"{schema.SEQUENCES_DIR}/{split}")

@@ -69,17 +69,16 @@ def random_hit_rate(test: pa.Table, num_items: int, k: int, rows: np.ndarray) ->
     return float(np.mean(np.minimum(k, candidates) / candidates))
 
 
-def peer_results(data_dir: Path, test: pa.Table) -> tuple[dict, dict[str, dict[str, float]], dict[str, float] | None]:
+def peer_results(this_split: str, test: pa.Table) -> tuple[dict, dict[str, dict[str, float]], dict[str, float] | None]:
     """The peers' kept runs (peers.json, one entry per model) and their metrics on ``test``; refuses results
     of another split (``split_hash``)."""
     record_file = PEERS / "peers.json"
     if not record_file.exists():
         raise SystemExit(f"no peer results in {PEERS}: run bench/quality/peers.py first (see this script's docstring)")
     runs = json.loads(record_file.read_text())["models"]
-    this_split = split_hash(data_dir)
     stale = sorted(name for name, run in runs.items() if run.get("split_hash") != this_split)
     if stale:
-        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than {data_dir} ({this_split[:12]}…): "
+        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than this one ({this_split[:12]}…): "
                          "re-run bench/quality/peers.py on it")
     expected = dict(zip(test["user_idx"].to_pylist(), test["target_item"].to_pylist()))
     ranking: dict[str, dict[str, float]] = {}
@@ -139,7 +138,7 @@ def report(results: dict) -> str:
         "Protocol: every rating an interaction, users with fewer than 3 interactions dropped, per-user order "
         "(timestamp, file order), leave-one-out (last = test, second-to-last = validation), full ranking over all "
         f"{results['num_items']:,} items with the user's earlier items masked, ties counted against the model, "
-        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`, split fingerprint `{split_hash(WORK / 'data')[:12]}…`) and one set of metric "
+        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`, split fingerprint `{results['split_hash'][:12]}…`) and one set of metric "
         "functions (`train.metrics`) for every model; the peers' per-user test ranks come from bench/quality/peers.py, "
         "which masks the same way.",
         "",
@@ -284,7 +283,8 @@ def main() -> None:
         raise SystemExit(f"no polyrec results in {polyrec_file}: run without --report-only first")
     results = json.loads(polyrec_file.read_text())
     test = read_table(resolve(str(WORK / "data")), f"{schema.SEQUENCES_DIR}/test")
-    results["peer_runs"], results["peers"], results["svdpp"] = peer_results(WORK / "data", test)
+    results["split_hash"] = split_hash(WORK / "data")
+    results["peer_runs"], results["peers"], results["svdpp"] = peer_results(results["split_hash"], test)
     section = report(results)
     print(section)
     if not args.no_write:
