@@ -381,8 +381,9 @@ def test_cold_item_is_represented_by_its_text(trained):
 # --- Retrieval losses, by hand ------------------------------------------------------------------
 
 
-def _retrieval_task(sampled: bool, is_cold: list[bool], negatives: int = 2) -> RetrievalTask:
-    setup = TaskSetup(config=TaskConfig(temperature=1.0, num_sampled_negatives=negatives), hidden_size=2,
+def _retrieval_task(sampled: bool, is_cold: list[bool], negatives: int = 2, mask_history: bool = False) -> RetrievalTask:
+    config = TaskConfig(temperature=1.0, num_sampled_negatives=negatives, mask_history=mask_history)
+    setup = TaskSetup(config=config, hidden_size=2,
                       num_users=1, num_items=3, rating_mean=0.0, item_attributes=torch.zeros(4, 2),
                       is_cold=torch.tensor(is_cold), sampled_retrieval=sampled)
     return RetrievalTask(setup)
@@ -409,6 +410,44 @@ def test_sampled_softmax_with_logq_correction():
     torch.testing.assert_close(loss, torch.tensor(expected))
     assert task.sample_negatives().shape == (2,)
     assert _retrieval_task(sampled=True, is_cold=[False, True, True, False], negatives=50).sample_negatives().unique().tolist() == [3]
+
+
+def test_full_softmax_leaves_out_the_history_but_not_a_repeated_target():
+    task = _retrieval_task(sampled=False, is_cold=[False] * 4, mask_history=True)
+    # Position 0 (input 1 → target 3): item 1 is left out. Position 1 (inputs 1, 3 → target 1, a
+    # repeat): item 3 is left out, the target 1 stays. Cosines with q = (1, 0): item 1 -1, 2 1, 3 0.
+    batch = {"input_items": torch.tensor([[1, 3]]), "target_items": torch.tensor([[3, 1]])}
+    query = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    loss = task.loss(query, batch, StepItems(ITEM_VECTORS, None, None))
+    first = -0 + math.log(math.exp(1) + math.exp(0))  # softmax over items 2, 3
+    second = 1 + math.log(math.exp(-1) + math.exp(1))  # softmax over items 1, 2
+    torch.testing.assert_close(loss, torch.tensor((first + second) / 2))
+    unmasked = _retrieval_task(sampled=False, is_cold=[False] * 4).loss(query, batch, StepItems(ITEM_VECTORS, None, None))
+    assert unmasked > loss
+
+
+def test_seen_before_matches_a_loop_over_positions():
+    generator = torch.Generator().manual_seed(0)
+    input_items = torch.randint(0, 6, (3, 7), generator=generator)
+    target_items = torch.randint(0, 6, (3, 7), generator=generator)
+    valid = target_items > 0
+    seen = RetrievalTask.seen_before(input_items, valid, target_items[valid], 6)
+    expected = []
+    for row, position in valid.nonzero().tolist():
+        history = set(input_items[row, : position + 1].tolist()) - {0, int(target_items[row, position])}
+        expected.append([item in history for item in range(6)])
+    assert seen.tolist() == expected
+
+
+def test_sampled_softmax_leaves_out_the_history_among_its_candidates():
+    task = _retrieval_task(sampled=True, is_cold=[False] * 4, mask_history=True)
+    batch = {"input_items": torch.tensor([[3]]), "target_items": torch.tensor([[2]])}
+    items = StepItems(ITEM_VECTORS[[1, 2, 3]], torch.tensor([1, 2, 3]), negatives=torch.tensor([1, 3]))
+    loss = task.loss(torch.tensor([[[1.0, 0.0]]]), batch, items)
+    # Candidates 1, 2 (the target) and 3 (seen: left out); expected counts 0 + 2/3 and 1 + 2/3 of items 1 and 2.
+    logit_target, logit_negative = 1 - math.log(5 / 3), -1 - math.log(2 / 3)
+    expected = -logit_target + math.log(math.exp(logit_target) + math.exp(logit_negative))
+    torch.testing.assert_close(loss, torch.tensor(expected))
 
 
 # --- Loss weighting -----------------------------------------------------------------------------

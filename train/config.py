@@ -63,6 +63,10 @@ class TaskConfig(StageConfig):
     retrieval_loss: Literal["full", "sampled"] = "full"
     num_sampled_negatives: int = 512
     temperature: float = 0.07
+    #: The retrieval loss leaves out items already in the history before each target (the target
+    #: itself stays), as evaluation masks them: the model is not taught to push down what the user
+    #: just watched, which on catalogues without repeats costs it the items most like their taste.
+    mask_history: bool = True
     #: The rating task's user bias follows the user's recent ratings (a time-aware b_u, as in Koren's
     #: timeSVD++): the history's rating residuals, weighted by a learned decay per step back.
     rating_recency: bool = True

@@ -92,6 +92,10 @@ class RetrievalTask(Task):
     negatives among the warm items; the batch's own targets are further (popularity-biased)
     negatives. Each candidate's logit is corrected by the log of its expected count among the
     candidates (in-batch count + K / warm items), the logQ correction of Yi et al. 2019.
+
+    With ``mask_history`` the softmax leaves out the items of the history up to each position (not
+    the target): evaluation and serving never rank those, so training should not spend the model's
+    capacity on pushing them down.
     """
 
     name = "retrieval"
@@ -100,6 +104,7 @@ class RetrievalTask(Task):
         super().__init__()
         self.temperature = setup.config.temperature
         self.num_negatives = setup.config.num_sampled_negatives if setup.sampled_retrieval else 0
+        self.mask_history = setup.config.mask_history
         trainable = ~setup.is_cold.bool()
         trainable[0] = False
         self.register_buffer("trainable_targets", trainable)
@@ -128,6 +133,8 @@ class RetrievalTask(Task):
         if items.negatives is None:
             logits = queries @ self.item_embedding(items.vectors).T
             logits = logits.masked_fill(~self.trainable_targets, float("-inf"))
+            if self.mask_history:
+                logits = logits.masked_fill(self.seen_before(batch["input_items"], valid, targets, len(self.trainable_targets)), float("-inf"))
             return F.cross_entropy(logits, targets)
         candidates = torch.unique(torch.cat([targets, items.negatives]))
         target_rows = torch.searchsorted(candidates, targets)
@@ -136,7 +143,24 @@ class RetrievalTask(Task):
         )
         expected_count = in_batch + self.num_negatives / self.trainable_targets.sum()
         logits = queries @ self.item_embedding(items.lookup(candidates)).T - expected_count.log()
+        if self.mask_history:
+            seen = self.seen_before(batch["input_items"], valid, targets, len(self.trainable_targets))
+            logits = logits.masked_fill(seen[:, candidates], float("-inf"))
         return F.cross_entropy(logits, target_rows)
+
+    @staticmethod
+    def seen_before(input_items: Tensor, valid: Tensor, targets: Tensor, num_rows: int) -> Tensor:
+        """[V, N+1] bool: for each position with a target (``valid`` [B, L]), the items of its row's
+        history up to that position, except the target itself (a repeat stays a correct answer)."""
+        batch_size, length = input_items.shape
+        steps = torch.arange(length, device=input_items.device).expand(batch_size, length)
+        first_seen = torch.full((batch_size, num_rows), length, dtype=torch.long, device=input_items.device)
+        first_seen.scatter_reduce_(1, input_items, steps, reduce="amin")
+        rows, positions = valid.nonzero(as_tuple=True)
+        seen = first_seen[rows] <= positions.unsqueeze(1)
+        seen[:, 0] = False
+        seen[torch.arange(len(targets), device=targets.device), targets] = False
+        return seen
 
     def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         logits = (self.query_embedding(query).unsqueeze(1) * self.item_embedding(item_vectors)).sum(-1)
