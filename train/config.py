@@ -62,7 +62,7 @@ class TaskConfig(StageConfig):
     #: "full": softmax over the whole catalogue; "sampled": sampled softmax with logQ correction.
     retrieval_loss: Literal["full", "sampled"] = "full"
     num_sampled_negatives: int = 512
-    temperature: float = 0.07
+    temperature: float = 0.1
     #: The retrieval loss leaves out items already in the history before each target (the target
     #: itself stays), as evaluation masks them: the model is not taught to push down what the user
     #: just watched, which on catalogues without repeats costs it the items most like their taste.

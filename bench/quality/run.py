@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,11 @@ def verdicts(results: dict, seconds: dict[str, float]) -> list[str]:
 
 def measure_polyrec(skip_cold: bool) -> dict:
     """Preprocess ml-100k, train polyrec and its id-only ablation, and (unless skipped) polyrec on a cold-item split."""
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    # The dashboard stays on: Ray Train's placement-group cleaner asks its state API whether the
+    # training controller lives, and logs a warning every few seconds without it.
+    ray.init(logging_level="WARNING")
+    for previous_output in ("data", "polyrec", "polyrec-id-only", "cold-data", "polyrec-cold"):
+        shutil.rmtree(WORK / previous_output, ignore_errors=True)  # training refuses to overwrite an artifact
     load_before = os.getloadavg()[0]
     data_dir = WORK / "data"
     manifest = run_preprocess(PreprocessConfig(output=str(data_dir)))
