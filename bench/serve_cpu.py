@@ -4,7 +4,7 @@ On a 2-core machine the serving benchmark's throughput is bounded by CPU, so the
 requests/s that /v1/recommend reaches is about the ratio of their CPU per request. This script deploys the bare
 endpoint of bench/serve_bench.py and the polyrec application (the same random tiny-BERT artifact), drives both at
 one concurrency in alternating turns, and divides each process's CPU time (user + system, psutil) over a turn by
-the requests answered. It does so with Ray Serve's throughput flags (``serve.runner.SERVE_THROUGHPUT_ENV``) and
+the requests answered. It does so with Ray Serve's throughput flags (``serve.config.SERVE_THROUGHPUT_ENV``) and
 without them, each in a fresh Ray instance. Writes a section into bench/RESULTS.md.
 
     .venv/bin/python bench/serve_cpu.py [--graph colocated] [--concurrency 8] [--seconds 10] [--rounds 3]
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, write_section  # noqa: E402
 from bench.serve_bench import API_KEY, NUM_USERS, Constant, measure  # noqa: E402
-from serve.config import GRAPH_DEPLOYMENTS, FeedbackLogConfig, ServeConfig  # noqa: E402
-from serve.runner import SERVE_THROUGHPUT_ENV, run_service  # noqa: E402
+from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
+from serve.runner import run_service  # noqa: E402
 from serve.testing import build_random_artifact, build_training_data  # noqa: E402
 
 SECTION = "## Serving: CPU per request by process (bench/serve_cpu.py)"

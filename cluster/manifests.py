@@ -43,6 +43,7 @@ from ray.serve.schema import (
 )
 
 from data.errors import InputError
+from serve.config import SERVE_THROUGHPUT_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO_ROOT / "k8s"
@@ -361,12 +362,26 @@ def document_problems(document: dict) -> list[str]:
         for error in sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path)):
             path = ".".join(map(str, error.absolute_path)) or "<root>"
             problems.append(f"{path}: {error.message}")
+    if kind == "RayService":
+        problems += _throughput_env_problems(document)
     if kind == "RayService" and isinstance(document.get("spec", {}).get("serveConfigV2"), str):
         try:
             serve_config = yaml.safe_load(document["spec"]["serveConfigV2"])
         except yaml.YAMLError as err:
             return [*problems, f"spec.serveConfigV2: not valid YAML: {err}"]
         problems += [f"spec.serveConfigV2: {p}" for p in serve_config_problems(serve_config)]
+    return problems
+
+
+def _throughput_env_problems(document: dict) -> list[str]:
+    """Serve's throughput flags must reach every process of the serving cluster, the HTTP proxy
+    too, which only the pods' environment does (serveConfigV2's runtime_env reaches the replicas)."""
+    problems = []
+    for container in _containers(document.get("spec", {}).get("rayClusterConfig", {})):
+        env = {var.get("name"): var.get("value") for var in container.get("env", []) if isinstance(var, dict)}
+        for name, value in SERVE_THROUGHPUT_ENV.items():
+            if env.get(name) != value:
+                problems.append(f"container {container.get('name', '?')}: env {name} must be {value!r} (serve.config.SERVE_THROUGHPUT_ENV)")
     return problems
 
 

@@ -12,6 +12,15 @@ from pydantic import Field, model_validator
 
 from data.config import StageConfig
 
+#: Ray Serve's throughput flags (its performance guide): a replica runs user code, and a handle its
+#: router, on the replica's own event loop instead of a thread each, which saves two thread handoffs
+#: on every HTTP request and handle call (bench/serve_cpu.py measures them; here within the box's noise). Then user code must not
+#: block that loop for long: model versions load in a worker thread (``_ModelHolder``), and a
+#: batch's forward pass takes milliseconds. Given to the application's replicas through its
+#: runtime_env, and to a local Ray instance (proxy included) through the environment it starts in;
+#: k8s/base/rayservice.yaml sets them on the cluster's pods (``polyrec k8s check`` compares). A variable already set wins.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
 Graph = Literal["split", "colocated"]
 #: The deployments of each graph, the HTTP ingress first, then in the order a request meets them.
 GRAPH_DEPLOYMENTS: dict[Graph, tuple[str, ...]] = {

@@ -28,7 +28,7 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 
 from data.errors import InputError
 from serve.app import build_app
-from serve.config import ServeConfig
+from serve.config import SERVE_THROUGHPUT_ENV, ServeConfig
 from serve.versions import VersionHistory, VersionRecord, artifact_version
 
 APP_NAME = "polyrec"
@@ -39,14 +39,6 @@ SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 #: the application's code version (which would restart every replica).
 DRIVER_FIELDS = {"model", "host", "port", "ray_address", "ray_num_cpus"}
 DEPLOY_TIMEOUT_S = 600
-#: Ray Serve's throughput flags (its performance guide): a replica runs user code, and a handle its
-#: router, on the replica's own event loop instead of a thread each, which saves two thread handoffs
-#: on every HTTP request and handle call (bench/serve_cpu.py measures them; here within the box's noise). Then user code must not
-#: block that loop for long: model versions load in a worker thread (``_ModelHolder``), and a
-#: batch's forward pass takes milliseconds. Given to the application's replicas through its
-#: runtime_env, and to a local Ray instance (proxy included) through the environment it starts in;
-#: k8s/base/rayservice.yaml sets them on the cluster's pods. A variable already set wins.
-SERVE_THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 SERVE_CONFIG_HEADER = """\
 # Ray Serve config of polyrec's recommendation service (Ray Serve config schema, ray 2.60).
 #   serve run serve/serve_config.yaml      (or `serve deploy` to a running cluster)

@@ -17,6 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 from cluster import manifests
 from cluster.submit import STAGES
 from data.errors import InputError
+from serve.config import SERVE_THROUGHPUT_ENV
 from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,6 +105,26 @@ def test_the_validator_rejects_unknown_fields_wrong_types_and_bad_names(rendered
         assert manifests.document_problems(bad_name) == [
             "metadata.name must be a DNS-1035 label of at most 47 characters"
         ], name
+
+
+def test_serving_pods_must_carry_serves_throughput_flags(rendered):
+    rayservice = rendered["base"]["RayService"]
+    assert manifests.document_problems(rayservice) == []
+    name = next(iter(SERVE_THROUGHPUT_ENV))
+
+    flipped = copy.deepcopy(rayservice)
+    worker = flipped["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    next(var for var in worker["env"] if var["name"] == name)["value"] = "1"
+    assert manifests.document_problems(flipped) == [
+        f"container {worker['name']}: env {name} must be '0' (serve.config.SERVE_THROUGHPUT_ENV)"
+    ]
+
+    dropped = copy.deepcopy(rayservice)
+    head = dropped["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["env"] = [var for var in head["env"] if var["name"] not in SERVE_THROUGHPUT_ENV]
+    assert manifests.document_problems(dropped) == [
+        f"container {head['name']}: env {flag} must be '0' (serve.config.SERVE_THROUGHPUT_ENV)" for flag in SERVE_THROUGHPUT_ENV
+    ]
 
 
 def test_names_are_dns_1035_labels_the_operator_accepts(rendered):
