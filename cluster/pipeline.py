@@ -161,7 +161,8 @@ def _write_report(root: Path, manifest, before, after, online: dict, check: dict
         f"= {online['hit_rate']:.4f}, p50 latency {online['p50_ms']:.1f} ms, p99 {online['p99_ms']:.1f} ms, "
         f"{online['errors']} errors; {online['feedback_events']} feedback events logged.",
         f"- Gate: {after.reason}. Hot swap: {'done' if after.swapped else 'not done'}.",
-        f"- After the swap: {check['requests']} requests served by `{check['model_versions']}`, {check['errors']} errors.",
+        f"- After the gate: {check['requests']} requests served by `{check['model_versions']}` "
+        f"({'the new version' if after.swapped else 'the version kept'}), {check['errors']} errors.",
         "",
         "## Wall time (this machine)",
         "",
