@@ -431,7 +431,7 @@ def test_seen_before_matches_a_loop_over_positions():
     input_items = torch.randint(0, 6, (3, 7), generator=generator)
     target_items = torch.randint(0, 6, (3, 7), generator=generator)
     valid = target_items > 0
-    seen = RetrievalTask.seen_before(input_items, valid, target_items[valid], 6)
+    seen = RetrievalTask.seen_before(input_items, valid, target_items[valid], torch.arange(6))
     expected = []
     for row, position in valid.nonzero().tolist():
         history = set(input_items[row, : position + 1].tolist()) - {0, int(target_items[row, position])}

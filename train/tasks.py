@@ -132,10 +132,11 @@ class RetrievalTask(Task):
         queries = self.query_embedding(query[valid])
         if items.negatives is None:
             logits = queries @ self.item_embedding(items.vectors).T
-            logits = logits.masked_fill(~self.trainable_targets, float("-inf"))
+            left_out = ~self.trainable_targets
             if self.mask_history:
-                logits = logits.masked_fill(self.seen_before(batch["input_items"], valid, targets, len(self.trainable_targets)), float("-inf"))
-            return F.cross_entropy(logits, targets)
+                catalogue = torch.arange(len(self.trainable_targets), device=targets.device)
+                left_out = left_out | self.seen_before(batch["input_items"], valid, targets, catalogue)
+            return F.cross_entropy(logits.masked_fill(left_out, float("-inf")), targets)
         candidates = torch.unique(torch.cat([targets, items.negatives]))
         target_rows = torch.searchsorted(candidates, targets)
         in_batch = torch.zeros(len(candidates), device=query.device).index_add_(
@@ -144,23 +145,22 @@ class RetrievalTask(Task):
         expected_count = in_batch + self.num_negatives / self.trainable_targets.sum()
         logits = queries @ self.item_embedding(items.lookup(candidates)).T - expected_count.log()
         if self.mask_history:
-            seen = self.seen_before(batch["input_items"], valid, targets, len(self.trainable_targets))
-            logits = logits.masked_fill(seen[:, candidates], float("-inf"))
+            logits = logits.masked_fill(self.seen_before(batch["input_items"], valid, targets, candidates), float("-inf"))
         return F.cross_entropy(logits, target_rows)
 
     @staticmethod
-    def seen_before(input_items: Tensor, valid: Tensor, targets: Tensor, num_rows: int) -> Tensor:
-        """[V, N+1] bool: for each position with a target (``valid`` [B, L]), the items of its row's
-        history up to that position, except the target itself (a repeat stays a correct answer)."""
-        batch_size, length = input_items.shape
-        steps = torch.arange(length, device=input_items.device).expand(batch_size, length)
-        first_seen = torch.full((batch_size, num_rows), length, dtype=torch.long, device=input_items.device)
-        first_seen.scatter_reduce_(1, input_items, steps, reduce="amin")
+    def seen_before(input_items: Tensor, valid: Tensor, targets: Tensor, columns: Tensor) -> Tensor:
+        """[V, M] bool: for each position with a target (``valid`` [B, L]), which of the items
+        ``columns`` [M] its row's history holds up to that position, except the target itself (a repeat
+        stays a correct answer) and padding. Only the columns are compared, so a sampled softmax over a
+        large catalogue never builds a catalogue-wide tensor."""
+        length = input_items.shape[1]
+        steps = torch.arange(length, device=input_items.device).view(1, length, 1)
+        matches = input_items.unsqueeze(-1) == columns  # [B, L, M]
+        first_seen = torch.where(matches, steps, length).amin(dim=1)  # [B, M]
         rows, positions = valid.nonzero(as_tuple=True)
         seen = first_seen[rows] <= positions.unsqueeze(1)
-        seen[:, 0] = False
-        seen[torch.arange(len(targets), device=targets.device), targets] = False
-        return seen
+        return seen & (columns != 0) & (columns != targets.unsqueeze(1))
 
     def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         logits = (self.query_embedding(query).unsqueeze(1) * self.item_embedding(item_vectors)).sum(-1)
