@@ -49,7 +49,7 @@ def _vocab(data_dir: str, path: str, key: str, value: str) -> dict:
     return dict(zip(table[key], table[value]))
 
 
-def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local):
+def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, monkeypatch):
     from train.trainer import run_training
 
     data_dir = tiny_dataset(tmp_path)
@@ -81,8 +81,10 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local):
     metadata["metrics"]["validation"]["validation/NDCG@10"] = 1.0
     (strict / "artifact.json").write_text(json.dumps(metadata))
 
+    # The serving model is named relative to the working directory, which Ray Train's workers do not share.
+    monkeypatch.chdir(tmp_path)
     config = RetrainConfig(
-        feedback_log=str(tmp_path / "feedback"), current_model=str(strict), output=str(tmp_path / "retrain"),
+        feedback_log=str(tmp_path / "feedback"), current_model=strict.name, output=str(tmp_path / "retrain"),
         train=tiny_config(data_dir, tmp_path / "unused", epochs=2), hot_swap=False,
     )
     config.preprocess = config.preprocess.model_validate(load_manifest(data_dir).config)

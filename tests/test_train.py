@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -21,7 +22,7 @@ from data.storage import read_table, resolve
 from train.artifact import load_artifact
 from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate
-from train.trainer import CONSOLIDATED_WEIGHTS, run_training
+from train.trainer import CONSOLIDATED_WEIGHTS, build_model, load_training_inputs, run_training, warm_start, warm_start_rows
 
 from tests.tiny import TINY_BERT, tiny_dataset
 
@@ -128,6 +129,47 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, tmp_path, un
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == uninterrupted.history[:2]  # carried over from the checkpoint, not re-run
     _assert_same_weights(_weights(resumed), _weights(uninterrupted))
+
+
+def test_warm_start_carries_table_rows_over_by_id(data_dir, tmp_path, uninterrupted):
+    # The same data with its items renumbered (reversed) and one id replaced by one the served model never saw.
+    renumbered = tmp_path / "data"
+    shutil.copytree(data_dir, renumbered)
+    vocab = pq.read_table(renumbered / schema.ITEM_VOCAB_PATH)
+    old_idx = vocab["item_idx"].to_numpy()
+    new_idx = len(old_idx) + 1 - old_idx
+    ids = vocab["item_id"].to_pylist()
+    ids[0] = "never-served"
+    pq.write_table(vocab.set_column(vocab.schema.get_field_index("item_id"), "item_id", pa.array(ids))
+                   .set_column(vocab.schema.get_field_index("item_idx"), "item_idx", pa.array(new_idx, vocab["item_idx"].type)),
+                   renumbered / schema.ITEM_VOCAB_PATH)
+    rows = warm_start_rows(uninterrupted.artifact, resolve(str(renumbered)))
+    expected = np.full(len(old_idx) + 1, -1)
+    expected[0], expected[new_idx[1:]] = 0, old_idx[1:]
+    assert rows["item"].tolist() == expected.tolist()
+    assert rows["user"].tolist() == list(range(len(rows["user"])))  # users unchanged
+
+    model = build_model(tiny_config(data_dir, tmp_path / "unused"), load_training_inputs(data_dir))
+    buffers_before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    warm_start(model, uninterrupted.artifact, rows, announce=False)
+    served = load_artifact(uninterrupted.artifact).model.state_dict()
+    carried = model.state_dict()
+    item_rows = torch.from_numpy(rows["item"])
+    known = item_rows >= 0
+    for name in ("item_encoder.id_embedding.weight", "tasks.rating.item_bias.weight", "tasks.like.item_bias.weight"):
+        torch.testing.assert_close(carried[name][known], served[name][item_rows[known]])
+    assert carried["item_encoder.id_embedding.weight"][new_idx[0]].abs().sum() == 0  # the new id keeps its zero start
+    for name in ("user_model.user_embedding.weight", "tasks.rating.user_bias.weight", "user_model.position_embedding.weight"):
+        torch.testing.assert_close(carried[name], served[name])
+    for name, buffer in model.named_buffers():  # this data's catalogue, not the served model's
+        assert torch.equal(buffer, buffers_before[name]), name
+
+
+def test_a_missing_start_point_is_refused_before_training(data_dir, tmp_path):
+    for field in ("warm_start_from", "resume_from"):
+        with pytest.raises(InputError, match=f"train.{field}: nowhere/artifact is not a folder"):
+            run_training(tiny_config(data_dir, tmp_path / field, **{field: "nowhere/artifact"}))
+        assert not (tmp_path / field).exists()
 
 
 def test_worker_crash_recovers_from_latest_checkpoint(data_dir, tmp_path, monkeypatch, uninterrupted):

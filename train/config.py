@@ -132,7 +132,8 @@ class TrainConfig(StageConfig):
     checkpoints_to_keep: int = 2  # the best by validation NDCG@10; the latest is always kept too
     max_failures: int = 1
     resume_from: str | None = None  # a checkpoint path to start from
-    warm_start_from: str | None = None  # a model artifact to initialise weights from (retraining)
+    #: A model artifact to initialise weights from (retraining); its per-item and per-user rows are matched by id.
+    warm_start_from: str | None = None
     eval_ks: list[int] = Field(default_factory=lambda: [10, 20])
     #: Variants trained after the model with the same settings and evaluated beside it on the test split:
     #: "id_only" switches item text off (the ablation that shows what the language model adds).

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from data.errors import InputError
 from train.backbone import load_backbone, pool, prepare_backbone
 from train.config import ModelConfig, TowerConfig, UserModelConfig
-from train.tasks import StepItems, TaskSetup, build_tasks, embedding_or_zero
+from train.tasks import StepItems, TaskSetup, VocabularyTable, build_tasks, embedding_or_zero
 
 
 @dataclass
@@ -129,7 +129,7 @@ class ItemEncoder(nn.Module):
         if self.backbone is not None and self.mode == "frozen":
             self.register_buffer("text_embeddings", torch.zeros(num_rows, backbone.config.hidden_size))
         self.text_cache_ready = False
-        self.id_embedding = nn.Embedding(num_rows, hidden_size) if config.item_encoder.use_id_embedding else None
+        self.id_embedding = VocabularyTable("item", num_rows, hidden_size) if config.item_encoder.use_id_embedding else None
         if self.id_embedding is not None:
             nn.init.zeros_(self.id_embedding.weight)
 
@@ -274,7 +274,7 @@ class UserModel(nn.Module):
         self.num_heads = settings["nhead"]
         self.max_positions = config.max_positions
         self.position_embedding = nn.Embedding(config.max_positions, width)
-        self.user_embedding = nn.Embedding(num_users + 1, width)
+        self.user_embedding = VocabularyTable("user", num_users + 1, width)
         nn.init.zeros_(self.user_embedding.weight)
         self.input_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(config.dropout)

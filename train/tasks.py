@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,15 @@ class StepItems:
     def lookup(self, idx: Tensor) -> Tensor:
         rows = idx if self.item_idx is None else torch.searchsorted(self.item_idx, idx)
         return self.vectors[rows]
+
+
+class VocabularyTable(nn.Embedding):
+    """A learned table with a row per item or per user (``vocabulary``). Vocabularies are renumbered when data
+    is added, so a warm start carries these rows over by id, not by position (``train.trainer``)."""
+
+    def __init__(self, vocabulary: Literal["item", "user"], num_rows: int, width: int):
+        super().__init__(num_rows, width)
+        self.vocabulary = vocabulary
 
 
 def embedding_or_zero(embedding: nn.Embedding, idx: Tensor) -> Tensor:
@@ -181,8 +190,8 @@ class RatingTask(Task):
 
     def __init__(self, setup: TaskSetup):
         super().__init__()
-        self.user_bias = nn.Embedding(setup.num_users + 1, 1)
-        self.item_bias = nn.Embedding(setup.num_items + 1, 1)
+        self.user_bias = VocabularyTable("user", setup.num_users + 1, 1)
+        self.item_bias = VocabularyTable("item", setup.num_items + 1, 1)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("rating_mean", torch.tensor([float(setup.rating_mean)]))  # 1-d for DeepSpeed
@@ -242,7 +251,7 @@ class LikeTask(Task):
 
     def __init__(self, setup: TaskSetup):
         super().__init__()
-        self.item_bias = nn.Embedding(setup.num_items + 1, 1)
+        self.item_bias = VocabularyTable("item", setup.num_items + 1, 1)
         nn.init.zeros_(self.item_bias.weight)
         self.bias = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -39,6 +40,7 @@ from train.batching import left_pad
 from train.config import TrainConfig
 from train.evaluate import evaluate, rating_denormaliser
 from train.model import CatalogFeatures, PolyrecModel
+from train.tasks import VocabularyTable
 from train.weighting import LossWeighting
 
 # Not print: Ray Train's workers tee print to stdout and to the root logger, so each line would show
@@ -201,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, inputs)
     if config.warm_start_from:
-        _warm_start(model, config.warm_start_from, announce=rank == 0)
+        warm_start(model, config.warm_start_from, loop_config["warm_start_rows"], announce=rank == 0)
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
     engine, _, _, _ = deepspeed.initialize(
         model=module,
@@ -291,16 +293,53 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _warm_start(model: PolyrecModel, artifact_path: str, *, announce: bool) -> None:
-    """Initialise from a served model. Tables whose shape changed (a vocabulary that grew) start fresh."""
+def warm_start_rows(artifact_path: str, data: Location) -> dict[str, np.ndarray]:
+    """For the item and the user vocabulary of ``data``: the row each index had in the artifact's model
+    (-1 for an id it did not know; row 0, padding and unknown users, maps to itself)."""
+    from train.artifact import ITEMS_FILE, USERS_FILE
+
+    rows = {}
+    for vocabulary, path, table_file in (("item", schema.ITEM_VOCAB_PATH, ITEMS_FILE), ("user", schema.USER_VOCAB_PATH, USERS_FILE)):
+        id_column, idx_column = f"{vocabulary}_id", f"{vocabulary}_idx"
+        old = pq.read_table(Path(artifact_path) / table_file, columns=[id_column, idx_column])
+        old_row = dict(zip(old[id_column].to_pylist(), old[idx_column].to_pylist()))
+        new = read_table(data, path)
+        mapping = np.full(int(pc.max(new[idx_column]).as_py() or 0) + 1, -1, dtype=np.int64)
+        mapping[0] = 0
+        mapping[new[idx_column].to_numpy()] = [old_row.get(item_or_user, -1) for item_or_user in new[id_column].to_pylist()]
+        rows[vocabulary] = mapping
+    return rows
+
+
+def warm_start(model: PolyrecModel, artifact_path: str, rows: dict[str, np.ndarray], *, announce: bool) -> None:
+    """Initialise from a served model. The per-item and per-user tables (``VocabularyTable``) take their rows by
+    id (``rows``, from ``warm_start_rows``), ids new to this data keep their initial rows; buffers describe this
+    data's catalogue and are never carried over; every other tensor is carried over when its shape is unchanged."""
     from train.artifact import load_artifact
 
     source = load_artifact(artifact_path).model.state_dict()
     target = model.state_dict()
-    compatible = {name: tensor for name, tensor in source.items() if name in target and target[name].shape == tensor.shape}
-    model.load_state_dict(compatible, strict=False)
+    tables = {f"{name}.weight": module.vocabulary for name, module in model.named_modules() if isinstance(module, VocabularyTable)}
+    buffers = {name for name, _ in model.named_buffers()}
+    carried = {}
+    for name, tensor in source.items():
+        if name not in target or name in buffers:
+            continue
+        if name in tables:
+            old_rows = torch.from_numpy(rows[tables[name]][: len(target[name])])
+            known = (old_rows >= 0) & (old_rows < len(tensor))
+            table = target[name].clone()
+            table[known] = tensor[old_rows[known]]
+            carried[name] = table
+        elif target[name].shape == tensor.shape:
+            carried[name] = tensor
+    model.load_state_dict(carried, strict=False)
     if announce:
-        logger.info("[polyrec train] warm start from %s: %d/%d tensors", artifact_path, len(compatible), len(target))
+        known = {vocabulary: int((mapping[1:] >= 0).sum()) for vocabulary, mapping in rows.items()}
+        logger.info(
+            "[polyrec train] warm start from %s: %d/%d tensors; rows carried over by id for %d of %d items and %d of %d users",
+            artifact_path, len(carried), len(target), known["item"], len(rows["item"]) - 1, known["user"], len(rows["user"]) - 1,
+        )
 
 
 def _fault_injection(epoch: int) -> None:
@@ -369,9 +408,26 @@ def ablation_config(config: TrainConfig, ablation: str, output: Path) -> TrainCo
     return variant
 
 
+def _absolute_start_points(config: TrainConfig) -> dict[str, str]:
+    """``warm_start_from`` and ``resume_from`` as absolute paths (URIs as given): Ray Train's workers run in
+    directories of their own, where a relative path finds nothing. A local folder that is missing fails here,
+    before any worker starts."""
+    absolute = {}
+    for field in ("warm_start_from", "resume_from"):
+        value = getattr(config, field)
+        if value and "://" not in value:
+            path = Path(value).resolve()
+            if not path.is_dir():
+                raise InputError(f"train.{field}: {value} is not a folder")
+            absolute[field] = str(path)
+    return absolute
+
+
 def run_training(config: TrainConfig) -> TrainResult:
     """Train on Ray Train + DeepSpeed, export the best checkpoint as an artifact, evaluate it on the test split."""
     from train.artifact import refuse_existing_artifact, save_artifact
+
+    config = config.model_copy(update=_absolute_start_points(config))
     from train.evaluate import PopularityScorer, write_report
     from train.plots import plot_training_curves
 
@@ -389,7 +445,11 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "inputs": inputs},
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "inputs": inputs,
+            "warm_start_rows": warm_start_rows(config.warm_start_from, data) if config.warm_start_from else None,
+        },
         scaling_config=RayScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
