@@ -127,13 +127,13 @@ def _load_note(results: dict) -> str:
 def report(results: dict) -> str:
     polyrec, peers, runs = results["polyrec"], results["peers"], results["peer_runs"]
     ranking_peers = {name: metrics for name, metrics in peers.items() if name in RANKING_PEERS}
-    per_seed = results.get("polyrec_seeds", {})
+    per_seed = results["polyrec_seeds"]
     polyrec_row = f"polyrec (mean of seeds {', '.join(per_seed)})" if len(per_seed) > 1 else "polyrec"
     models = {polyrec_row: polyrec}
     models |= {f"polyrec, seed {seed}": metrics for seed, metrics in per_seed.items()} if len(per_seed) > 1 else {}
     models |= {"polyrec id-only (ablation)": results["id_only"], **ranking_peers, "popularity": results["popularity"]}
     seconds = {polyrec_row: results["polyrec_seconds"], "polyrec id-only (ablation)": results["id_only_seconds"]}
-    seconds |= {f"polyrec, seed {seed}": value for seed, value in results.get("polyrec_seconds_by_seed", {}).items()}
+    seconds |= {f"polyrec, seed {seed}": value for seed, value in results["polyrec_seconds_by_seed"].items()}
     seconds |= {name: runs[name]["train_wall_seconds"] for name in ranking_peers}
     versions = next(iter(runs.values()), {}).get("versions", {})
     lines = [
@@ -193,15 +193,14 @@ def report(results: dict) -> str:
         facts = {key: value for key, value in run.items() if isinstance(value, (int, float, str, bool))
                  and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command")}
         lines.append(f"- {name}: " + ", ".join(f"{key} {round(value, 4) if isinstance(value, float) else value}" for key, value in facts.items()))
-    curves = results.get("polyrec_curves") or {"0": results["polyrec_curve"]}
-    lines += [""] + [f"polyrec's validation NDCG@10 by epoch, seed {seed}: {curve}." for seed, curve in curves.items()]
+    lines += [""] + [f"polyrec's validation NDCG@10 by epoch, seed {seed}: {curve}." for seed, curve in results["polyrec_curves"].items()]
     return "\n".join(lines)
 
 
 def verdicts(results: dict, seconds: dict[str, float]) -> list[str]:
     polyrec, svdpp = results["polyrec"], results["svdpp"]
     peers = {name: metrics for name, metrics in results["peers"].items() if name in RANKING_PEERS}
-    seeds = results.get("polyrec_seeds", {})
+    seeds = results["polyrec_seeds"]
     seeds_note = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
     out = []
     if peers:
@@ -256,14 +255,14 @@ def measure_polyrec(skip_cold: bool, seeds: list[int]) -> dict:
     load_before = os.getloadavg()[0]
     data_dir = WORK / "data"
     manifest = run_preprocess(PreprocessConfig(output=str(data_dir)))
+    configs = {seed: TrainConfig(data=str(data_dir), output=str(WORK / f"polyrec-seed{seed}"), model_version="quality-bench", seed=seed)
+               for seed in seeds}
     per_seed, seconds, curves = {}, {}, {}
-    for seed in seeds:
-        config = TrainConfig(data=str(data_dir), output=str(WORK / f"polyrec-seed{seed}"), model_version="quality-bench", seed=seed)
+    for seed, config in configs.items():
         metrics, seconds[seed], history = timed_training(config)
         per_seed[seed] = metrics["polyrec"]
         curves[seed] = ", ".join(f"{record['validation/NDCG@10']:.4f}" for record in history)
-    first = TrainConfig(data=str(data_dir), output=str(WORK / "polyrec"), seed=seeds[0])
-    id_only, id_only_seconds, _ = timed_training(ablation_config(first, "id_only", WORK / "polyrec-id-only"))
+    id_only, id_only_seconds, _ = timed_training(ablation_config(configs[seeds[0]], "id_only", WORK / "polyrec-id-only"))
     results = {
         "manifest_hash": manifest.content_hash,
         "num_users": manifest.num_users,
