@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: training rows are chunks of max_history + 1 holding every training interaction; 3: history_ratings
+SCHEMA_VERSION = 4  # 2: training rows are chunks of max_history + 1 holding every training interaction; 3: history_ratings;
+#                     4: training rows hold max_history targets and the training items before them (history, history_ratings)
 
 # --- What readers produce -------------------------------------------------------------------
 
@@ -101,9 +102,11 @@ ITEM_FEATURES = pa.schema(
     ]
 )
 
-#: sequences/train/*.parquet: a user's training interactions, time-ordered, in consecutive rows of at
-#: most ``max_history + 1`` (a user can have several; each interaction is in one row); position t's
-#: target is position t+1.
+#: sequences/train/*.parquet: a user's training interactions, time-ordered, in consecutive rows of
+#: ``max_history`` next-item targets (a user can have several; each interaction is in the ``items`` of
+#: one row; the user's oldest row holds fewer, plus the first item, which is nobody's target).
+#: ``history`` holds the user's training items just before the row's first (at most ``max_history``;
+#: they are the ``items`` of earlier rows), the context that predicts the row's first item.
 TRAIN_SEQUENCE = pa.schema(
     [
         pa.field("user_idx", pa.int32(), nullable=False),
@@ -111,6 +114,8 @@ TRAIN_SEQUENCE = pa.schema(
         pa.field("ratings", pa.list_(pa.float32()), nullable=False),  # normalised; NaN if none
         pa.field("likes", pa.list_(pa.int8()), nullable=False),  # 1, 0, or -1 when unknown
         pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
+        pa.field("history", pa.list_(pa.int32()), nullable=False),  # earlier training items, oldest first
+        pa.field("history_ratings", pa.list_(pa.float32()), nullable=False),  # theirs, normalised; NaN if none
     ]
 )
 

@@ -163,16 +163,18 @@ def gather_ranges(values: np.ndarray, begins: np.ndarray, ends: np.ndarray, valu
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values[index], value_type))
 
 
-def _chunks(run_starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(begins, ends) of consecutive chunks of at most ``size`` rows within each run, cut back from the
-    run's end, in row order: a run of 7 with size 3 gives [0, 1), [1, 4), [4, 7)."""
+def _chunks(run_starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(begins, ends, run firsts) of consecutive chunks within each run, cut back from the run's end, in row
+    order: each holds ``size`` rows that have an earlier row in the run (the oldest chunk the rest), and the
+    oldest also the run's first row, so a run of 7 with size 3 gives [0, 4), [4, 7), each with first 0."""
     _, _, firsts = run_ranks(run_starts)
     run_ends = np.append(firsts[1:], len(run_starts)).astype(np.int64)
-    per_run = -(-(run_ends - firsts) // size)
+    per_run = np.maximum(1, -(-(run_ends - firsts - 1) // size))
     run_of_chunk = np.repeat(np.arange(len(firsts)), per_run)
     rank_in_run = np.arange(len(run_of_chunk)) - np.repeat(np.cumsum(per_run) - per_run, per_run)
     ends = run_ends[run_of_chunk] - (per_run[run_of_chunk] - 1 - rank_in_run) * size
-    return np.maximum(firsts[run_of_chunk], ends - size), ends
+    begins = np.where(rank_in_run == 0, firsts[run_of_chunk], ends - size)
+    return begins, ends, firsts[run_of_chunk]
 
 
 @dataclass
@@ -207,11 +209,13 @@ def build_sequences(
     likes = like_labels(rows["event"], rows["value"], features)
     timestamps = rows["timestamp"].to_numpy()
 
-    # Train: each user's non-cold training interactions cut into consecutive chunks of at most
-    # max_history + 1, counted back from the most recent, so every interaction is in exactly one row
-    # and the most recent chunk is the full one.
+    # Train: each user's non-cold training interactions cut into consecutive chunks of max_history
+    # next-item targets (the oldest chunk also holds the user's first item, which is nobody's target),
+    # counted back from the most recent, so every interaction is in exactly one row. The history
+    # before each chunk comes along as context.
     train = np.flatnonzero((histories.split == TRAIN) & ~histories.is_cold)
-    begins, ends = _chunks(run_starts(user_idx[train]), features.max_history + 1)
+    begins, ends, run_firsts = _chunks(run_starts(user_idx[train]), features.max_history)
+    context_begins = np.maximum(run_firsts, begins - features.max_history)
     train_table = pa.table(
         {
             "user_idx": pa.array(user_idx[train][begins], pa.int32()),
@@ -219,6 +223,8 @@ def build_sequences(
             "ratings": gather_ranges(ratings[train], begins, ends, pa.float32()),
             "likes": gather_ranges(likes[train], begins, ends, pa.int8()),
             "timestamps": gather_ranges(timestamps[train], begins, ends, pa.int64()),
+            "history": gather_ranges(item_idx[train], context_begins, begins, pa.int32()),
+            "history_ratings": gather_ranges(ratings[train], context_begins, begins, pa.float32()),
         },
         schema=TRAIN_SEQUENCE,
     )

@@ -125,6 +125,8 @@ def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
         "ratings": pa.array([g["rating"].astype("float32").tolist() for _, g in grouped], pa.list_(pa.float32())),
         "likes": pa.array([(g["rating"] >= 4).astype("int8").tolist() for _, g in grouped], pa.list_(pa.int8())),
         "timestamps": pa.array([g["ts"].tolist() for _, g in grouped], pa.list_(pa.int64())),
+        "history": pa.array([[]] * len(grouped), pa.list_(pa.int32())),  # one row per user: nothing before it
+        "history_ratings": pa.array([[]] * len(grouped), pa.list_(pa.float32())),
     }, schema=schema.TRAIN_SEQUENCE)
     pq.write_table(sequences, out_dir / schema.SEQUENCES_DIR / "train" / "part-0.parquet")
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)

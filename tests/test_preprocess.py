@@ -89,16 +89,18 @@ def _decode(root: Path, table: pa.Table) -> pd.DataFrame:
     return frame.set_index("user")
 
 
-def _train_chunks(train: pd.DataFrame, user: str) -> list[list[str]]:
-    """A user's training rows in time order, as item-id lists."""
+def _train_chunks(train: pd.DataFrame, user: str, column: str = "items") -> list[list[str]]:
+    """A user's training rows in time order, as item-id lists of ``column``."""
     rows = train.loc[[user]]
-    return [items for _, items in sorted(zip(rows["timestamps"].map(lambda ts: ts[0]), rows["items"]))]
+    return [list(values) for _, values in sorted(zip(rows["timestamps"].map(lambda ts: ts[0]), rows[column]))]
 
 
 def _expected_chunks(items: list[str], size: int) -> list[list[str]]:
-    """Every item once, cut back from the end into chunks of ``size``; the oldest chunk takes the rest."""
-    head = len(items) % size
-    return ([items[:head]] if head else []) + [items[i : i + size] for i in range(head, len(items), size)]
+    """Every item once: the items after the first cut back from the end into chunks of ``size`` (the oldest
+    takes the rest), the first item joining the oldest chunk."""
+    first, rest = items[:1], items[1:]
+    head = len(rest) % size or min(size, len(rest))
+    return [first + rest[:head]] + [rest[i : i + size] for i in range(head, len(rest), size)]
 
 
 def _assert_accounting(manifest: Manifest, root: Path) -> None:
@@ -139,7 +141,7 @@ def test_ml100k_end_to_end(ml100k) -> None:
     assert (manifest.num_users, manifest.num_items, manifest.num_attributes) == (943, 1682, 19)
     assert manifest.splits["test"].rows == manifest.splits["validation"].rows == 943
     train_lengths = _pandas_leave_one_out().query("from_end >= 2").groupby("user").size()
-    assert manifest.splits["train"].rows == int((-(-train_lengths // 51)).sum()) > 943  # chunks of max_history + 1
+    assert manifest.splits["train"].rows == int((-(-(train_lengths - 1) // 50)).sum()) > 943  # max_history targets a row
     assert manifest.splits["train"].interactions == 98_114
     assert manifest.kcore_converged and manifest.kcore_iterations == 0 and manifest.quarantine == []
     assert manifest.rating.kind == "none" and manifest.tokenizer.class_name == "BertTokenizer"
@@ -172,12 +174,17 @@ def test_ml100k_end_to_end(ml100k) -> None:
     assert validation["target"].to_dict() == expected[expected["from_end"] == 1].set_index("user")["item"].to_dict()
     for user in ("1", "405", "943"):  # the heaviest user (405) and two others
         history = expected[expected["user"] == user]["item"].tolist()
-        assert _train_chunks(train, user) == _expected_chunks(history[:-2], 51)
+        chunks = _expected_chunks(history[:-2], 50)
+        assert _train_chunks(train, user) == chunks
+        # each row's context: the (at most) 50 training items just before its first
+        assert _train_chunks(train, user, "history") == [sum(chunks[:i], [])[-50:] for i in range(len(chunks))]
         assert test.loc[user, "seen_items"] == history[:-1]
         assert test.loc[user, "history"] == history[:-1][-50:]
         assert validation.loc[user, "history"] == history[:-2][-50:]
         ratings = expected[expected["user"] == user]["rating"].astype(float).tolist()
         assert test.loc[user, "history_ratings"].tolist() == ratings[:-1][-50:]  # "none": raw
+        rating_chunks = _expected_chunks(ratings[:-2], 50)
+        assert _train_chunks(train, user, "history_ratings") == [sum(rating_chunks[:i], [])[-50:] for i in range(len(chunks))]
     raw = expected[expected["from_end"] == 0].set_index("user")["rating"].astype(float)
     assert (test["target_rating"] == test.index.map(raw)).all()  # "none": ratings stay raw
 

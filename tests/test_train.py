@@ -22,7 +22,16 @@ from data.storage import read_table, resolve
 from train.artifact import load_artifact
 from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate
-from train.trainer import CONSOLIDATED_WEIGHTS, build_model, load_training_inputs, run_training, warm_start, warm_start_rows
+from train.trainer import (
+    CONSOLIDATED_WEIGHTS,
+    build_model,
+    load_training_inputs,
+    run_training,
+    training_batch,
+    training_windows,
+    warm_start,
+    warm_start_rows,
+)
 
 from tests.tiny import TINY_BERT, tiny_dataset
 
@@ -182,15 +191,68 @@ def test_worker_crash_recovers_from_latest_checkpoint(data_dir, tmp_path, monkey
     _assert_same_weights(_weights(crashed), _weights(uninterrupted))
 
 
+def _train_rows(rows: list[tuple[int, list[int], list[int]]]) -> pa.Table:
+    """TRAIN_SEQUENCE rows from (user, history, items); an item's rating is its index / 10, its like its parity."""
+    return pa.Table.from_pylist(
+        [
+            {"user_idx": user, "items": items, "ratings": [i / 10 for i in items], "likes": [i % 2 for i in items],
+             "timestamps": list(range(len(items))), "history": history, "history_ratings": [i / 10 for i in history]}
+            for user, history, items in rows
+        ],
+        schema=schema.TRAIN_SEQUENCE,
+    )
+
+
+def test_training_windows_give_every_target_context_and_train_it_once():
+    # max_history 3, 2 targets per window. User 1's row follows a row that ended with items 1, 2, 3: the window
+    # [4, 5, 6, 7] trains 6 and 7 (5, whose input 4 has only 3 items before it here, is left as context), then
+    # [2, 3, 4, 5] trains 4 and 5. User 2's row has no history: 1 starts it and is nobody's target.
+    windows = training_windows(_train_rows([(1, [1, 2, 3], [4, 5, 6, 7]), (2, [], [1, 2, 3])]), max_history=3, window_targets=2)
+    columns = windows.to_pydict()
+    assert {name: columns[name] for name in ("user_idx", "items", "likes", "context")} == {
+        "user_idx": [1, 1, 2],
+        "items": [[4, 5, 6, 7], [2, 3, 4, 5], [1, 2, 3]],
+        "likes": [[0, 1, 0, 1], [-1, -1, 0, 1], [1, 0, 1]],
+        "context": [1, 1, 0],
+    }
+    assert [[round(r * 10) for r in ratings] for ratings in columns["ratings"]] == columns["items"]
+    batch = training_batch(columns, max_history=3)
+    assert batch["input_items"].tolist() == [[4, 5, 6], [2, 3, 4], [0, 1, 2]]
+    assert batch["target_items"].tolist() == [[0, 6, 7], [0, 4, 5], [0, 2, 3]]
+    assert batch["target_likes"].tolist() == [[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]]
+    assert torch.isnan(batch["target_ratings"][:, 0]).all()
+    assert torch.allclose(batch["target_ratings"][:, 1:], torch.tensor([[0.6, 0.7], [0.4, 0.5], [0.2, 0.3]]))
+    assert batch["input_ratings"][1].tolist() == pytest.approx([0.2, 0.3, 0.4])  # the history's ratings are inputs
+
+
+def test_training_windows_cover_random_rows_exactly():
+    generator = np.random.default_rng(7)
+    for _ in range(200):
+        max_history = int(generator.integers(1, 8))
+        window_targets = int(generator.integers(1, 10))
+        history = generator.integers(1, 100, int(generator.integers(0, max_history + 1))).tolist()
+        items = generator.integers(100, 200, int(generator.integers(1, max_history + 2))).tolist()
+        sequence, first = history + items, max(len(history), 1)
+        windows = training_windows(_train_rows([(1, history, items)]), max_history, window_targets).to_pylist()
+        trained = []  # (position in sequence of the target, items before it in its window)
+        for window in windows:
+            assert 2 <= len(window["items"]) <= max_history + 1
+            begin = next(b for b in range(len(sequence)) if sequence[b : b + len(window["items"])] == window["items"])
+            trained += [(begin + t, t) for t in range(window["context"] + 1, len(window["items"]))]
+        assert sorted(position for position, _ in trained) == list(range(first, len(sequence)))  # each target once
+        for position, before in trained:
+            assert before >= min(position, max_history - min(window_targets, max_history) + 1)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor_at_the_last_configured_epoch():
     from train.trainer import _learning_rate_schedule
 
     config = TrainConfig(epochs=3, batch_size=16)
     config.scaling.num_workers = 2
     config.optimizer.warmup_steps, config.optimizer.min_lr_ratio = 2, 0.1
-    # 40 rows on 2 workers in batches of 16: 2 steps per epoch, 6 in all.
+    # 40 windows on 2 workers in batches of 16: 2 steps per epoch, 6 in all.
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = _learning_rate_schedule(config, num_train_rows=40)(optimizer)
+    schedule = _learning_rate_schedule(config, num_train_windows=40)(optimizer)
     rates = []
     for _ in range(7):
         rates.append(optimizer.param_groups[0]["lr"])

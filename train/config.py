@@ -127,7 +127,11 @@ class TrainConfig(StageConfig):
     data: str = "runs/default/data"  # preprocessing output (path or URI)
     output: str = "runs/default/model"  # checkpoints, artifact, plots (path or URI)
     epochs: int = 30
-    batch_size: int = 32  # per worker; each row is a whole user sequence (every position trains)
+    batch_size: int = 32  # per worker, in training windows
+    #: Each training window holds at most max_history + 1 items and trains the next-item targets of its last
+    #: ``window_targets`` positions (at most max_history), so every target has at least max_history -
+    #: window_targets + 1 items before it; fewer targets per window: more context, more windows per epoch.
+    window_targets: int = Field(25, ge=1)
     early_stopping_patience: int = 5
     checkpoints_to_keep: int = 2  # the best by validation NDCG@10; the latest is always kept too
     max_failures: int = 1

@@ -2,9 +2,9 @@
 
 The driver (``run_training``) reads the preprocessing output, starts a ``TorchTrainer`` whose workers each run
 ``train_loop_per_worker``, then exports the best checkpoint as a model artifact and evaluates it on the test
-split. Workers read training sequences as Ray Data shards, train every task at once through a DeepSpeed engine
-(ZeRO 0-3), evaluate the full validation split after each epoch, report to Ray Train with a checkpoint, and stop
-early when validation NDCG@10 stops improving.
+split. Workers read training windows (``training_windows``) as Ray Data shards, train every task at once
+through a DeepSpeed engine (ZeRO 0-3), evaluate the full validation split after each epoch, report to Ray Train
+with a checkpoint, and stop early when validation NDCG@10 stops improving.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ class TrainingInputs:
     max_text_tokens: int
     data_hash: str
     rating: dict[str, Any]  # the manifest's rating normalisation: raw = normalised * scale + shift + offset
-    num_train_rows: int
 
 
 class TrainingModule(torch.nn.Module):
@@ -97,17 +96,58 @@ def build_model(config: TrainConfig, inputs: TrainingInputs) -> PolyrecModel:
     )
 
 
+def training_windows(rows: pa.Table, max_history: int, window_targets: int) -> pa.Table:
+    """TRAIN_SEQUENCE rows → training windows of at most ``max_history + 1`` items, each training the
+    next-item targets of its last ``window_targets`` (at most ``max_history``) positions, or of all its
+    positions when it starts at the row's first item; ``context`` counts the leading positions whose
+    targets another window trains.
+
+    A row's ``history`` is context for its first items, so every item of ``items`` that has anything
+    before it is a target exactly once, with at least ``max_history - window_targets + 1`` items before
+    it (or all there are), as evaluation's targets have ``max_history``. Chunks alone would give the
+    first targets of each chunk almost none."""
+    step = min(window_targets, max_history)
+    windows: dict[str, list] = {"user_idx": [], "items": [], "ratings": [], "likes": [], "context": []}
+    columns = rows.select(["user_idx", "history", "history_ratings", "items", "ratings", "likes"]).to_pydict()
+    for user, history, history_ratings, items, ratings, likes in zip(*columns.values()):
+        sequence, sequence_ratings = history + items, history_ratings + ratings
+        sequence_likes = [-1] * len(history) + likes
+        first_target = max(len(history), 1)
+        end = len(sequence)
+        while end > first_target:
+            begin = max(0, end - 1 - max_history)
+            # A window from the row's start sees all the context there is: smaller ones would only repeat it.
+            trained_from = first_target if begin == 0 else max(first_target, end - step)
+            windows["user_idx"].append(user)
+            windows["items"].append(sequence[begin:end])
+            windows["ratings"].append(sequence_ratings[begin:end])
+            windows["likes"].append(sequence_likes[begin:end])
+            windows["context"].append(trained_from - 1 - begin)
+            end = trained_from
+    types = {"user_idx": pa.int32(), "items": pa.list_(pa.int32()), "ratings": pa.list_(pa.float32()),
+             "likes": pa.list_(pa.int8()), "context": pa.int32()}
+    return pa.table({name: pa.array(values, types[name]) for name, values in windows.items()})
+
+
 def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, torch.Tensor]:
-    """TRAIN_SEQUENCE rows → left-padded next-item tensors: position t predicts item t+1."""
+    """Training windows (``training_windows``) → left-padded next-item tensors: position t predicts item
+    t+1, except in the first ``context`` positions of a window, which have no target."""
+
+    def targets(sequences: list[np.ndarray], none: float) -> list[np.ndarray]:
+        shifted = [sequence[1:].copy() for sequence in sequences]
+        for target, context in zip(shifted, rows["context"]):
+            target[:context] = none
+        return shifted
+
     items = [np.array(seq, dtype=np.int64) for seq in rows["items"]]
     ratings = [np.array(seq, dtype=np.float32) for seq in rows["ratings"]]
     likes = [np.array(seq, dtype=np.int64) for seq in rows["likes"]]
     return {
         "input_items": left_pad([s[:-1] for s in items], max_history),
         "input_ratings": left_pad([s[:-1] for s in ratings], max_history, pad_value=float("nan"), dtype=torch.float32),
-        "target_items": left_pad([s[1:] for s in items], max_history),
-        "target_ratings": left_pad([s[1:] for s in ratings], max_history, pad_value=float("nan"), dtype=torch.float32),
-        "target_likes": left_pad([s[1:] for s in likes], max_history, pad_value=-1),
+        "target_items": left_pad(targets(items, schema.PAD_INDEX), max_history),
+        "target_ratings": left_pad(targets(ratings, float("nan")), max_history, pad_value=float("nan"), dtype=torch.float32),
+        "target_likes": left_pad(targets(likes, -1), max_history, pad_value=-1),
         "user_idx": torch.as_tensor(np.asarray(rows["user_idx"], dtype=np.int64)),
     }
 
@@ -161,13 +201,13 @@ def _parameter_groups(module: TrainingModule, config: TrainConfig) -> list[dict[
     return groups
 
 
-def _learning_rate_schedule(config: TrainConfig, num_train_rows: int):
+def _learning_rate_schedule(config: TrainConfig, num_train_windows: int):
     """Linear warm-up, then constant or a cosine decay to ``min_lr_ratio`` over the configured epochs
     (an early stop ends it part-way)."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
     settings = config.optimizer
-    rows_per_worker = math.ceil(num_train_rows / config.scaling.num_workers)
+    rows_per_worker = math.ceil(num_train_windows / config.scaling.num_workers)
     total_steps = config.epochs * max(1, math.ceil(rows_per_worker / config.batch_size))
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -209,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         model=module,
         model_parameters=_parameter_groups(module, config),
         config=deepspeed_config(config, use_gpu),
-        lr_scheduler=_learning_rate_schedule(config, inputs.num_train_rows),
+        lr_scheduler=_learning_rate_schedule(config, loop_config["num_train_windows"]),
     )
     device = engine.device
 
@@ -376,7 +416,6 @@ def load_training_inputs(data_uri: str) -> TrainingInputs:
         max_text_tokens=manifest.tokenizer.max_text_tokens,
         data_hash=manifest.content_hash,
         rating=manifest.rating.model_dump(),
-        num_train_rows=manifest.splits["train"].rows,
     )
 
 
@@ -443,11 +482,17 @@ def run_training(config: TrainConfig) -> TrainResult:
         refuse_existing_artifact(artifact_dir)  # now, not after the training
     output.mkdir(parents=True, exist_ok=True)
 
+    # A few windows per user: small enough to keep in the object store, which spares every epoch a re-read.
+    windows = train_sequences(data).map_batches(
+        training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": config.window_targets},
+        batch_format="pyarrow",
+    ).materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "inputs": inputs,
+            "num_train_windows": windows.count(),
             "warm_start_rows": warm_start_rows(config.warm_start_from, data) if config.warm_start_from else None,
         },
         scaling_config=RayScalingConfig(
@@ -459,8 +504,7 @@ def run_training(config: TrainConfig) -> TrainResult:
                 else {"CPU": config.scaling.cpus_per_worker}
             ),
         ),
-        # A few rows per user: small enough to keep in the object store, which spares every epoch a re-read.
-        datasets={"train": train_sequences(data).materialize()},
+        datasets={"train": windows},
         run_config=RunConfig(
             # One folder per invocation: Ray Train restores a run whose folder exists, so a reused name would
             # silently continue (or, with another config, fail to load) an earlier training into this output.
