@@ -302,7 +302,7 @@ def test_leave_one_out_with_a_timestamp_tie_and_user_centring(tmp_path) -> None:
     validation = _decode(tmp_path, _read(tmp_path, "sequences/validation"))
     test = _decode(tmp_path, _read(tmp_path, "sequences/test"))
     # a in time order: i4 (5), i1 (10), i2 (20), i3 (20), i5 (30)
-    assert train.loc["a", "items"] == ["i4", "i1", "i2"]  # max_history + 1 = 3 most recent of i4, i1, i2
+    assert train.loc["a", "items"] == ["i4", "i1", "i2"]  # max_history = 2 targets (i1, i2) and the first item
     assert (validation.loc["a", "target"], validation.loc["a", "history"]) == ("i3", ["i1", "i2"])
     assert validation.loc["a", "seen_items"] == ["i4", "i1", "i2"]
     assert (test.loc["a", "target"], test.loc["a", "history"]) == ("i5", ["i2", "i3"])

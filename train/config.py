@@ -132,7 +132,7 @@ class TrainConfig(StageConfig):
     #: ``window_targets`` positions (at most max_history), so every target has at least max_history -
     #: window_targets + 1 items before it; fewer targets per window: more context, more windows per epoch.
     window_targets: int = Field(25, ge=1)
-    early_stopping_patience: int = 5
+    early_stopping_patience: int = 10  # epochs without a better validation NDCG@10; the cosine decay pays off late
     checkpoints_to_keep: int = 2  # the best by validation NDCG@10; the latest is always kept too
     max_failures: int = 1
     resume_from: str | None = None  # a checkpoint path to start from
