@@ -207,8 +207,8 @@ def _learning_rate_schedule(config: TrainConfig, num_train_windows: int):
     from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
     settings = config.optimizer
-    rows_per_worker = math.ceil(num_train_windows / config.scaling.num_workers)
-    total_steps = config.epochs * max(1, math.ceil(rows_per_worker / config.batch_size))
+    windows_per_worker = math.ceil(num_train_windows / config.scaling.num_workers)
+    total_steps = config.epochs * max(1, math.ceil(windows_per_worker / config.batch_size))
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         if settings.schedule == "constant":
