@@ -100,7 +100,8 @@ class ItemInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     model_version: str
-    metrics: dict[str, float]
+    #: The artifact's figures by split, as training recorded them: ``{"validation": {...}, "test": {...}}``.
+    metrics: dict[str, dict[str, float]]
     data_manifest_hash: str | None
     created_at: str | None
     num_items: int

@@ -104,7 +104,7 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
         users=users,
         model_version=model_version or f"random-{seed}",
         data_manifest_hash=f"movielens-100k-first-{num_users}-users",
-        metrics={"ndcg@10": 0.0},
+        metrics={"validation": {"validation/NDCG@10": 0.0}, "test": {"NDCG@10": 0.0}},
         rating=rating or {"kind": "none", "shift": 0.0, "scale": 1.0},
     )
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from data.errors import InputError
-from train.artifact import METADATA_FILE
+from train.artifact import read_metadata
 
 VERSIONS_FILE = "versions.json"
 MAX_RECORDS = 50
@@ -28,17 +28,7 @@ class VersionRecord:
 
 def artifact_version(path: str) -> str:
     """The ``model_version`` in an artifact's metadata, read without loading the model."""
-    metadata_file = Path(path) / METADATA_FILE
-    try:
-        metadata = json.loads(metadata_file.read_text())
-    except FileNotFoundError:
-        raise InputError(f"model: {metadata_file} not found; is {path} a model artifact?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{metadata_file}: not valid JSON: {err}") from None
-    version = metadata.get("model_version") if isinstance(metadata, dict) else None
-    if not isinstance(version, str) or not version:
-        raise InputError(f"{metadata_file}: field 'model_version' is missing")
-    return version
+    return read_metadata(path)["model_version"]
 
 
 class VersionHistory:

@@ -3,7 +3,9 @@
 Layout of an artifact folder::
 
     artifact.json              format_version, model_version, model_config, num_users/items/attributes,
-                               rating_mean, rating (normalisation), data_manifest_hash, metrics, created_at
+                               rating_mean, rating (normalisation), data_manifest_hash, training_data (the
+                               preprocessing output it was trained on), metrics ({"validation": ..., "test": ...}),
+                               created_at
     model.safetensors          the state dict; in frozen mode without the backbone (its pooled catalogue
                                text is there, as the ``text_embeddings`` buffer)
     item_vectors.safetensors   "item_vectors": the item table [N+1, d]
@@ -93,12 +95,15 @@ def save_artifact(
     users: pa.Table,
     model_version: str,
     data_manifest_hash: str,
-    metrics: Mapping[str, Any],
+    metrics: Mapping[str, Mapping[str, float]],
     rating: Mapping[str, Any],
+    training_data: str | None = None,
 ) -> Path:
     """Write the artifact to ``out_dir`` (new or empty), atomically: a partial folder never appears
     under that name. ``items`` is the data output's items table, ``users`` its user vocabulary,
-    ``metrics`` any JSON-able mapping, ``rating`` the manifest's rating normalisation."""
+    ``metrics`` the figures by split (``{"validation": {...}, "test": {...}}``), ``rating`` the
+    manifest's rating normalisation, ``training_data`` the preprocessing output (path or URI) the
+    model was trained on, whose histories serving loads by default."""
     out_dir = Path(out_dir)
     refuse_existing_artifact(out_dir)
     item_table = _select(items, ITEM_COLUMNS, "items", optional=("title",)).sort_by("item_idx")
@@ -121,6 +126,7 @@ def save_artifact(
         "rating_mean": model.rating_mean,
         "rating": dict(rating),
         "data_manifest_hash": data_manifest_hash,
+        "training_data": training_data,
         "metrics": json.loads(json.dumps(metrics, default=float)),  # numpy / torch scalars → floats
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -162,7 +168,8 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
     if not path.is_dir():
         raise InputError(f"{path}: no model artifact folder there")
     _check_listing(path)
-    metadata, config = _read_metadata(path / METADATA_FILE)
+    metadata = read_metadata(path)
+    config = _model_config(path / METADATA_FILE, metadata)
 
     state = _read_safetensors(path / MODEL_FILE)
     item_vectors = _read_safetensors(path / ITEM_VECTORS_FILE).get("item_vectors")
@@ -219,9 +226,14 @@ def _check_listing(path: Path) -> None:
             raise InputError(f"{path / name}: missing from the model artifact")
 
 
-def _read_metadata(file: Path) -> tuple[dict[str, Any], ModelConfig]:
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """``artifact.json`` of the artifact folder ``path``, checked (format version, required fields),
+    without loading the model: the one reader of that file."""
+    file = Path(path) / METADATA_FILE
     try:
         metadata = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{file}: not found; is {path} a model artifact?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{file}: not valid JSON: {err}") from None
     if not isinstance(metadata, dict):
@@ -231,9 +243,18 @@ def _read_metadata(file: Path) -> tuple[dict[str, Any], ModelConfig]:
     for field in ("model_version", "model_config", "num_users", "num_items", "num_attributes", "rating_mean"):
         if field not in metadata:
             raise InputError(f"{file}: missing field '{field}'")
+    if not isinstance(metadata["model_version"], str) or not metadata["model_version"]:
+        raise InputError(f"{file}: field 'model_version' must be a non-empty string")
     for field in ("num_users", "num_items", "num_attributes"):
         if not isinstance(metadata[field], int) or metadata[field] < 0:
             raise InputError(f"{file}: field '{field}' must be a non-negative integer")
+    metrics = metadata.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(isinstance(split, dict) for split in metrics.values()):
+        raise InputError(f"{file}: field 'metrics' must map each split to its figures")
+    return metadata
+
+
+def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
     try:
         config = ModelConfig.model_validate(metadata["model_config"])
     except ValidationError as err:
@@ -241,7 +262,7 @@ def _read_metadata(file: Path) -> tuple[dict[str, Any], ModelConfig]:
         raise InputError(f"{file}: field 'model_config': {problems}") from None
     if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
         raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
-    return metadata, config
+    return config
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:

@@ -554,6 +554,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         model_version=config.model_version or time.strftime("v%Y%m%d-%H%M%S"),
         data_manifest_hash=inputs.data_hash,
         rating=inputs.rating,
+        training_data=data.uri if "://" in data.uri else data.path,
         metrics={"validation": {k: v for k, v in best_validation.items() if k.startswith("validation/")}, "test": test_metrics["polyrec"]},
     )
     write_report(test_metrics, output)
