@@ -64,10 +64,13 @@ class ColumnMapping(StageConfig):
 
 class SourceConfig(StageConfig):
     format: SourceFormat = "movielens-100k"
-    #: A folder (MovieLens) or the interactions file (amazon, table, feedback). None: the
-    #: embedded MovieLens-100K.
+    #: A folder (MovieLens), the interactions file (amazon, table), or the feedback log's folder or
+    #: Parquet file (feedback; a path or a URI such as s3://). None: the embedded MovieLens-100K.
     path: str | None = None
-    items_path: str | None = None  # amazon metadata / table items file
+    #: amazon: the metadata file; table: the items file; feedback (optional): the service's registry of
+    #: items registered at run time, ``<serve state_dir>/items.jsonl`` (path or URI; no file yet: none
+    #: registered), so that feedback on them is kept and their registered text is what the item encoder reads.
+    items_path: str | None = None
     users_path: str | None = None
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     timestamp_unit: Literal["s", "ms", "us", "iso"] = "s"

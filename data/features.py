@@ -193,16 +193,18 @@ def load_tokenizer(path: str) -> Any:
 
 
 class ItemTextEncoder:
-    """Ray Data callable class: renders item text and tokenises it; the tokenizer loads once per actor."""
+    """Ray Data callable class: renders item text (an item's ``full_text`` is its text as it is) and
+    tokenises it; the tokenizer loads once per actor."""
 
     def __init__(self, tokenizer: str, template: str, max_tokens: int):
         self._tokenizer = load_tokenizer(tokenizer)
         self._template = template
-        self._fields = template_fields(template)
+        self._fields = list(dict.fromkeys([*template_fields(template), "full_text"]))
         self._max_tokens = max_tokens
 
     def __call__(self, items: pa.Table) -> pa.Table:
-        texts = [render_item_text(item, self._template) for item in items.select(self._fields).to_pylist()]
+        rows = items.select(self._fields).to_pylist()
+        texts = [item["full_text"] if item["full_text"] is not None else render_item_text(item, self._template) for item in rows]
         input_ids = self._tokenizer(texts, truncation=True, max_length=self._max_tokens)["input_ids"]
         return items.append_column("text", pa.array(texts, pa.string())).append_column(
             "input_ids", pa.array(input_ids, pa.list_(pa.int32()))

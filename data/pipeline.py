@@ -86,7 +86,7 @@ PARTITION_STATS = pa.schema([("metric", pa.string()), ("count", pa.int64())])
 
 
 class InputFile(BaseModel):
-    path: str
+    path: str  # a local path or a URI
     size: int
     sha256: str
 
@@ -264,7 +264,8 @@ def _describe_inputs(sources: SourceTables) -> tuple[list[InputFile], str]:
     described = []
     for path in sorted(set(sources.files)):
         digest, size = hashlib.sha256(), 0
-        with open(path, "rb") as stream:
+        location = storage.resolve(path, "input file")
+        with location.filesystem.open_input_stream(location.path, compression=None) as stream:
             while chunk := stream.read(1 << 20):
                 digest.update(chunk)
                 combined.update(chunk)

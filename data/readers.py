@@ -20,7 +20,7 @@ import functools
 import gzip
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from data import storage
 from data.config import DEFAULT_DATASET_DIR, SourceConfig
 from data.errors import InputError
+from data.feedback_log import PART_PREFIX, PART_SUFFIX, first_occurrences, log_parts, read_registered_items
 from data.schema import INTERACTIONS, ITEM_TEXT_FIELDS, ITEMS_BASE, QUARANTINE, USER_ID_FIELD
 
 
@@ -45,7 +47,7 @@ class SourceTables:
     items: pa.Table  # data.schema.ITEMS_BASE; null where the source lacks a field
     users: pa.Table | None  # user_id + string attribute columns, or None
     quarantine: pa.Table  # data.schema.QUARANTINE, one row per line that could not be read
-    files: list[str]  # every file read (absolute paths), for the manifest's content hash
+    files: list[str]  # every file read (absolute paths, or URIs of remote files), for the manifest's content hash
 
 
 def read_source(config: SourceConfig) -> SourceTables:
@@ -184,14 +186,13 @@ def _csv_header(source: Any, read_options: pacsv.ReadOptions, parse_options: pac
         return reader.schema.names
 
 
-def _read_parquet(path: Path, label: str | None = None) -> _Raw:
-    """``label`` names the file in ``source`` (default: its name)."""
+def _read_parquet(path: Path) -> _Raw:
     _require_file(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(f"{path}: not a readable Parquet file: {err}") from None
-    return _Raw(path, table, np.arange(table.num_rows), f"{label or path.name}:row ", _json_rows)
+    return _Raw(path, table, np.arange(table.num_rows), f"{path.name}:row ", _json_rows)
 
 
 def _json_rows(rows: pa.Table) -> list[str]:
@@ -414,14 +415,15 @@ def _users_from(raw: _Raw, user: _Checked) -> tuple[pa.Table, pa.Table]:
 
 
 def _result(
-    files: list[Path], interactions: pa.Table, items: pa.Table, users: pa.Table | None, quarantines: list[pa.Table]
+    files: Sequence[Path | str], interactions: pa.Table, items: pa.Table, users: pa.Table | None, quarantines: list[pa.Table]
 ) -> SourceTables:
+    """``files``: local paths, made absolute, or names from ``data.storage.file_uri``, kept as they are."""
     return SourceTables(
         interactions=interactions,
         items=items,
         users=users,
         quarantine=pa.concat_tables([QUARANTINE.empty_table(), *quarantines]),
-        files=[str(path.resolve()) for path in files],
+        files=[str(path.resolve()) if isinstance(path, Path) else path for path in files],
     )
 
 
@@ -861,19 +863,17 @@ def _item_field(raw: _Raw, name: str, column: str, list_separator: str) -> pa.Ch
 
 def _read_feedback(config: SourceConfig) -> SourceTables:
     if config.path is None:
-        raise InputError("source.path: required for format 'feedback' (a feedback-log Parquet file or folder)")
-    root = Path(config.path)
-    if root.is_dir():
-        paths = sorted(root.rglob("*.parquet"))
-        if not paths:
-            raise InputError(f"{root}: no .parquet files in the feedback-log folder")
-    else:
-        _require_file(root, " (the feedback log)")
-        paths = [root]
+        raise InputError("source.path: required for format 'feedback' (a feedback-log folder or Parquet file, path or URI)")
+    log = storage.resolve(config.path, "source.path")
+    parts = log_parts(log)
+    if not parts:
+        missing = f"no {PART_PREFIX}*{PART_SUFFIX} files in the feedback-log folder" if storage.exists(log) else "not found (the feedback log)"
+        raise InputError(f"{config.path}: {missing}")
     wanted_events = pa.array(config.feedback_events, pa.string())
     logs, row_counts, quarantines = [], [], []
-    for path in paths:
-        raw = _read_parquet(path, str(path.relative_to(root)) if root.is_dir() else None)
+    for part in parts:
+        table = part.read()  # parts may lie on an object store, so not _read_parquet
+        raw = _Raw(Path(part.name), table, np.arange(table.num_rows), f"{part.name}:row ", _json_rows)
         raw.require_columns(dict.fromkeys(["event_id", "ts", "user_id", "item_id", "event", "value"]))
         row_counts.append(raw.table.num_rows)
         # Impressions and the like are not interactions; a row without an event is kept, to be refused.
@@ -892,10 +892,10 @@ def _read_feedback(config: SourceConfig) -> SourceTables:
         logs.append((interactions, _kept(event_id.values, keep), _kept(raw.table, keep)))
         quarantines.append(quarantine)
     if sum(row_counts) == 0:
-        raise InputError(f"{root}: no events in the feedback log")
+        raise InputError(f"{config.path}: no events in the feedback log")
     interactions = pa.concat_tables([table for table, _, _ in logs])
     event_ids = pa.chunked_array([ids for _, ids, _ in logs], pa.string())
-    first = _first_occurrences(event_ids)
+    first = first_occurrences(event_ids)
     if not first.all():
         duplicate = pa.array(~first)
         originals = pa.concat_tables([table for _, _, table in logs], promote_options="permissive").filter(duplicate)
@@ -903,16 +903,24 @@ def _read_feedback(config: SourceConfig) -> SourceTables:
         duplicates = [("duplicate event_id", source, text) for source, text in zip(sources, _json_rows(originals))]
         quarantines.append(_quarantine_table(duplicates))
         interactions = interactions.filter(pa.array(first))
-    return _result(paths, interactions, ITEMS_BASE.empty_table(), None, quarantines)
+    files = [part.uri for part in parts]
+    items = ITEMS_BASE.empty_table()
+    if config.items_path is not None:
+        items, registry_quarantine, registry_files = _registered_items(config.items_path)
+        files += registry_files
+        quarantines.append(registry_quarantine)
+    return _result(files, interactions, items, None, quarantines)
 
 
-def _first_occurrences(values: pa.ChunkedArray) -> np.ndarray:
-    """True at the first row of each distinct value."""
-    order = pa.table({"value": values, "order": np.arange(len(values))})
-    first = order.group_by("value", use_threads=False).aggregate([("order", "min")])["order_min"]
-    is_first = np.zeros(len(values), dtype=bool)
-    is_first[first.to_numpy()] = True
-    return is_first
+def _registered_items(uri: str) -> tuple[pa.Table, pa.Table, list[str]]:
+    """The service's item registry as ITEMS_BASE rows (title, and the registered text as ``full_text``: the
+    service encoded it as is), the quarantine of its unreadable lines, and the file when there is one."""
+    registry = storage.resolve(uri, "source.items_path")
+    files = [storage.file_uri(registry, registry.path)] if storage.exists(registry) else []
+    refused: list[tuple[str, str, str]] = []
+    registered = read_registered_items(uri, refused)
+    rows = [{"item_id": item.item_id, "title": item.title or None, "full_text": item.text} for item in registered]
+    return pa.Table.from_pylist(rows, schema=ITEMS_BASE), _quarantine_table(refused), files
 
 
 _READERS: dict[str, Callable[[SourceConfig], SourceTables]] = {

@@ -32,6 +32,7 @@ ITEM_TEXT_FIELDS = ("title", "year", "genres", "tags", "description", "brand", "
 #: Fields that become the multi-label ``attributes`` task (list<string> columns).
 ITEM_ATTRIBUTE_FIELDS = ("genres", "category")
 
+#: One row per item; a reader leaves null what its source lacks.
 ITEMS_BASE = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
@@ -42,6 +43,9 @@ ITEMS_BASE = pa.schema(
         pa.field("description", pa.string()),
         pa.field("brand", pa.string()),
         pa.field("category", pa.list_(pa.string())),
+        # The item's whole text as its source wrote it, tokenised as is instead of features.text_template's
+        # rendering: an item registered through the service keeps the text the service encoded.
+        pa.field("full_text", pa.string()),
     ]
 )
 
@@ -95,7 +99,7 @@ ITEM_FEATURES = pa.schema(
     [
         pa.field("item_idx", pa.int32(), nullable=False),
         pa.field("item_id", pa.string(), nullable=False),
-        pa.field("text", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),  # full_text when the item has one, else the template rendered
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),  # unpadded token ids
         pa.field("attributes", pa.list_(pa.int32()), nullable=False),  # attribute_idx values
         pa.field("is_cold", pa.bool_(), nullable=False),  # withheld from training

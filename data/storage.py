@@ -38,15 +38,27 @@ class Location:
         return Location(self.filesystem, posixpath.join(posixpath.dirname(self.path), name), self.uri)
 
 
-def resolve(uri: str) -> Location:
-    """A local path (relative paths are made absolute) or a URI pyarrow understands (file://, s3://, gs://)."""
+def resolve(uri: str, setting: str = "output") -> Location:
+    """A local path (relative paths are made absolute) or a URI pyarrow understands (file://, s3://, gs://);
+    ``setting`` names what the URI is for in the error."""
     if "://" not in uri:
         return Location(pafs.LocalFileSystem(), Path(uri).expanduser().resolve().as_posix(), uri)
     try:
         filesystem, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise InputError(f"output: cannot open {uri!r}: {err}") from None
+        raise InputError(f"{setting}: cannot open {uri!r}: {err}") from None
     return Location(filesystem, path.rstrip("/"), uri)
+
+
+def file_uri(location: Location, path: str) -> str:
+    """A file at ``path`` on the location's filesystem, named so that ``resolve`` opens it again: its path
+    when local, else the location's URI extended by the file's relative path (its ?options kept)."""
+    if location.is_local:
+        return path
+    if path == location.path:
+        return location.uri
+    base, _, options = location.uri.partition("?")
+    return f"{base.rstrip('/')}/{posixpath.relpath(path, location.path)}" + (f"?{options}" if options else "")
 
 
 def exists(location: Location, relative: str = "") -> bool:

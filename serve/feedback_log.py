@@ -12,14 +12,8 @@ segments of owners whose lock is free, i.e. whose process died: that is how the 
 replica reaches Parquet. The WAL folder must be a local file system that honours ``flock`` and
 ``fsync``; the Parquet parts may go to any pyarrow file system (local folder, s3://, gs://).
 
-Layout::
-
-    <wal_dir>/<owner>.lock              held by the live writer
-    <wal_dir>/<owner>.<seq>.wal         JSON lines, one ``data.schema.FEEDBACK_LOG`` row each
-    <log>/part-<owner>-<seq>.parquet    the Parquet part of that segment
-
-Rows with the same ``event_id`` may appear twice when a client retries; the ``feedback`` reader of
-``data.readers`` drops the duplicates when the log is read for training.
+The layout and the readers are ``data.feedback_log``'s. Rows with the same ``event_id`` may appear
+twice when a client retries; the readers keep the first.
 """
 
 from __future__ import annotations
@@ -28,28 +22,23 @@ import fcntl
 import json
 import logging
 import os
-import posixpath
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from data.feedback_log import LOCK_SUFFIX, PART_PREFIX, PART_SUFFIX, WAL_SUFFIX, read_wal_segment, rows_to_table
 from data.schema import FEEDBACK_LOG
-from data.storage import exists, resolve
+from data.storage import resolve
 
 logger = logging.getLogger(__name__)
 
-WAL_SUFFIX = ".wal"
-LOCK_SUFFIX = ".lock"
-PART_PREFIX = "part-"
 IMPRESSION = "impression"
 
 
@@ -77,11 +66,6 @@ def impression_rows(
     ]
 
 
-def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Rows (dicts with any subset of the schema's fields) → a ``FEEDBACK_LOG`` table."""
-    return pa.Table.from_pylist([{name: row.get(name) for name in FEEDBACK_LOG.names} for row in rows], schema=FEEDBACK_LOG)
-
-
 def safe_name(text: str, limit: int = 48) -> str:
     """``text`` reduced to a file-name fragment that cannot leave its folder."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text)[:limit] or "x"
@@ -92,7 +76,7 @@ class FeedbackLog:
     event loop while a background thread flushes."""
 
     def __init__(self, log_uri: str, wal_dir: str | Path, *, writer: str, flush_max_events: int = 20_000):
-        self.location = resolve(log_uri)
+        self.location = resolve(log_uri, "feedback log")
         self.wal_dir = Path(wal_dir).expanduser().resolve()
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         self.location.filesystem.create_dir(self.location.path, recursive=True)
@@ -167,13 +151,13 @@ class FeedbackLog:
         """Segment → ``part-<owner>-<seq>.parquet`` (temporary name, then rename) → delete the segment."""
         rows = read_wal_segment(segment)
         if rows:
-            self._write_part(rows_to_table(rows), f"{PART_PREFIX}{segment.stem.replace('.', '-')}.parquet")
+            self._write_part(rows_to_table(rows), f"{PART_PREFIX}{segment.stem.replace('.', '-')}{PART_SUFFIX}")
         segment.unlink()
         _fsync_dir(self.wal_dir)
         return len(rows)
 
     def _write_part(self, table: pa.Table, name: str) -> None:
-        # The temporary name does not end in .parquet: readers that glob for parts never see it.
+        # The temporary name is no part's (see data.feedback_log): readers never see it.
         final, temporary = self.location.join(name), self.location.join(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
         filesystem = self.location.filesystem
         if self.location.is_local:
@@ -217,46 +201,6 @@ class FeedbackLog:
         (self.wal_dir / f"{self.owner}{LOCK_SUFFIX}").unlink(missing_ok=True)
         os.close(self._lock_fd)
         return written
-
-
-def read_wal_segment(segment: Path) -> list[dict[str, Any]]:
-    """The rows of one WAL segment. A line that does not parse (a write torn by a crash, never
-    acknowledged) is skipped with a warning."""
-    rows, torn = [], 0
-    with open(segment, "rb") as file:
-        for line in file:
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                torn += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                torn += 1
-    if torn:
-        logger.warning("%s: skipped %d unreadable line(s), writes a crash cut short", segment, torn)
-    return rows
-
-
-def read_feedback_log(log_uri: str, wal_dir: str | Path | None = None) -> pa.Table:
-    """Every row logged so far: the Parquet parts, plus the WAL segments not yet flushed when
-    ``wal_dir`` is given; the first row of each ``event_id`` is kept."""
-    location = resolve(log_uri)
-    tables = [rows_to_table([])]
-    if exists(location):
-        selector = pafs.FileSelector(location.path, allow_not_found=True)
-        parts = sorted(
-            info.path
-            for info in location.filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.File and posixpath.basename(info.path).startswith(PART_PREFIX) and info.path.endswith(".parquet")
-        )
-        tables += [pq.read_table(part, filesystem=location.filesystem, schema=FEEDBACK_LOG) for part in parts]
-    if wal_dir is not None and Path(wal_dir).is_dir():
-        tables += [rows_to_table(read_wal_segment(segment)) for segment in sorted(Path(wal_dir).glob(f"*{WAL_SUFFIX}"))]
-    table = pa.concat_tables(tables)
-    _, first = np.unique(table["event_id"].to_numpy(zero_copy_only=False), return_index=True)
-    return table.take(np.sort(first))
 
 
 def _fsync_dir(path: Path) -> None:

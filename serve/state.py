@@ -14,8 +14,9 @@ import json
 import math
 import os
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +24,10 @@ import pyarrow.compute as pc
 
 from data import schema
 from data.errors import InputError
+from data.feedback_log import REGISTRY_FILE, RegisteredItem, read_feedback_log, read_registered_items
 from data.pipeline import load_manifest
 from data.storage import exists, read_table, resolve
 from serve.config import StateConfig
-from serve.feedback_log import read_feedback_log
 
 
 class ItemExists(InputError):
@@ -40,15 +41,6 @@ class UserContext:
     history_ratings: list[float]  # the rating the user gave each of them (raw scale); NaN: none
     seen: list[str]  # every remembered item of the user (up to ``max_seen_items``)
     registry_version: int  # registered items up to this sequence number exist
-
-
-@dataclass(frozen=True)
-class RegisteredItem:
-    seq: int  # 1, 2, ...: registration order, the same on every replica
-    item_id: str
-    title: str
-    text: str
-    ts: int
 
 
 @dataclass
@@ -65,7 +57,7 @@ class ServerState:
     @classmethod
     def rebuild(cls, config: StateConfig, state_dir: str | Path, *, training_data: str | None,
                 feedback_log: str, wal_dir: str | Path) -> ServerState:
-        state = cls(config, Path(state_dir) / "items.jsonl")
+        state = cls(config, Path(state_dir) / REGISTRY_FILE)
         events = [training_interactions(training_data)] if training_data else []
         logged = read_feedback_log(feedback_log, wal_dir)
         logged = logged.filter(pc.is_in(logged["event"], pa.array(config.history_events)))
@@ -77,11 +69,9 @@ class ServerState:
         return state
 
     def load_registry(self) -> None:
-        if not self.registry_file.is_file():
-            return
-        for line in self.registry_file.read_text().splitlines():
-            if line.strip():
-                self._add_registered(RegisteredItem(**json.loads(line)))
+        # Replicas take registered items by consecutive seq: a line the reader skipped must leave no gap.
+        for seq, item in enumerate(read_registered_items(str(self.registry_file)), start=1):
+            self._add_registered(replace(item, seq=seq))
 
     # --- users ---------------------------------------------------------------------------------
 
@@ -117,8 +107,10 @@ class ServerState:
             raise ItemExists(f"item_id: {item_id!r} is already registered")
         item = RegisteredItem(len(self.registered) + 1, item_id, title, text, ts)
         self.registry_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.registry_file, "a") as file:
-            file.write(json.dumps(item.__dict__) + "\n")
+        line = json.dumps(item.__dict__) + "\n"
+        with open(self.registry_file, "a+b") as file:
+            # After a write torn by a crash, the new line must not continue the torn one.
+            file.write((b"\n" if _ends_mid_line(file) else b"") + line.encode())
             file.flush()
             os.fsync(file.fileno())
         self._add_registered(item)
@@ -130,6 +122,14 @@ class ServerState:
 
     def registered_since(self, version: int) -> list[RegisteredItem]:
         return self.registered[version:]
+
+
+def _ends_mid_line(file: BinaryIO) -> bool:
+    size = file.seek(0, os.SEEK_END)
+    if size == 0:
+        return False
+    file.seek(size - 1)
+    return file.read(1) != b"\n"
 
 
 def training_interactions(data_dir: str) -> pa.Table:

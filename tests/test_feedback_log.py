@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.config import SourceConfig
+from data.feedback_log import read_feedback_log, read_wal_segment
 from data.readers import read_source
 from data.schema import FEEDBACK_LOG
-from serve.feedback_log import FeedbackLog, impression_rows, read_feedback_log, read_wal_segment
+from serve.feedback_log import FeedbackLog, impression_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
