@@ -31,6 +31,7 @@ from torch import Tensor
 
 from data import storage
 from data.errors import InputError
+from data.features import RatingNormalisation
 from data.schema import PAD_INDEX
 from train.batching import left_pad
 from train.metrics import (
@@ -437,28 +438,54 @@ def write_report(metrics_by_model: Mapping[str, Mapping[str, float]], out_dir: s
 # --- The evaluation stage: a model artifact against the baselines on a split ----------------
 
 
+def rating_offsets(users: pa.Table) -> np.ndarray:
+    """Each user's ``rating_offset`` by ``user_idx`` (float64; row 0, the padding, is 0)."""
+    offsets = np.zeros(int(pc.max(users["user_idx"]).as_py() or 0) + 1, dtype=np.float64)
+    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
+    return offsets
+
+
 def rating_denormaliser(rating: Mapping[str, float], users: pa.Table) -> RatingDenormaliser:
     """Normalised predictions → the raw rating scale, per user: the inverse of the manifest's normalisation
     ``normalised = (raw - shift - rating_offset[user]) / scale``."""
-    offsets = np.zeros(int(pc.max(users["user_idx"]).as_py() or 0) + 1, dtype=np.float64)
-    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
+    normalisation = RatingNormalisation.model_validate(dict(rating))
+    offsets = rating_offsets(users)
 
     def denormalise(normalised: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
-        return normalised * rating["scale"] + rating["shift"] + offsets[user_idx]
+        return normalisation.invert(normalised, offsets[user_idx])
 
     return denormalise
 
 
 class ArtifactScorer:
-    """Picklable factory for Ray Data actors: each loads the artifact's model once."""
+    """Picklable factory for Ray Data actors: each re-indexes the artifact's model to the data once."""
 
-    def __init__(self, artifact_path: str):
+    def __init__(self, artifact_path: str, data_uri: str):
         self.artifact_path = artifact_path
+        self.data_uri = data_uri
 
     def __call__(self) -> Scorer:
-        from train.artifact import load_artifact
+        from train.transfer import reindex_artifact
 
-        return load_artifact(self.artifact_path).model
+        return reindex_artifact(self.artifact_path, self.data_uri)
+
+
+def evaluate_on(
+    artifact_path: str, data_uri: str, split: str = "validation", *, ks: Sequence[int] = (10, 20), batch_size: int = 256
+) -> dict[str, float]:
+    """The artifact's metrics (:func:`evaluate`'s keys) on ``split`` of any preprocessing output: its model re-indexed
+    to that output's vocabularies by id (``train.transfer.reindex_artifact``), its rating predictions de-normalised
+    its own way and compared with the raw ratings. So versions trained on different data are measured on the same
+    rows (the retrain's promotion gate); on the artifact's own data the re-indexing is the identity."""
+    from data.pipeline import load_manifest
+    from data.schema import SEQUENCES_DIR
+    from train.transfer import reindex_artifact
+
+    manifest = load_manifest(data_uri)
+    rows = storage.read_table(storage.resolve(data_uri), f"{SEQUENCES_DIR}/{split}")
+    scorer = reindex_artifact(artifact_path, data_uri)
+    return evaluate(scorer, rows, ks=ks, num_items=manifest.num_items, max_history=manifest.config["features"]["max_history"],
+                    batch_size=batch_size, rating_denormalise=scorer.ratings.denormalise)
 
 
 def evaluate_artifact(
@@ -471,30 +498,28 @@ def evaluate_artifact(
     ks: Sequence[int] = (10, 20),
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """The artifact and the popularity baseline on ``split`` of a preprocessing output, by the same evaluator;
-    writes ``metrics.json``, ``metrics.md`` and ``metrics.png`` to ``output`` when given."""
+    """The artifact and the popularity baseline on ``split`` of a preprocessing output (any: the artifact is scored as
+    :func:`evaluate_on` scores it), by the same evaluator; writes ``metrics.json``, ``metrics.md`` and ``metrics.png``
+    to ``output`` when given."""
     from data.pipeline import load_manifest
     from data.schema import SEQUENCES_DIR, USER_VOCAB_PATH
-    from train.artifact import load_artifact
+    from train.transfer import RatingScales
 
     manifest = load_manifest(data_uri)
     location = storage.resolve(data_uri)
     rows = storage.read_table(location, f"{SEQUENCES_DIR}/{split}")
-    options = dict(
-        ks=ks,
-        num_items=manifest.num_items,
-        max_history=manifest.config["features"]["max_history"],
-        batch_size=batch_size,
-        rating_denormalise=rating_denormaliser(manifest.rating.model_dump(), storage.read_table(location, USER_VOCAB_PATH)),
-    )
+    options = dict(ks=ks, num_items=manifest.num_items, max_history=manifest.config["features"]["max_history"], batch_size=batch_size)
     if use_ray_data:
         split_path = location.join(f"{SEQUENCES_DIR}/{split}")
         dataset = ray.data.read_parquet(split_path, filesystem=location.filesystem)
-        polyrec = evaluate_with_ray_data(ArtifactScorer(artifact_path), dataset, **options)
+        polyrec = evaluate_with_ray_data(ArtifactScorer(artifact_path, data_uri), dataset, **options,
+                                         rating_denormalise=RatingScales.between(artifact_path, data_uri).denormalise)
     else:
-        polyrec = evaluate(load_artifact(artifact_path).model, rows, **options)
+        polyrec = evaluate_on(artifact_path, data_uri, split, ks=ks, batch_size=batch_size)
     popularity = PopularityScorer(storage.read_table(location, f"{SEQUENCES_DIR}/train"), manifest.num_items)
-    results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options)}
+    # The baseline predicts ratings normalised the data's way.
+    data_ratings = rating_denormaliser(manifest.rating.model_dump(), storage.read_table(location, USER_VOCAB_PATH))
+    results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
     if output is not None:
         write_report(results, output)
     return results

@@ -130,8 +130,6 @@ class ItemEncoder(nn.Module):
             self.register_buffer("text_embeddings", torch.zeros(num_rows, backbone.config.hidden_size))
         self.text_cache_ready = False
         self.id_embedding = VocabularyTable("item", num_rows, hidden_size) if config.item_encoder.use_id_embedding else None
-        if self.id_embedding is not None:
-            nn.init.zeros_(self.id_embedding.weight)
 
     @property
     def encodes_per_step(self) -> bool:
@@ -275,7 +273,6 @@ class UserModel(nn.Module):
         self.max_positions = config.max_positions
         self.position_embedding = nn.Embedding(config.max_positions, width)
         self.user_embedding = VocabularyTable("user", num_users + 1, width)
-        nn.init.zeros_(self.user_embedding.weight)
         self.input_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(config.dropout)
         self.rating_mean = float(rating_mean)

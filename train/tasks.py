@@ -52,10 +52,12 @@ class StepItems:
 
 class VocabularyTable(nn.Embedding):
     """A learned table with a row per item or per user (``vocabulary``). Vocabularies are renumbered when data
-    is added, so a warm start carries these rows over by id, not by position (``train.trainer``)."""
+    is added, so these rows are carried over by id, not by position (``train.transfer``). Every row starts at
+    zero, so a row that never trained (an item or user new since) adds nothing."""
 
     def __init__(self, vocabulary: Literal["item", "user"], num_rows: int, width: int):
         super().__init__(num_rows, width)
+        nn.init.zeros_(self.weight)
         self.vocabulary = vocabulary
 
 
@@ -192,8 +194,6 @@ class RatingTask(Task):
         super().__init__()
         self.user_bias = VocabularyTable("user", setup.num_users + 1, 1)
         self.item_bias = VocabularyTable("item", setup.num_items + 1, 1)
-        nn.init.zeros_(self.user_bias.weight)
-        nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("rating_mean", torch.tensor([float(setup.rating_mean)]))  # 1-d for DeepSpeed
         self.recency = setup.config.rating_recency
         if self.recency:
@@ -252,7 +252,6 @@ class LikeTask(Task):
     def __init__(self, setup: TaskSetup):
         super().__init__()
         self.item_bias = VocabularyTable("item", setup.num_items + 1, 1)
-        nn.init.zeros_(self.item_bias.weight)
         self.bias = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
 
     @classmethod

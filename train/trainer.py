@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -34,13 +33,14 @@ from safetensors.torch import load_file, save_file
 
 from data import schema
 from data.errors import InputError
+from data.features import load_tokenizer
 from data.pipeline import load_manifest
 from data.storage import Location, read_table, resolve
 from train.batching import left_pad
 from train.config import TrainConfig
 from train.evaluate import evaluate, rating_denormaliser
 from train.model import CatalogFeatures, PolyrecModel
-from train.tasks import VocabularyTable
+from train.transfer import load_state_by_id, rows_by_id as warm_start_rows
 from train.weighting import LossWeighting
 
 # Not print: Ray Train's workers tee print to stdout and to the root logger, so each line would show
@@ -67,6 +67,7 @@ class TrainingInputs:
     max_history: int
     max_text_tokens: int
     data_hash: str
+    tokenizer_path: str  # the tokenizer that made the items' token ids
     rating: dict[str, Any]  # the manifest's rating normalisation: raw = normalised * scale + shift + offset
 
 
@@ -333,52 +334,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def warm_start_rows(artifact_path: str, data: Location) -> dict[str, np.ndarray]:
-    """For the item and the user vocabulary of ``data``: the row each index had in the artifact's model
-    (-1 for an id it did not know; row 0, padding and unknown users, maps to itself)."""
-    from train.artifact import ITEMS_FILE, USERS_FILE
-
-    rows = {}
-    for vocabulary, path, table_file in (("item", schema.ITEM_VOCAB_PATH, ITEMS_FILE), ("user", schema.USER_VOCAB_PATH, USERS_FILE)):
-        id_column, idx_column = f"{vocabulary}_id", f"{vocabulary}_idx"
-        old = pq.read_table(Path(artifact_path) / table_file, columns=[id_column, idx_column])
-        old_row = dict(zip(old[id_column].to_pylist(), old[idx_column].to_pylist()))
-        new = read_table(data, path)
-        mapping = np.full(int(pc.max(new[idx_column]).as_py() or 0) + 1, -1, dtype=np.int64)
-        mapping[0] = 0
-        mapping[new[idx_column].to_numpy()] = [old_row.get(item_or_user, -1) for item_or_user in new[id_column].to_pylist()]
-        rows[vocabulary] = mapping
-    return rows
-
-
 def warm_start(model: PolyrecModel, artifact_path: str, rows: dict[str, np.ndarray], *, announce: bool) -> None:
-    """Initialise from a served model. The per-item and per-user tables (``VocabularyTable``) take their rows by
-    id (``rows``, from ``warm_start_rows``), ids new to this data keep their initial rows; buffers describe this
-    data's catalogue and are never carried over; every other tensor is carried over when its shape is unchanged."""
+    """Initialise from a served model, carried over by id (``train.transfer.load_state_by_id``): its per-item and
+    per-user rows move to this data's indices (``rows``, from ``warm_start_rows``), ids new to this data keep their
+    zero rows, buffers stay this data's catalogue's, every other tensor is carried over when its shape is unchanged."""
     from train.artifact import load_artifact
 
-    source = load_artifact(artifact_path).model.state_dict()
-    target = model.state_dict()
-    tables = {f"{name}.weight": module.vocabulary for name, module in model.named_modules() if isinstance(module, VocabularyTable)}
-    buffers = {name for name, _ in model.named_buffers()}
-    carried = {}
-    for name, tensor in source.items():
-        if name not in target or name in buffers:
-            continue
-        if name in tables:
-            old_rows = torch.from_numpy(rows[tables[name]][: len(target[name])])
-            known = (old_rows >= 0) & (old_rows < len(tensor))
-            table = target[name].clone()
-            table[known] = tensor[old_rows[known]]
-            carried[name] = table
-        elif target[name].shape == tensor.shape:
-            carried[name] = tensor
-    model.load_state_dict(carried, strict=False)
+    target_size = len(model.state_dict())
+    carried = load_state_by_id(model, load_artifact(artifact_path).model.state_dict(), rows)
     if announce:
         known = {vocabulary: int((mapping[1:] >= 0).sum()) for vocabulary, mapping in rows.items()}
         logger.info(
             "[polyrec train] warm start from %s: %d/%d tensors; rows carried over by id for %d of %d items and %d of %d users",
-            artifact_path, len(carried), len(target), known["item"], len(rows["item"]) - 1, known["user"], len(rows["user"]) - 1,
+            artifact_path, len(carried), target_size, known["item"], len(rows["item"]) - 1, known["user"], len(rows["user"]) - 1,
         )
 
 
@@ -415,6 +383,7 @@ def load_training_inputs(data_uri: str) -> TrainingInputs:
         max_history=manifest.config["features"]["max_history"],
         max_text_tokens=manifest.tokenizer.max_text_tokens,
         data_hash=manifest.content_hash,
+        tokenizer_path=manifest.tokenizer.path,
         rating=manifest.rating.model_dump(),
     )
 
@@ -527,6 +496,10 @@ def run_training(config: TrainConfig) -> TrainResult:
         model.load_state_dict(load_file(os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS)), strict=True)
         best_state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
     model.eval()
+    if model.item_encoder.backbone is not None and model.tokenizer is None:
+        # A backbone built from a config (random_init_config) brings no tokenizer; the artifact needs the one that
+        # made the catalogue's token ids to encode new items' text as training did.
+        model.tokenizer = load_tokenizer(inputs.tokenizer_path)
     best_validation = best_state["history"][-1]
 
     test = read_table(data, f"{schema.SEQUENCES_DIR}/test")
