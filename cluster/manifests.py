@@ -10,7 +10,10 @@ kustomizations, and strict validation against the vendored KubeRay CRDs.
   whole, which is easy to get wrong, so list edits are JSON 6902 operations.
 * ``validate`` checks documents against the CRDs' openAPIV3Schema with the API server's strict
   field validation (a field the schema does not list is an error), plus the operator's name
-  rules and Ray Serve's own config schema for ``serveConfigV2``.
+  rules and Ray Serve's own config schema for ``serveConfigV2``. The core kinds beside them
+  (ServiceAccount, Role, RoleBinding) have no CRD to vendor and get strict schemas written here.
+  Across documents, every name one refers to must be among them, and a retraining that promotes
+  to the RayService must run as a ServiceAccount allowed to get and patch it.
 
 Command line::
 
@@ -335,13 +338,182 @@ def strict_schema(schema: Any) -> Any:
     return strict
 
 
+# The core kinds k8s/ uses beside the KubeRay resources are built into the API server, so there is
+# no CRD to vendor. These schemas hold the fields of theirs a manifest sets (Kubernetes API
+# reference: core/v1 ServiceAccount, rbac.authorization.k8s.io/v1 Role and RoleBinding), with
+# unknown fields rejected and the API server's RBAC validation rules written in.
+RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
+RBAC_API_GROUP = RBAC_API_VERSION.split("/")[0]
+#: The API server takes any string as a verb, but a misspelt one silently grants nothing.
+RBAC_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+              "bind", "escalate", "impersonate", "use", "approve", "sign", "*"]
+_NON_EMPTY_STRINGS: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+_OBJECT_META: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+#: A namespaced Role's rule: resource rules only (``nonResourceURLs`` belong to ClusterRoles).
+_POLICY_RULE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiGroups", "resources", "verbs"],
+    "properties": {
+        "apiGroups": _NON_EMPTY_STRINGS,  # "" is the core group
+        "resources": _NON_EMPTY_STRINGS,
+        "resourceNames": {"type": "array", "items": {"type": "string"}},
+        "verbs": {"type": "array", "minItems": 1, "items": {"enum": RBAC_VERBS}},
+    },
+}
+_ROLE_REF: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiGroup", "kind", "name"],
+    "properties": {"apiGroup": {"const": RBAC_API_GROUP}, "kind": {"enum": ["Role", "ClusterRole"]}, "name": {"type": "string", "minLength": 1}},
+}
+_SUBJECT: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["kind", "name"],
+    "properties": {
+        "kind": {"enum": ["ServiceAccount", "User", "Group"]},
+        "apiGroup": {"type": "string"},
+        "name": {"type": "string", "minLength": 1},
+        "namespace": {"type": "string"},
+    },
+    # A ServiceAccount is in the core group, users and groups in RBAC's.
+    "if": {"properties": {"kind": {"const": "ServiceAccount"}}},
+    "then": {"properties": {"apiGroup": {"const": ""}}},
+    "else": {"required": ["apiGroup"], "properties": {"apiGroup": {"const": RBAC_API_GROUP}}},
+}
+
+
+def _core_schema(api_version: str, kind: str, properties: dict[str, Any], required: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", *required],
+        "properties": {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": _OBJECT_META, **properties},
+    }
+
+
+CORE_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("v1", "ServiceAccount"): _core_schema("v1", "ServiceAccount", {
+        "automountServiceAccountToken": {"type": "boolean"},
+        "imagePullSecrets": {
+            "type": "array",
+            "items": {"type": "object", "additionalProperties": False, "properties": {"name": {"type": "string"}}},
+        },
+    }),
+    (RBAC_API_VERSION, "Role"): _core_schema(RBAC_API_VERSION, "Role", {"rules": {"type": "array", "items": _POLICY_RULE}}),
+    (RBAC_API_VERSION, "RoleBinding"): _core_schema(
+        RBAC_API_VERSION, "RoleBinding", {"roleRef": _ROLE_REF, "subjects": {"type": "array", "items": _SUBJECT}}, required=["roleRef"]
+    ),
+}
+
+#: An entrypoint whose ``polyrec retrain`` reads and promotes to the RayService through the API.
+PROMOTING_RETRAIN = re.compile(r"\bpolyrec retrain\b[^&;|]*?\s--serving[ =]kubernetes\b")
+#: Every namespace has it, made by Kubernetes, so no manifest needs to.
+DEFAULT_SERVICE_ACCOUNT = "default"
+#: What that retraining does to the RayService (cluster/kubernetes.py).
+PROMOTION_VERBS = {"get", "patch"}
+
+
 def validate(documents: Iterable[dict], source: str = "") -> list[str]:
     """Every problem found in the documents, one line each (empty: all valid)."""
+    documents = list(documents)
     problems = []
     for number, document in enumerate(documents, 1):
         where = f"{source}doc {number} {document.get('kind', '?')}/{document.get('metadata', {}).get('name', '?')}"
         problems += [f"{where}: {problem}" for problem in document_problems(document)]
+    return problems + [f"{source}{problem}" for problem in reference_problems(documents)]
+
+
+def reference_problems(documents: Sequence[dict]) -> list[str]:
+    """Names one document gives another's (a RoleBinding's Role and ServiceAccounts, a pod's
+    ServiceAccount) that are not among the documents, and a retraining that promotes to the
+    RayService without the permissions to (its head pod runs the driver)."""
+    names = {(d.get("kind"), _dig(d, "metadata", "name")) for d in documents}
+    problems = []
+    for document in documents:
+        where = f"{document.get('kind')}/{_dig(document, 'metadata', 'name')}"
+        if document.get("kind") == "RoleBinding":
+            role = document.get("roleRef") or {}
+            if role.get("kind") == "Role" and ("Role", role.get("name")) not in names:
+                problems.append(f"{where}: roleRef names Role {role.get('name')!r}, which is not among the manifests")
+            for subject in document.get("subjects") or []:
+                if _is_local_service_account(subject) and ("ServiceAccount", subject.get("name")) not in names:
+                    problems.append(f"{where}: subject ServiceAccount {subject.get('name')!r} is not among the manifests")
+        for account in _service_account_names(document):
+            if account != DEFAULT_SERVICE_ACCOUNT and ("ServiceAccount", account) not in names:
+                problems.append(f"{where}: serviceAccountName {account!r} is not among the manifests")
+        job_spec = {"RayJob": document.get("spec"), "RayCronJob": _dig(document, "spec", "jobTemplate")}.get(document.get("kind"))
+        if isinstance(job_spec, dict) and PROMOTING_RETRAIN.search(str(job_spec.get("entrypoint", ""))):
+            problems += [f"{where}: {problem}" for problem in _promotion_permission_problems(documents, job_spec)]
     return problems
+
+
+def _promotion_permission_problems(documents: Sequence[dict], job_spec: dict) -> list[str]:
+    account = _dig(job_spec, "rayClusterSpec", "headGroupSpec", "template", "spec", "serviceAccountName")
+    if not account:
+        return ["runs `polyrec retrain --serving kubernetes`, but its head pod (where the driver runs) sets no serviceAccountName"]
+    problems = []
+    for rayservice in (d for d in documents if d.get("kind") == "RayService"):
+        name = _dig(rayservice, "metadata", "name")
+        if missing := PROMOTION_VERBS - _granted_verbs(documents, account, "ray.io", "rayservices", name):
+            problems.append(f"ServiceAccount {account!r} (the head pod's) lacks {', '.join(sorted(missing))} on RayService {name!r}")
+    return problems
+
+
+def _granted_verbs(documents: Sequence[dict], account: str, api_group: str, resource: str, name: str) -> set[str]:
+    """The verbs the manifests' Roles grant ``account`` on the object ``name`` (``*``: all of them)."""
+    roles = {
+        _dig(binding, "roleRef", "name")
+        for binding in documents
+        if binding.get("kind") == "RoleBinding" and _dig(binding, "roleRef", "kind") == "Role"
+        and any(_is_local_service_account(s) and s.get("name") == account for s in binding.get("subjects") or [])
+    }
+    verbs: set[str] = set()
+    for role in (d for d in documents if d.get("kind") == "Role" and _dig(d, "metadata", "name") in roles):
+        for rule in role.get("rules") or []:
+            if (
+                {api_group, "*"} & set(rule.get("apiGroups") or [])
+                and {resource, "*"} & set(rule.get("resources") or [])
+                and (not rule.get("resourceNames") or name in rule["resourceNames"])
+            ):
+                verbs |= set(rule.get("verbs") or [])
+    return set(RBAC_VERBS) if "*" in verbs else verbs
+
+
+def _is_local_service_account(subject: Any) -> bool:
+    """A RoleBinding's ServiceAccount subject without a namespace is in the binding's namespace."""
+    return isinstance(subject, dict) and subject.get("kind") == "ServiceAccount" and not subject.get("namespace")
+
+
+def _service_account_names(node: Any) -> Iterator[str]:
+    """Every pod template's serviceAccountName, wherever it is nested."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "serviceAccountName" and isinstance(value, str):
+                yield value
+            else:
+                yield from _service_account_names(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _service_account_names(item)
+
+
+def _dig(node: Any, *keys: str) -> Any:
+    """``node[k1][k2]...``, or None where a level is missing or not a mapping."""
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def document_problems(document: dict) -> list[str]:
@@ -354,7 +526,7 @@ def document_problems(document: dict) -> list[str]:
             problems.append(f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH[kind]} characters")
     elif not DNS_1123_SUBDOMAIN.fullmatch(name) or len(name) > 253:
         problems.append("metadata.name must be a DNS-1123 subdomain")
-    schema = crd_schemas().get((document["apiVersion"], kind))
+    schema = crd_schemas().get((document["apiVersion"], kind)) or CORE_SCHEMAS.get((document["apiVersion"], kind))
     if document["apiVersion"].startswith("ray.io/") and schema is None:
         problems.append(f"no vendored CRD for {document['apiVersion']} {kind}")
     if schema is not None:

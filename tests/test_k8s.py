@@ -63,7 +63,7 @@ def _containers(node) -> list[dict]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_manifests_pass_the_strict_kuberay_crd_validation(rendered, overlay):
     documents = rendered[overlay]
-    assert set(documents) == {"PersistentVolumeClaim", "RayJob", "RayService", "RayCronJob"}
+    assert set(documents) == {"PersistentVolumeClaim", "RayJob", "RayService", "RayCronJob", "ServiceAccount", "Role", "RoleBinding"}
     assert manifests.validate(documents.values()) == []
 
 
@@ -125,6 +125,93 @@ def test_serving_pods_must_carry_serves_throughput_flags(rendered):
     assert manifests.document_problems(dropped) == [
         f"container {head['name']}: env {flag} must be '0' (serve.config.SERVE_THROUGHPUT_ENV)" for flag in SERVE_THROUGHPUT_ENV
     ]
+
+
+def test_the_validator_holds_rbac_objects_to_the_api_servers_rules(rendered):
+    documents = rendered["base"]
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert manifests.document_problems(documents[kind]) == [], kind
+
+    def problems(kind: str, change) -> list[str]:
+        document = copy.deepcopy(documents[kind])
+        change(document)
+        return manifests.document_problems(document)
+
+    assert problems("ServiceAccount", lambda sa: sa.update(automountToken=False)) == [
+        "<root>: Additional properties are not allowed ('automountToken' was unexpected)"
+    ]
+    assert problems("Role", lambda role: role["rules"][0].update(verbs=["get", "pach"])) == [
+        f"rules.0.verbs.1: 'pach' is not one of {manifests.RBAC_VERBS}"
+    ]
+    assert problems("Role", lambda role: role["rules"][0].update(verbs=[])) == ["rules.0.verbs: [] should be non-empty"]
+    assert problems("Role", lambda role: role["rules"][0].pop("apiGroups")) == ["rules.0: 'apiGroups' is a required property"]
+    assert problems("Role", lambda role: role["rules"][0].update(nonResourceURLs=["/healthz"])) == [
+        "rules.0: Additional properties are not allowed ('nonResourceURLs' was unexpected)"
+    ]
+    assert problems("RoleBinding", lambda binding: binding["roleRef"].update(apiGroup="rbac")) == [
+        "roleRef.apiGroup: 'rbac.authorization.k8s.io' was expected"
+    ]
+    assert problems("RoleBinding", lambda binding: binding.pop("roleRef")) == ["<root>: 'roleRef' is a required property"]
+    assert problems("RoleBinding", lambda binding: binding["subjects"][0].update(apiGroup=manifests.RBAC_API_GROUP)) == [
+        "subjects.0.apiGroup: '' was expected"
+    ]
+    assert problems("RoleBinding", lambda binding: binding["subjects"].append({"kind": "User", "name": "ops"})) == [
+        "subjects.1: 'apiGroup' is a required property"
+    ]
+    assert problems("RoleBinding", lambda binding: binding.update(metadata={"name": "Polyrec_Retrain"})) == [
+        "metadata.name must be a DNS-1123 subdomain"
+    ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_retraining_promotes_to_the_rayservice_as_a_serviceaccount_allowed_to(rendered, overlay):
+    documents = rendered[overlay]
+    job_spec = documents["RayCronJob"]["spec"]["jobTemplate"]
+    assert manifests.PROMOTING_RETRAIN.search(job_spec["entrypoint"])
+    head_pod = job_spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert head_pod["serviceAccountName"] == documents["ServiceAccount"]["metadata"]["name"] == "polyrec-retrain"
+    # The training job and the serving cluster need no access to the Kubernetes API.
+    for kind in ("RayJob", "RayService"):
+        assert "serviceAccountName" not in yaml.safe_dump(documents[kind]), kind
+    (rule,) = documents["Role"]["rules"]
+    assert rule == {"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": [documents["RayService"]["metadata"]["name"]],
+                    "verbs": ["get", "patch"]}
+
+
+def test_cross_references_and_the_promotion_permissions_are_checked(rendered):
+    documents = rendered["overlays/cpu"]
+
+    def problems(change) -> list[str]:
+        changed = copy.deepcopy(documents)
+        change(changed)
+        return manifests.validate(changed.values())
+
+    head_pod = lambda docs: docs["RayCronJob"]["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # noqa: E731
+    assert problems(lambda docs: None) == []
+    assert problems(lambda docs: docs["Role"]["rules"][0].update(verbs=["get"])) == [
+        "RayCronJob/polyrec-retrain: ServiceAccount 'polyrec-retrain' (the head pod's) lacks patch on RayService 'polyrec-serve'"
+    ]
+    assert problems(lambda docs: docs["Role"]["rules"][0].update(resourceNames=["another-service"])) == [
+        "RayCronJob/polyrec-retrain: ServiceAccount 'polyrec-retrain' (the head pod's) lacks get, patch on RayService 'polyrec-serve'"
+    ]
+    assert problems(lambda docs: docs["Role"]["rules"][0].update(resourceNames=[], verbs=["*"])) == []
+    assert problems(lambda docs: docs["RoleBinding"]["roleRef"].update(name="polyrec-retrainer")) == [
+        "RayCronJob/polyrec-retrain: ServiceAccount 'polyrec-retrain' (the head pod's) lacks get, patch on RayService 'polyrec-serve'",
+        "RoleBinding/polyrec-retrain: roleRef names Role 'polyrec-retrainer', which is not among the manifests",
+    ]
+    assert problems(lambda docs: head_pod(docs).pop("serviceAccountName")) == [
+        "RayCronJob/polyrec-retrain: runs `polyrec retrain --serving kubernetes`, but its head pod (where the driver runs) sets no serviceAccountName"
+    ]
+    assert problems(lambda docs: head_pod(docs).update(serviceAccountName="polyrec")) == [
+        "RayCronJob/polyrec-retrain: serviceAccountName 'polyrec' is not among the manifests",
+        "RayCronJob/polyrec-retrain: ServiceAccount 'polyrec' (the head pod's) lacks get, patch on RayService 'polyrec-serve'",
+    ]
+    # A retraining that does not promote through the API needs no permissions.
+    no_promotion = lambda docs: (  # noqa: E731
+        head_pod(docs).pop("serviceAccountName"),
+        docs["RayCronJob"]["spec"]["jobTemplate"].update(entrypoint="bash -c 'cd /home/ray/polyrec && polyrec retrain'"),
+    )
+    assert problems(no_promotion) == []
 
 
 def test_names_are_dns_1035_labels_the_operator_accepts(rendered):
