@@ -91,7 +91,9 @@ def _retrain(args: argparse.Namespace) -> None:
         args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output
     )
     if args.ray_address:
-        config.preprocess.ray.address = config.train.ray_address = args.ray_address
+        config.preprocess.ray.address = config.train.ray_address = config.serving.ray_address = args.ray_address
+    if args.serving:
+        config.serving.kind = args.serving
     outcome = run_retrain(config)
     print(outcome.reason)
 
@@ -158,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = stage("retrain", _retrain, "Retrain from the base data plus the feedback log; promote and hot-swap if it is better.")
     sub.add_argument("--config", help="YAML file (see configs/retrain.yaml)")
     sub.add_argument("--feedback-log", help="the feedback log (path or URI)")
-    sub.add_argument("--model", help="the artifact in service (warm start and gate reference)")
+    sub.add_argument("--model", help="the artifact in service (warm start and gate reference; default: the version the service runs)")
     sub.add_argument("--output", help="folder for the new data and model")
-    sub.add_argument("--ray-address", help="the Ray cluster that serves the app (e.g. auto), for the hot swap")
+    sub.add_argument("--ray-address", help="the Ray cluster to run on and whose service to promote into (default: the local one)")
+    sub.add_argument("--serving", choices=["ray", "kubernetes"], help="where the service runs (kubernetes: the RayService, from a pod)")
 
     sub = stage("pipeline", _pipeline, "The main job: preprocess, train, evaluate, serve, simulated users, retrain, hot swap, report.")
     sub.add_argument("--output", default="runs/default", help="folder for every stage's output")

@@ -21,6 +21,7 @@ import ray
 
 from cluster.retrain import RetrainConfig, run_retrain
 from cluster.simulate import replay
+from data import schema
 from data.config import ColumnMapping, PreprocessConfig, SourceConfig
 from data.errors import InputError
 from data.pipeline import format_report, run_preprocess
@@ -63,13 +64,13 @@ def run_pipeline(
     *,
     replay_fraction: float = 0.05,
     max_replayed: int = 1500,
+    held_out: int = 300,
     port: int = 8000,
     keep_serving: bool = False,
 ) -> Path:
-    from ray import serve
 
     from serve.config import ServeConfig
-    from serve.runner import APP_NAME, run_service, use_throughput_env
+    from serve.runner import run_service, use_throughput_env
     from train.trainer import run_training
 
     root = Path(output).resolve()
@@ -102,29 +103,30 @@ def run_pipeline(
     timed("train + evaluate", started)
 
     started = time.perf_counter()
-    serve_config = _stage_config(
-        ServeConfig, "serve", model=before.artifact, training_data=preprocess.output,
-        feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port,
-    )
+    # The service loads the histories of the data the model was trained on (training_data: artifact).
+    serve_config = _stage_config(ServeConfig, "serve", model=before.artifact, feedback_log=str(root / "feedback"),
+                                 state_dir=str(root / "serve"), port=port)
     service = run_service(serve_config, blocking=False)
     timed("serve (start)", started)
 
+    # The future's first part is replayed with feedback; the next, held-out part is only asked about,
+    # once before the swap and once after, so both versions answer it from the same server-side state.
+    known_users = set(pq.read_table(root / "data" / schema.USER_VOCAB_PATH, columns=["user_id"])["user_id"].to_pylist())
+    replayed, held_out_part = future.slice(0, max_replayed), future.slice(max_replayed, held_out)
     started = time.perf_counter()
-    online = replay(service.url, future.slice(0, max_replayed), k=10)
+    online = replay(service.url, replayed, k=10, known_users=known_users)
     timed(f"simulated users ({online['requests']} requests)", started)
+    before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users)
 
     started = time.perf_counter()
-    retrain = _stage_config(
-        RetrainConfig, "retrain", feedback_log=str(root / "feedback"), current_model=before.artifact,
-        output=str(root / "retrain"), serve_state_dir=str(root / "serve"),
-    )
+    retrain = _stage_config(RetrainConfig, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"),
+                            serve_state_dir=str(root / "serve"))
     retrain.preprocess, retrain.train = preprocess, train
-    serve.get_deployment_handle("FeedbackLogger", app_name=APP_NAME).flush.remote().result()  # WAL → Parquet now
     after = run_retrain(retrain)
     timed("retrain + hot swap", started)
 
-    check = replay(service.url, future.slice(0, min(200, max_replayed)), k=10, send_feedback=False)
-    report = _write_report(root, manifest, before, after, online, check, timings)
+    after_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users)
+    report = _write_report(root, manifest, before, after, online, {"before": before_swap, "after": after_swap}, timings)
     if keep_serving:
         print(f"[polyrec pipeline] serving at {service.url} (Ctrl-C to stop)")
         from serve.runner import _serve_until_stopped
@@ -135,7 +137,11 @@ def run_pipeline(
     return report
 
 
-def _write_report(root: Path, manifest, before, after, online: dict, check: dict, timings: dict[str, float]) -> Path:
+def _figure(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _write_report(root: Path, manifest, before, after, online: dict, held_out: dict[str, dict], timings: dict[str, float]) -> Path:
     def row(name: str, metrics: dict) -> str:
         keys = ["HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20", "like/auc", "rating/rmse"]
         return f"| {name} | " + " | ".join(f"{metrics.get(key, float('nan')):.4f}" for key in keys) + " |"
@@ -160,9 +166,21 @@ def _write_report(root: Path, manifest, before, after, online: dict, check: dict
         f"- Replayed {online['requests']} future interactions: HR@10 of the served list before the user's real choice "
         f"= {online['hit_rate']:.4f}, p50 latency {online['p50_ms']:.1f} ms, p99 {online['p99_ms']:.1f} ms, "
         f"{online['errors']} errors; {online['feedback_events']} feedback events logged.",
-        f"- Gate: {after.reason}. Hot swap: {'done' if after.swapped else 'not done'}.",
-        f"- After the gate: {check['requests']} requests served by `{check['model_versions']}` "
-        f"({'the new version' if after.swapped else 'the version kept'}), {check['errors']} errors.",
+        "",
+        f"## Gate: both versions on the new data's validation split ({'promoted' if after.promoted else 'kept v1'}, "
+        f"hot swap {'done' if after.swapped else 'not done'})",
+        "",
+        "| metric | v1 (serving) | v2 (candidate) | allowed change for the worse | |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {check.metric} | {_figure(check.serving)} | {_figure(check.candidate)} | {check.tolerance} | "
+          f"{'skipped' if check.skipped else 'pass' if check.passed else 'FAIL'} |" for check in after.gate.checks],
+        "",
+        f"The {held_out['before']['requests']} interactions after the replayed ones, asked about (no feedback) before and after the gate:",
+        "",
+        "| | served by | HR@10 | known users with a `because` | errors | p50 ms |",
+        "|---|---|---:|---:|---:|---:|",
+        *[f"| {when} the gate | `{', '.join(run['model_versions'])}` | {run['hit_rate']:.4f} | {run['explained_share']:.1%} | "
+          f"{run['errors']} | {run['p50_ms']:.1f} |" for when, run in held_out.items()],
         "",
         "## Wall time (this machine)",
         "",
@@ -174,6 +192,6 @@ def _write_report(root: Path, manifest, before, after, online: dict, check: dict
     ]
     report = root / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (root / "report.json").write_text(json.dumps({"online": online, "after_swap": check, "timings": timings}, indent=2))
+    (root / "report.json").write_text(json.dumps({"online": online, "held_out": held_out, "timings": timings}, indent=2))
     print(report.read_text())
     return report

@@ -1,13 +1,16 @@
-"""Retraining from logged feedback (``polyrec retrain``).
+"""Retraining from logged feedback (``polyrec retrain``): the closed loop's way back.
 
-The base data plus the feedback log go through the same preprocessing stage (the feedback log is one more
-source, read by its reader, duplicate event ids removed); training warm-starts from the model in service;
-the new version is promoted only when its validation NDCG@10 is not worse than the serving version's by more
-than a tolerance, and then swapped into the running application in place.
-
-The gate compares against the validation metric recorded in the serving artifact: each version is measured by
-the same protocol on its own data (its vocabulary may differ from the new data's, so the old model cannot be
-scored on the new split directly).
+1. Find the version in service: the running Ray Serve application's (local or ``ray_address``), or the
+   KubeRay RayService's (``serving.kind: kubernetes``), or ``current_model`` when given.
+2. Preprocess the base data plus the feedback log (one more source, duplicate event ids removed) and the
+   items registered at run time, which join the catalogue with their text.
+3. Train, warm-started from the version in service (its item and user rows carried over by id).
+4. Gate: both versions are scored on the same new validation split (``train.evaluate.evaluate_on``:
+   items the serving version never saw are cold items for it, encoded from their text) and the
+   candidate must hold NDCG@10 with guardrails on the other tasks (``cluster.gate``).
+5. Promote: the candidate is loaded in full, then swapped into the service in place (only the model
+   deployments' ``user_config`` changes); the decision and both versions' figures go to the
+   service's versions record and to ``retrain.json``.
 """
 
 from __future__ import annotations
@@ -16,107 +19,133 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
+from cluster.gate import GateConfig, GateDecision, decide
 from data.config import PreprocessConfig, SourceConfig, StageConfig
 from data.errors import InputError
+from data.feedback_log import REGISTRY_FILE
 from data.pipeline import run_preprocess
+from serve.versions import VersionHistory
 from train.config import TrainConfig
 
-GATE_METRIC = "validation/NDCG@10"
+class ServingConfig(StageConfig):
+    """Where the version in service runs, to read it and to promote into it."""
+
+    #: ``ray``: a Ray Serve application on a Ray cluster (``ray_address``, else the local one);
+    #: ``kubernetes``: the KubeRay RayService ``rayservice`` (the scheduled retrain's RayCronJob).
+    kind: Literal["ray", "kubernetes"] = "ray"
+    ray_address: str | None = None
+    rayservice: str = "polyrec-serve"
+    namespace: str | None = None  # None: the namespace of the pod's service account, else the kubeconfig's
 
 
 class RetrainConfig(StageConfig):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     feedback_log: str = "runs/default/feedback"
-    #: The artifact in service (warm start and the gate's reference); None: the serving app's current version.
-    current_model: str = "runs/default/model/artifact"
-    output: str = "runs/default/retrain"  # a new folder per run is made under it
-    tolerance: float = Field(0.005, ge=0)  # allowed drop of validation NDCG@10
-    #: Swap the promoted version into the running application (a no-op when none is running).
-    hot_swap: bool = True
+    #: The artifact in service (warm start and the gate's reference); None: the version the service runs.
+    current_model: str | None = None
+    #: The service's state folder (registered items, versions record) when no running service names its own.
     serve_state_dir: str = "runs/default/serve"
+    output: str = "runs/default/retrain"  # a new folder per run is made under it
+    gate: GateConfig = Field(default_factory=GateConfig)
+    #: Swap a promoted version into the service (a no-op when none runs).
+    hot_swap: bool = True
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
 
 @dataclass
 class RetrainResult:
     promoted: bool
+    swapped: bool
     reason: str
     new_model: str
     current_model: str
-    new_validation: float
-    current_validation: float
-    swapped: bool
-    test_metrics: dict
+    gate: GateDecision
+    test_metrics: dict  # by model, on the new data's test split
 
 
-def _recorded_validation(artifact: str) -> float:
-    metadata_file = Path(artifact) / "artifact.json"
-    if not metadata_file.is_file():
-        raise InputError(f"{artifact}: not a model artifact (no artifact.json)")
-    metrics = json.loads(metadata_file.read_text()).get("metrics", {}).get("validation", {})
-    if GATE_METRIC not in metrics:
-        raise InputError(f"{metadata_file}: no {GATE_METRIC} recorded; cannot gate against it")
-    return float(metrics[GATE_METRIC])
+class _Service:
+    """The version in service and how to promote into it, wherever it runs."""
 
+    def __init__(self, config: RetrainConfig):
+        self.kind = config.serving.kind
+        self.rayservice = None
+        self.application = None
+        self.state_dir = config.serve_state_dir
+        self.live_model: str | None = None
+        if self.kind == "kubernetes":
+            from cluster.kubernetes import RayServiceTarget
 
-def passes_gate(new_validation: float, current_validation: float, tolerance: float) -> bool:
-    """Promote unless the new version is worse than the serving one by more than ``tolerance``."""
-    return new_validation >= current_validation - tolerance
+            self.rayservice = RayServiceTarget(config.serving.rayservice, config.serving.namespace)
+            self.live_model = self.rayservice.live_model()
+            self.state_dir = self.rayservice.serve_args().get("state_dir", self.state_dir)
+        else:
+            from serve.runner import RunningApplication
+
+            self.application = RunningApplication.find(config.serving.ray_address)
+            if self.application is not None:
+                self.live_model, self.state_dir = self.application.live_model, self.application.config.state_dir
+                self.application.flush_feedback()  # what it logged so far, the write-ahead part included
+
+    @property
+    def running(self) -> bool:
+        return self.rayservice is not None or self.application is not None
+
+    def history(self) -> VersionHistory:
+        return VersionHistory(self.state_dir)
+
+    def promote(self, model: str, gate: dict[str, Any]) -> None:
+        """Load ``model`` in full, then swap it in; the service keeps its version if either fails."""
+        from serve.runner import check_model, swap_model
+
+        if self.rayservice is not None:
+            check_model(model)
+            self.rayservice.promote(model)
+            self.history().record_live(model, gate)
+        else:
+            swap_model(model, gate=gate)
 
 
 def run_retrain(config: RetrainConfig) -> RetrainResult:
+    from train.evaluate import evaluate_on
     from train.trainer import run_training
 
-    current_validation = _recorded_validation(config.current_model)
+    service = _Service(config)
+    current = config.current_model or service.live_model
+    if current is None:
+        raise InputError("retrain: no service runs and current_model is not set: name the artifact in service with --model")
     run_dir = Path(config.output) / time.strftime("%Y%m%d-%H%M%S")
 
     preprocess = config.preprocess.model_copy(deep=True)
-    preprocess.extra_sources = [*preprocess.extra_sources, SourceConfig(format="feedback", path=config.feedback_log)]
+    registry = Path(service.state_dir) / REGISTRY_FILE
+    feedback = SourceConfig(format="feedback", path=config.feedback_log, items_path=str(registry) if registry.is_file() else None)
+    preprocess.extra_sources = [*preprocess.extra_sources, feedback]
     preprocess.output = str(run_dir / "data")
     manifest = run_preprocess(preprocess)
     print(f"[polyrec retrain] data: {manifest.num_interactions:,} interactions incl. feedback from {config.feedback_log}")
 
     train = config.train.model_copy(deep=True)
-    train.data, train.output, train.warm_start_from = preprocess.output, str(run_dir / "model"), config.current_model
+    train.data, train.output, train.warm_start_from = preprocess.output, str(run_dir / "model"), current
     result = run_training(train)
-    new_validation = float(result.best_validation[GATE_METRIC])
 
-    promoted = passes_gate(new_validation, current_validation, config.tolerance)
-    reason = (
-        f"validation NDCG@10 {new_validation:.4f} vs serving {current_validation:.4f} "
-        f"(tolerance {config.tolerance}): {'promoted' if promoted else 'kept the serving version'}"
-    )
-    swapped = False
-    if promoted and config.hot_swap:
-        swapped = _hot_swap(result.artifact, config.serve_state_dir)
-        if not swapped:
-            reason += "; no running application to swap (serve it with `polyrec serve --model`)"
+    decision = decide(evaluate_on(current, preprocess.output, split="validation"),
+                      evaluate_on(result.artifact, preprocess.output, split="validation"), config.gate)
+    swapped, reason = False, decision.reason
+    if not decision.promoted:
+        service.history().record_rejected(result.artifact, asdict(decision))
+    elif not config.hot_swap:
+        reason += "; hot_swap is off, so it is not put in service"
+    elif service.running:
+        service.promote(result.artifact, asdict(decision))
+        swapped = True
+    else:
+        service.history().record_live(result.artifact, asdict(decision))
+        reason += "; no service runs: `polyrec serve` serves it next"
     print(f"[polyrec retrain] {reason}")
-    outcome = RetrainResult(
-        promoted=promoted,
-        reason=reason,
-        new_model=result.artifact,
-        current_model=config.current_model,
-        new_validation=new_validation,
-        current_validation=current_validation,
-        swapped=swapped,
-        test_metrics=result.test_metrics,
-    )
+    outcome = RetrainResult(decision.promoted, swapped, reason, result.artifact, current, decision, result.test_metrics)
     (run_dir / "retrain.json").write_text(json.dumps(asdict(outcome), indent=2))
     return outcome
-
-
-def _hot_swap(artifact: str, state_dir: str) -> bool:
-    import ray
-    from ray import serve
-
-    from serve.config import ServeConfig
-    from serve.runner import APP_NAME, swap_model
-
-    if not ray.is_initialized() or APP_NAME not in serve.status().applications:
-        return False
-    swap_model(ServeConfig(state_dir=state_dir), artifact)
-    return True

@@ -8,6 +8,7 @@ batches; requests run on a few concurrent connections, bounded in count, to the 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,32 +19,36 @@ import pyarrow as pa
 FEEDBACK_BATCH = 200
 
 
-def replay(url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 4, send_feedback: bool = True) -> dict[str, Any]:
-    """Replay ``interactions`` (the canonical INTERACTIONS schema) against the service at ``url``."""
+def replay(url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 4, send_feedback: bool = True,
+           known_users: Collection[str] = ()) -> dict[str, Any]:
+    """Replay ``interactions`` (the canonical INTERACTIONS schema) against the service at ``url``.
+    ``explained_share``: of the answers to ``known_users`` (users with a server-side history), the share
+    with a non-empty ``because`` on some item: a personal answer, not the popularity fallback."""
     rows = interactions.to_pylist()
     latencies: list[float] = []
-    hits, errors = 0, 0
+    hits, errors, known, explained = 0, 0, 0, 0
     versions: set[str] = set()
+    known_users = set(known_users)
 
     with httpx.Client(base_url=url, timeout=60.0) as client:
 
-        def recommend(row: dict[str, Any]) -> tuple[bool, float, str | None]:
+        def recommend(row: dict[str, Any]) -> tuple[float, dict | None]:
             started = time.perf_counter()
             response = client.post("/v1/recommend", json={"user_id": row["user_id"], "k": k})
             elapsed = (time.perf_counter() - started) * 1000
-            if response.status_code != 200:
-                return False, elapsed, None
-            body = response.json()
-            return any(item["item_id"] == row["item_id"] for item in body["items"]), elapsed, body["model_version"]
+            return elapsed, response.json() if response.status_code == 200 else None
 
         with ThreadPoolExecutor(concurrency) as pool:
-            for hit, latency, version in pool.map(recommend, rows):
+            for row, (latency, body) in zip(rows, pool.map(recommend, rows)):
                 latencies.append(latency)
-                if version is None:
+                if body is None:
                     errors += 1
-                else:
-                    hits += hit
-                    versions.add(version)
+                    continue
+                hits += any(item["item_id"] == row["item_id"] for item in body["items"])
+                versions.add(body["model_version"])
+                if row["user_id"] in known_users:
+                    known += 1
+                    explained += any(item["because"] for item in body["items"])
 
         logged = 0
         if send_feedback:
@@ -73,4 +78,5 @@ def replay(url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 
         "p99_ms": float(np.percentile(latencies, 99)) if latencies else 0.0,
         "feedback_events": logged,
         "model_versions": sorted(versions),
+        "explained_share": explained / known if known else float("nan"),
     }

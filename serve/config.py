@@ -21,6 +21,8 @@ from data.config import StageConfig
 #: k8s/base/rayservice.yaml sets them on the cluster's pods (``polyrec k8s check`` compares). A variable already set wins.
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
+TRAINING_DATA_FROM_ARTIFACT = "artifact"
+
 Graph = Literal["split", "colocated"]
 #: The deployments of each graph, the HTTP ingress first, then in the order a request meets them.
 GRAPH_DEPLOYMENTS: dict[Graph, tuple[str, ...]] = {
@@ -154,8 +156,10 @@ class ServeConfig(StageConfig):
     model: str = "runs/default/model/artifact"
     #: When set, every model path must lie inside this folder.
     model_root: str | None = None
-    #: Preprocessing output whose sequences seed the server-side histories; None: start empty.
-    training_data: str | None = None
+    #: Preprocessing output whose interactions seed the server-side histories: ``artifact`` (the
+    #: default) is the one the model served at start was trained on (its ``artifact.json``), resolved
+    #: when the service starts; a path or URI names another; None starts with no histories.
+    training_data: str | None = TRAINING_DATA_FROM_ARTIFACT
     #: Shorthand for ``feedback.path`` (the name the Serve config file's ``args`` use).
     feedback_log: str | None = None
     #: Local folder for the WAL, registered items and the version history.

@@ -419,8 +419,14 @@ class UserStateStore:
     """The one copy of the server-side state (see ``serve.state``); always a single replica."""
 
     def __init__(self, config: ServeConfig):
+        self.training_data = config.training_data
         self.state = ServerState.rebuild(config.state, config.state_dir, training_data=config.training_data,
                                          feedback_log=config.feedback.path, wal_dir=wal_dir(config))
+
+    async def summary(self) -> dict[str, Any]:
+        """What the state holds: users with a history, their interactions, registered items."""
+        return {"training_data": self.training_data, "users": len(self.state.histories),
+                "interactions": sum(self.state.popularity.values()), "registered_items": len(self.state.registered)}
 
     async def context(self, user_id: str) -> UserContext:
         return self.state.context(user_id)

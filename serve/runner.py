@@ -8,11 +8,15 @@ restarting them; ``serve.run`` gives every deploy a new code version and so repl
 A swap runs in two steps, so that no request meets a replica without its version: first the model
 deployments (Retriever and Ranker, or the colocated graph's Recommender) load the new version beside
 the current one, then the ingress (Ingress or Recommender) sends new requests to it.
-Every swap is recorded in ``<state_dir>/versions.json``; a rollback serves the version before.
+A swap edits the running application's own config as Serve holds it (never the caller's), so the
+graph, the state and every other setting stay; the candidate is loaded in full in the driver first,
+and a failed swap puts the application back as it was. Every version is recorded in
+``<state_dir>/versions.json`` (``serve.versions``); a rollback serves the version that served before.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import threading
@@ -28,8 +32,9 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 
 from data.errors import InputError
 from serve.app import build_app
-from serve.config import SERVE_THROUGHPUT_ENV, ServeConfig
-from serve.versions import VersionHistory, VersionRecord, artifact_version
+from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, ServeConfig
+from serve.versions import VersionHistory, VersionRecord
+from train.artifact import read_metadata
 
 APP_NAME = "polyrec"
 IMPORT_PATH = f"{build_app.__module__}:{build_app.__name__}"
@@ -61,7 +66,7 @@ class Service:
 
     url: str
     model: VersionRecord
-    config: ServeConfig
+    config: ServeConfig  # as deployed: the application's own settings
     owns_ray: bool  # whether run_service started the Ray instance (and stop() ends it)
 
     def stop(self) -> None:
@@ -79,59 +84,137 @@ def run_service(
     feedback_log: str | None = None,
     blocking: bool = True,
 ) -> Service:
-    """Serve ``model`` (default: the version served last, else ``config.model``) on ``port``.
+    """Serve ``model`` (default: the live version of ``config.state_dir``, else ``config.model``) on ``port``.
 
-    If the application already runs on the cluster, the model is swapped in place instead. With
-    ``blocking`` this returns only after Ctrl-C or SIGTERM, having shut down gracefully.
+    If the application already runs on the cluster, only its model is swapped, in place; every other
+    setting stays as deployed (stop the service to change them). With ``blocking`` this returns only
+    after Ctrl-C or SIGTERM, having shut down gracefully.
     """
     config = _absolute(config, port=port, feedback_log=feedback_log)
-    history = VersionHistory(config.state_dir)
-    current = history.current()
-    target = _absolute_path(model) if model else current.model if current else config.model
-    artifact_version(target)  # a clean error before anything starts
     owns_ray = _connect(config)
     serve.start(http_options={"host": config.host, "port": config.port})
     if _running():
-        _swap_in_place(config, current.model if current else None, target)
+        print(f"polyrec serve: {APP_NAME} is running already: only its model changes; its other settings stay as deployed")
+        record = swap_model(model or config.model)
+        config = deployed_config().model_copy(update={"host": config.host, "port": config.port})
     else:
-        _deploy(config, models=[target], active=target)
-    service = Service(f"http://{config.host}:{config.port}", history.record(target), config, owns_ray)
+        live = VersionHistory(config.state_dir).live()
+        target = _absolute_path(model) if model else live.model if live else config.model
+        check_model(target, config.model_root)
+        config = _with_training_data(config, target)
+        _deploy_application(application_config(config, models=[target], active=target))
+        record = VersionHistory(config.state_dir).record_live(target)
+        print(f"polyrec serve: {_state_summary()}")
+    service = Service(f"http://{config.host}:{config.port}", record, config, owns_ray)
     if blocking:
         _serve_until_stopped(service)
     return service
 
 
-def swap_model(config: ServeConfig, model: str) -> VersionRecord:
-    """Put ``model`` in service on the running application, in place; returns its record."""
-    config = _absolute(config)
+def swap_model(model: str, *, gate: dict[str, Any] | None = None) -> VersionRecord:
+    """Put ``model`` in service on the running application, in place: only the ``user_config`` of the
+    model deployments and the ingress changes, so no replica restarts and no state is rebuilt. The
+    candidate is loaded in full here first; a bad one is refused with the service untouched. Returns
+    the version's record in the service's version history (``gate``: the retraining's decision)."""
     model = _absolute_path(model)
-    artifact_version(model)
-    history = VersionHistory(config.state_dir)
-    current = history.current()
-    _swap_in_place(config, current.model if current else None, model)
-    return history.record(model)
+    application = _deployed_application()
+    config = ServeConfig.model_validate(application["args"])
+    check_model(model, config.model_root)
+    current = _active_model(application, config)
+    _swap_in_place(application, config, current, model)
+    return VersionHistory(config.state_dir).record_live(model, gate)
 
 
 def rollback(config: ServeConfig, *, port: int | None = None, feedback_log: str | None = None, blocking: bool = True) -> VersionRecord:
-    """Serve the version before the current one: in place when the application runs on the cluster
-    (``config.ray_address``, else the local one), otherwise by starting the service with it."""
+    """Serve the version that served before the live one: in place when the application runs on the
+    cluster (``config.ray_address``, else the local one), otherwise by starting the service with it."""
+    if _find_cluster(config.ray_address) and _running():
+        application = _deployed_application()
+        deployed = ServeConfig.model_validate(application["args"])
+        history = VersionHistory(deployed.state_dir)
+        target = history.rollback_target()
+        check_model(target.model, deployed.model_root)
+        _swap_in_place(application, deployed, _active_model(application, deployed), target.model)
+        return history.record_rollback(target)
     config = _absolute(config, port=port, feedback_log=feedback_log)
     history = VersionHistory(config.state_dir)
-    current, previous = history.current(), history.previous()
-    if _find_cluster(config) and _running():
-        _swap_in_place(config, current.model, previous.model)
-        history.drop_current()
-    else:
-        history.drop_current()
-        run_service(config, model=previous.model, blocking=blocking)
-    return previous
+    record = history.record_rollback(history.rollback_target())
+    run_service(config, model=record.model, blocking=blocking)
+    return record
 
 
-def _swap_in_place(config: ServeConfig, current: str | None, model: str) -> None:
-    models = [current, model] if current and current != model else [model]
-    if current is not None:
-        _deploy(config, models=models, active=current)
-    _deploy(config, models=models, active=model)
+def check_model(path: str, model_root: str | None = None) -> None:
+    """Load the artifact at ``path`` in full, as a serving replica would (weights, shapes, format
+    version, item index), outside the replicas: InputError naming the file when it cannot serve."""
+    from serve.model_runtime import ModelCache, ServingModel
+
+    ServingModel(ModelCache(1, model_root).checked_path(path))
+
+
+def deployed_config() -> ServeConfig:
+    """The running application's settings, as deployed."""
+    return ServeConfig.model_validate(_deployed_application()["args"])
+
+
+@dataclass(frozen=True)
+class RunningApplication:
+    """The polyrec application on a Ray cluster, as retraining finds it."""
+
+    config: ServeConfig  # as deployed
+    live_model: str  # the version the ingress sends new requests to
+
+    @classmethod
+    def find(cls, ray_address: str | None = None) -> RunningApplication | None:
+        """The application on the cluster at ``ray_address`` (else the local one); None when no
+        cluster or no application runs."""
+        if not _find_cluster(ray_address) or not _running():
+            return None
+        application = _deployed_application()
+        config = ServeConfig.model_validate(application["args"])
+        return cls(config, _active_model(application, config))
+
+    def flush_feedback(self) -> None:
+        """Have the FeedbackLogger move its write-ahead log into the log's Parquet parts now."""
+        serve.get_deployment_handle("FeedbackLogger", app_name=APP_NAME).flush.remote().result()
+
+
+def _swap_in_place(application: dict[str, Any], config: ServeConfig, current: str, model: str) -> None:
+    """Two deploys that change only ``user_config``: the model deployments load ``model`` beside
+    ``current``, then the ingress sends new requests to it. If either fails, the application as it
+    was is deployed again, so the current version keeps serving."""
+    models = [current, model] if current != model else [model]
+    try:
+        for active in (current, model):
+            _deploy_application(_with_user_configs(application, config.user_configs(models=models, active=active)))
+    except Exception as error:
+        _deploy_application(application)
+        raise InputError(f"serve: {model} could not be put in service ({_one_line(error)}); {current} is still serving") from None
+
+
+def _with_user_configs(application: dict[str, Any], user_configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``application`` with the ``user_config`` of the named deployments replaced, nothing else changed."""
+    changed = copy.deepcopy(application)
+    deployments = {entry["name"]: entry for entry in changed.setdefault("deployments", [])}
+    for name, user_config in user_configs.items():
+        if name in deployments:
+            deployments[name]["user_config"] = user_config
+        else:
+            changed["deployments"].append({"name": name, "user_config": user_config})
+    return changed
+
+
+def _active_model(application: dict[str, Any], config: ServeConfig) -> str:
+    """The version the ingress sends new requests to."""
+    ingress = config.ingress_deployment()
+    for entry in application.get("deployments", []):
+        if entry["name"] == ingress and "model" in (entry.get("user_config") or {}):
+            return entry["user_config"]["model"]
+    raise InputError(f"serve: the running {APP_NAME} application names no model in its {ingress} user_config")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(getattr(error, "cause", None) or error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
 
 
 # --- the Serve config ------------------------------------------------------------------------
@@ -178,14 +261,48 @@ def serve_config_document(config: ServeConfig, args: dict[str, Any]) -> dict[str
     }
 
 
-def _deploy(config: ServeConfig, *, models: list[str], active: str) -> None:
+def _deploy_application(application: dict[str, Any]) -> None:
+    """Deploy ``application`` (an entry of a Serve config file) declaratively, as ``serve deploy``
+    does, beside the other applications running on the cluster, and wait until it runs. Only on
+    this path does a change of ``user_config`` alone reach the running replicas through ``reconfigure``."""
     from ray.serve.context import _get_global_client
 
+    others = [app["deployed_app_config"] for name, app in _serve_details().items() if name != APP_NAME and app.get("deployed_app_config")]
     # The controller's declarative deploy, which `serve deploy` reaches through the dashboard's REST
     # API: Serve has no public Python call for it.
-    schema = ServeDeploySchema(applications=[ServeApplicationSchema(**application_config(config, models=models, active=active))])
+    schema = ServeDeploySchema(applications=[ServeApplicationSchema(**app) for app in [*others, application]])
     _get_global_client().deploy_apps(schema)
     _wait_running()
+
+
+def _serve_details() -> dict[str, dict[str, Any]]:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details().get("applications", {})
+
+
+def _deployed_application() -> dict[str, Any]:
+    """The running application's entry of the Serve config, as Serve holds it (its own settings,
+    not the caller's): what a swap edits."""
+    deployed = _serve_details().get(APP_NAME, {}).get("deployed_app_config")
+    if not deployed:
+        raise InputError(f"serve: no {APP_NAME} application deployed from a config runs on this Ray cluster; start it with `polyrec serve`")
+    return deployed
+
+
+def _with_training_data(config: ServeConfig, model: str) -> ServeConfig:
+    """``training_data: artifact`` resolved to the preprocessing output ``model`` was trained on."""
+    if config.training_data != TRAINING_DATA_FROM_ARTIFACT:
+        return config
+    recorded = read_metadata(model).get("training_data")
+    return config.model_copy(update={"training_data": _absolute_path(recorded) if recorded else None})
+
+
+def _state_summary() -> str:
+    summary = serve.get_deployment_handle("UserStateStore", app_name=APP_NAME).summary.remote().result()
+    source = summary["training_data"] or "no training data (training_data: null)"
+    return (f"histories of {summary['users']:,} users ({summary['interactions']:,} interactions) loaded from {source} "
+            f"and the feedback log; {summary['registered_items']:,} registered items")
 
 
 def _running() -> bool:
@@ -227,7 +344,7 @@ def _absolute(config: ServeConfig, *, port: int | None = None, feedback_log: str
         "port": port or config.port,
     }
     for field in ("training_data", "model_root"):
-        if getattr(config, field):
+        if getattr(config, field) and getattr(config, field) != TRAINING_DATA_FROM_ARTIFACT:
             update[field] = _absolute_path(getattr(config, field))
     return config.model_copy(update=update)
 
@@ -244,12 +361,12 @@ def _connect(config: ServeConfig) -> bool:
     return True
 
 
-def _find_cluster(config: ServeConfig) -> bool:
-    """Connect to a running cluster (``config.ray_address``, else the local one); False if none runs."""
+def _find_cluster(ray_address: str | None) -> bool:
+    """Connect to a running cluster (``ray_address``, else the local one); False if none runs."""
     if ray.is_initialized():
         return True
     try:
-        ray.init(address=config.ray_address or "auto", logging_level="WARNING")
+        ray.init(address=ray_address or "auto", logging_level="WARNING")
     except ConnectionError:
         return False
     return True

@@ -1,7 +1,16 @@
 """Fixtures shared by the test modules."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
+import ray
 import torch
+
+from cluster.cli import main as polyrec
+from tests.tiny import tiny_config, tiny_preprocess_config
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +20,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    data: str  # the preprocessing output
+    artifact: str  # the model artifact `polyrec train` exported
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """A real run of `polyrec preprocess` and `polyrec train` (the CLI, config files as a user writes
+    them) on the tiny slice of ml-100k, shared by every test that needs what users serve."""
+    root = tmp_path_factory.mktemp("trained")
+    preprocess = tiny_preprocess_config(root)
+    (root / "preprocess.yaml").write_text(preprocess.to_yaml())
+    data = root / "data"
+    (root / "train.yaml").write_text(tiny_config(str(data), root / "model", epochs=2).to_yaml())
+    started_ray = not ray.is_initialized()
+    try:
+        assert polyrec(["preprocess", "--config", str(root / "preprocess.yaml"), "--output", str(data)]) == 0
+        assert polyrec(["train", "--config", str(root / "train.yaml")]) == 0
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return TrainedRun(str(data), str(root / "model" / "artifact"))

@@ -3,8 +3,8 @@ hot swap under load with rollback, and feedback durability across a FeedbackLogg
 
 One Ray instance (2 CPUs) for the module. The Serve application first runs the colocated graph (one
 Recommender), whose answers to a set of requests are kept and whose stateful behaviours (new items,
-feedback, impressions, hot swap and rollback) are checked; then it is redeployed in place as the
-split graph, with its own fresh state, which must answer those requests the same and which the rest
+feedback, impressions, hot swap and rollback) are checked; then it is replaced by the split graph,
+with its own fresh state, which must answer those requests the same and which the rest
 of the module tests. The model is a random tiny artifact over the first 40 MovieLens-100K users
 (``serve.testing``). Expected values come from the MovieLens files directly. Tests that change
 server-side state (feedback, new items) come after those that read popularity, and the crash test
@@ -13,6 +13,7 @@ comes last.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -33,8 +34,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from data.config import DEFAULT_DATASET_DIR
 from data.errors import InputError
+from data.feedback_log import read_feedback_log
 from serve.config import FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
-from serve.feedback_log import FeedbackLog, impression_rows, read_feedback_log
+from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
 from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank
@@ -100,7 +102,10 @@ def artifacts(tmp_path_factory) -> dict[str, str]:
 
 
 def start(artifacts: dict[str, str], graph: str) -> Service:
-    """The application with ``graph`` and its own fresh state, in place of any running one."""
+    """The application with ``graph`` and its own fresh state, in place of any running one (a running
+    application would only have its model swapped)."""
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
     root = Path(artifacts["root"]) / graph
     config = ServeConfig(
         graph=graph,
@@ -233,7 +238,7 @@ def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client,
         thread.start()
     try:
         time.sleep(1.0)
-        record = swap_model(service.config, service.second_model)
+        record = swap_model(service.second_model)
         swapped = time.monotonic()
         time.sleep(1.5)
     finally:
@@ -246,12 +251,13 @@ def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client,
     assert {version for _, _, version in outcomes} == {"random-0", "random-1"}
     assert {version for sent, _, version in outcomes if sent > swapped} == {"random-1"}
     assert client.get("/v1/model").json()["model_version"] == "random-1"
-    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0", "random-1"]
+    history = VersionHistory(service.config.state_dir)
+    assert [(r.model_version, r.status) for r in history.records()] == [("random-0", "retired"), ("random-1", "live")]
 
     previous = rollback(service.config, blocking=False)
     assert previous.model_version == "random-0"
     assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
-    assert [r.model_version for r in VersionHistory(service.config.state_dir).records()] == ["random-0"]
+    assert [(r.model_version, r.status) for r in history.records()] == [("random-0", "live"), ("random-1", "rolled_back")]
     with pytest.raises(InputError, match="no earlier model version"):
         rollback(service.config, blocking=False)
 
@@ -659,3 +665,30 @@ def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys
         {"name": "Ranker", "user_config": {"models": ["old", "new"]}},
         {"name": "Ingress", "user_config": {"model": "old"}},
     ]
+
+
+def test_version_history_knows_the_live_version_and_rolls_back_to_the_one_that_served_before(tmp_path):
+    def artifact(version: str) -> str:
+        folder = tmp_path / version
+        folder.mkdir()
+        metadata = {"format_version": 1, "model_version": version, "model_config": {}, "num_users": 1, "num_items": 1,
+                    "num_attributes": 0, "rating_mean": 0.0}
+        (folder / "artifact.json").write_text(json.dumps(metadata))
+        return str(folder)
+
+    history = VersionHistory(tmp_path / "state")
+    v1, v2, v3, v4 = (artifact(f"v{i}") for i in range(1, 5))
+    history.record_live(v1)
+    history.record_live(v1)  # already live: nothing changes
+    history.record_live(v2, gate={"promoted": True})
+    history.record_rejected(v3, gate={"promoted": False})
+    assert [(r.model_version, r.status) for r in history.records()] == [("v1", "retired"), ("v2", "live"), ("v3", "rejected")]
+    assert history.live().gate == {"promoted": True}
+    assert history.rollback_target().model == v1  # the rejected candidate never served
+    history.record_rollback(history.rollback_target())
+    assert history.live().model == v1
+    with pytest.raises(InputError, match="no earlier model version"):
+        history.rollback_target()
+    history.record_live(v4)  # v4 went live while v1 served: a rollback returns to v1, not to the rolled-back v2
+    assert history.rollback_target().model == v1
+    assert [r.status for r in history.records()] == ["retired", "rolled_back", "rejected", "live"]

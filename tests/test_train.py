@@ -33,7 +33,7 @@ from train.trainer import (
     warm_start_rows,
 )
 
-from tests.tiny import TINY_BERT, tiny_dataset
+from tests.tiny import tiny_config, tiny_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -48,20 +48,6 @@ def ray_local():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, ray_local) -> str:
     return tiny_dataset(tmp_path_factory.mktemp("data"))
-
-
-def tiny_config(data_dir: str, output, **overrides) -> TrainConfig:
-    config = TrainConfig(
-        data=data_dir, output=str(output), epochs=4, batch_size=16, early_stopping_patience=100, checkpoints_to_keep=5
-    )
-    config.model.backbone.random_init_config = TINY_BERT
-    config.model.user_model.hidden_size = 32
-    config.model.towers.expert_hidden = 32
-    config.optimizer.warmup_steps = 1
-    for key, value in overrides.items():
-        section, _, field = key.partition("__")
-        setattr(getattr(config, section), field, value) if field else setattr(config, key, value)
-    return config
 
 
 def _weights(result) -> dict[str, torch.Tensor]:
