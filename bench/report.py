@@ -33,3 +33,10 @@ def write_section(heading: str, text: str) -> None:
     else:
         current = current.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(current.rstrip("\n") + "\n")
+
+
+def publish(heading: str, text: str, *, write: bool) -> None:
+    """Print a benchmark's section, and with ``write`` put it into RESULTS.md (``write_section``)."""
+    if write:
+        write_section(heading, text)
+    print(text)

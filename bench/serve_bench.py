@@ -36,7 +36,7 @@ from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import machine, write_section  # noqa: E402
+from bench.report import machine, publish  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import APP_NAME, run_service, use_throughput_env  # noqa: E402
 from serve.testing import build_random_artifact, build_training_data  # noqa: E402
@@ -150,11 +150,7 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
         section += "\n" + model_work(config)
-    if args.no_write:
-        print(section)
-    else:
-        write_section(SECTION, section)
-        print(section)
+    publish(SECTION, section, write=not args.no_write)
 
 
 def model_work(config: ServeConfig) -> str:

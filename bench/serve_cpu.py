@@ -28,7 +28,7 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import machine, write_section  # noqa: E402
+from bench.report import machine, publish  # noqa: E402
 from bench.serve_bench import API_KEY, NUM_USERS, Constant, measure  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import run_service  # noqa: E402
@@ -158,11 +158,7 @@ def main() -> None:
         "- The bare endpoint's replica shows what one Serve hop costs the receiving process; a recommendation adds the "
         "UserStateStore and FeedbackLogger calls (batched) and the model work in its replica.",
     ])
-    if args.no_write:
-        print(section)
-    else:
-        write_section(SECTION, section)
-        print(section)
+    publish(SECTION, section, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _serve(args: argparse.Namespace) -> None:
     from serve.config import ServeConfig
     from serve.runner import rollback, run_service
 
-    config = ServeConfig.from_yaml(args.config)
+    config = ServeConfig.from_yaml(args.config, host=args.host, insecure=args.insecure or None)
     if args.rollback:
         record = rollback(config, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
         print(f"rolled back to {record.model_version} ({record.model})")
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--config", help="YAML file (see configs/serve.yaml)")
     sub.add_argument("--model", help="model artifact folder to serve (default: the version served last)")
     sub.add_argument("--port", type=int, help="HTTP port")
+    sub.add_argument("--host", help="address to listen on (default 127.0.0.1; any other needs an API key: $POLYREC_API_KEY)")
+    sub.add_argument("--insecure", action="store_true", help="allow open write endpoints on a non-loopback address")
     sub.add_argument("--feedback-log", help="where the feedback log goes (path or URI)")
     sub.add_argument("--rollback", action="store_true", help="serve the version before the current one")
     sub.add_argument("--detach", action="store_true", help="return once deployed, leaving the app on the Ray cluster")

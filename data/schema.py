@@ -26,8 +26,9 @@ INTERACTIONS = pa.schema(
     ]
 )
 
-#: Item text fields a reader may fill; any subset is allowed, ``item_id`` is required.
-ITEM_TEXT_FIELDS = ("title", "year", "genres", "tags", "description", "brand", "category")
+#: Item text fields a reader may fill; any subset is allowed, ``item_id`` is required. ``full_text``, when set,
+#: is the item's whole text, encoded as it is instead of the text template's rendering of the others.
+ITEM_TEXT_FIELDS = ("title", "year", "genres", "tags", "description", "brand", "category", "full_text")
 
 #: Fields that become the multi-label ``attributes`` task (list<string> columns).
 ITEM_ATTRIBUTE_FIELDS = ("genres", "category")

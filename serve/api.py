@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
 
 MAX_K = 1000
 MAX_HISTORY_ITEMS = 500
@@ -16,6 +16,12 @@ MAX_EXCLUDE_ITEMS = 1000
 MAX_TEXT_CHARS = 4000
 MAX_FEEDBACK_EVENTS = 5000
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
+
+def _not_a_boolean(value: Any) -> Any:
+    """JSON Schema's integers and numbers (2807.0 is an integer there) are no booleans, though Python's bool is an int."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 EventId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -25,10 +31,17 @@ ContextValue = Annotated[str, StringConstraints(max_length=256)] | int | float |
 
 
 class Body(BaseModel):
+    """A request body: unknown fields are refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 class RecommendRequest(Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"user_id": "196", "k": 10},
+        {"user_id": "new-visitor", "k": 5, "interests": "Space adventures with robots", "history": ["50"], "exclude": ["181"]},
+    ]})
+
     user_id: Id
     k: int = Field(10, ge=1, le=MAX_K)
     #: Items the user interacted with recently, oldest first; added after the server-side history.
@@ -38,6 +51,8 @@ class RecommendRequest(Body):
     exclude: list[Id] = Field(default_factory=list, max_length=MAX_EXCLUDE_ITEMS)
     #: Request context (device, page, ...): recorded in the server log with the request id.
     context: dict[Annotated[str, StringConstraints(max_length=64)], ContextValue] = Field(default_factory=dict, max_length=32)
+
+    _k_is_a_number = field_validator("k", mode="before")(_not_a_boolean)
 
 
 class RecommendedItem(BaseModel):
@@ -57,6 +72,14 @@ class RecommendResponse(BaseModel):
 
 
 class FeedbackEvent(Body):
+    """An interaction. ``value``: a ``rate`` event's rating, within the service's ``rating_range`` (required
+    there); for other events an optional weight."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"event_id": "3f1c9b7e-rate-1", "user_id": "196", "item_id": "50", "event": "rate", "value": 4.0},
+        {"user_id": "196", "item_id": "181", "event": "click"},
+    ]})
+
     event_id: EventId | None = None  # a uuid4 is assigned when absent; retries should resend the same id
     user_id: Id
     item_id: Id
@@ -64,6 +87,8 @@ class FeedbackEvent(Body):
     value: float | None = Field(None, allow_inf_nan=False)
     request_id: Annotated[str, StringConstraints(max_length=64)] | None = None
     ts: int | None = Field(None, ge=0, le=MAX_TS_MS)  # milliseconds since the epoch; None: now
+
+    _numbers_are_numbers = field_validator("value", "ts", mode="before")(_not_a_boolean)
 
 
 class FeedbackBatch(Body):
@@ -86,6 +111,10 @@ class FeedbackResponse(BaseModel):
 
 
 class NewItem(Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"item_id": "robot-musical", "title": "Robots Sing", "text": "Robots Sing in Space. Genres: Musical, Sci-Fi."},
+    ]})
+
     item_id: Id
     title: Annotated[str, StringConstraints(max_length=500)] | None = None
     text: Text  # what the item encoder reads, e.g. "Title. Genres: ... description"
@@ -106,3 +135,60 @@ class ModelInfo(BaseModel):
     created_at: str | None
     num_items: int
     registered_items: int
+
+
+# --- The OpenAPI document: every status a route answers, and the settings that bound the bodies ------------
+
+
+class Problem(BaseModel):
+    """The body of an error answer."""
+
+    detail: str | list[dict[str, Any]]
+
+
+STATUSES: dict[int, str] = {
+    400: "The body could not be read as JSON of the request's schema.",
+    401: "Missing or wrong X-API-Key header.",
+    404: "No such item.",
+    409: "The item id is already in the catalogue or registered.",
+    413: "The body is larger than the service's max_body_bytes.",
+    422: "A field breaks the contract; `detail` names it (`loc`).",
+    503: "Nothing was done: the service is past capacity, a part of it did not answer within its deadline, or the "
+         "feedback log could not make the write durable. Retry after the Retry-After header's seconds (with the same "
+         "event_ids, for feedback).",
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route that can answer ``statuses`` besides its success."""
+    described: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        described[status] = {"model": Problem, "description": STATUSES[status]}
+        if status == 503:
+            described[status]["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+    return described
+
+
+def contract(app: Any, *, accepted_events: list[str], rating_range: tuple[float, float], protect_reads: bool) -> dict[str, Any]:
+    """The app's OpenAPI document with what the service's settings decide: the accepted event types (an enum),
+    a ``rate`` event's value range, and the key on reads when they are protected. Built once, then cached."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    event = document["components"]["schemas"]["FeedbackEvent"]
+    event["properties"]["event"] = {"type": "string", "enum": list(accepted_events), "title": "Event"}
+    low, high = rating_range
+    event["allOf"] = [{
+        "if": {"properties": {"event": {"const": "rate"}}, "required": ["event"]},
+        "then": {"properties": {"value": {"type": "number", "minimum": low, "maximum": high}}, "required": ["value"]},
+    }]
+    if protect_reads:
+        for path, operations in document["paths"].items():
+            for method, operation in operations.items():
+                if path.startswith("/v1/") and method == "get":
+                    operation["security"] = [{"APIKeyHeader": []}]
+                    operation["responses"].setdefault("401", {"description": STATUSES[401]})
+    app.openapi_schema = document
+    return document

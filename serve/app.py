@@ -28,7 +28,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     internal = {"logging_config": {"enable_access_log": config.internal_access_log}}
     user_configs = config.user_configs(models=[config.model], active=config.model)
     options = {
-        name: {**deployment.serve_options(), **(internal if name != ingress else {}), **({"user_config": user_configs[name]} if name in user_configs else {})}
+        name: {**deployment.serve_options(config.admission.retry_after_s), **(internal if name != ingress else {}), **({"user_config": user_configs[name]} if name in user_configs else {})}
         for name, deployment in config.deployments.items()
     }
 

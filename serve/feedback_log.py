@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from data.feedback_log import LOCK_SUFFIX, PART_PREFIX, PART_SUFFIX, WAL_SUFFIX, read_wal_segment, rows_to_table
 from data.schema import FEEDBACK_LOG
 from data.storage import resolve
+from serve.errors import FeedbackLogUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -109,30 +110,53 @@ class FeedbackLog:
         return self.wal_dir / f"{owner}.{seq:08d}{WAL_SUFFIX}"
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Write ``rows`` to the WAL and fsync once; when this returns they survive a crash."""
+        """Write ``rows`` to the WAL and fsync once; when this returns they survive a crash. A write that
+        fails (a full disk, an I/O error) raises ``FeedbackLogUnavailable`` and leaves no partial bytes for
+        a later line to be glued to: the segment is cut back to its last whole line, or, if that fails
+        too, closed there and a new one started."""
         if not rows:
             return
         payload = "".join(json.dumps({name: row.get(name) for name in FEEDBACK_LOG.names}, separators=(",", ":")) + "\n" for row in rows).encode()
         with self._append_lock:
-            if self._segment_fd is None:
-                self._seq += 1
-                self._segment_fd = os.open(self._segment_path(self.owner, self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                _fsync_dir(self.wal_dir)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(self._segment_fd, view) :]
-            os.fsync(self._segment_fd)
+            try:
+                if self._segment_fd is None:
+                    self._seq += 1
+                    self._segment_fd = os.open(self._segment_path(self.owner, self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    _fsync_dir(self.wal_dir)
+                whole = os.lseek(self._segment_fd, 0, os.SEEK_END)
+            except OSError as error:
+                raise FeedbackLogUnavailable(f"feedback log unavailable: {error.strerror}") from error
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(self._segment_fd, view) :]
+                os.fsync(self._segment_fd)
+            except OSError as error:
+                self._cut_back(whole)
+                raise FeedbackLogUnavailable(f"feedback log unavailable: {error.strerror}") from error
             self._segment_rows += len(rows)
             if self._segment_rows >= self.flush_max_events:
                 self.flush_wanted.set()
 
+    def _cut_back(self, whole: int) -> None:
+        """Drop a failed write's bytes from the active segment (called with the append lock held)."""
+        try:
+            os.ftruncate(self._segment_fd, whole)
+            os.fsync(self._segment_fd)
+        except OSError:
+            logger.exception("could not cut %s back after a failed write: it is closed there", self._segment_path(self.owner, self._seq))
+            self._close_segment()
+
     def _rotate(self) -> None:
         with self._append_lock:
-            if self._segment_fd is not None:
-                os.close(self._segment_fd)
-                self._closed_segments.append(self._segment_path(self.owner, self._seq))
-                self._segment_fd = None
-                self._segment_rows = 0
+            self._close_segment()
+
+    def _close_segment(self) -> None:
+        if self._segment_fd is not None:
+            os.close(self._segment_fd)
+            self._closed_segments.append(self._segment_path(self.owner, self._seq))
+            self._segment_fd = None
+            self._segment_rows = 0
 
     # --- WAL → Parquet ------------------------------------------------------------------------
 

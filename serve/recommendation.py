@@ -10,17 +10,21 @@ ColocatedStages``), by the same code, batched across concurrent requests. Every 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 
 from serve.api import RecommendedItem
 from serve.config import ServeConfig
+from serve.errors import ServiceUnavailable
 from serve.messages import Candidates, Query, Ranked, Recommendation, RetrievalRequest
 from serve.state import UserContext
 
@@ -85,15 +89,24 @@ class HandleStages:
 
 
 class StageLatency:
-    """``polyrec_stage_latency_ms{stage}``: how long each stage took, as the caller waited for it."""
+    """Each stage's wait, bounded by ``timeout_s`` (beyond it the request is answered 503 rather than left
+    to hang on a busy or dead replica) and recorded in ``polyrec_stage_latency_ms{stage}``."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self.histogram = Histogram("polyrec_stage_latency_ms", "Latency of each stage of a request", LATENCY_BOUNDARIES_MS, tag_keys=("stage",))
 
     async def timed(self, stage: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
-            return await call
+            return await asyncio.wait_for(call, self.timeout_s)
+        except TimeoutError:
+            if hasattr(call, "cancel"):  # a DeploymentResponse: the other replica may stop working on it
+                call.cancel()
+            raise ServiceUnavailable(f"{stage} did not answer within {self.timeout_s:g}s; try again later") from None
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+            # The replica died with the call (Serve is starting another): nothing was done, a retry will be.
+            raise ServiceUnavailable(f"{stage} is restarting; try again later") from None
         finally:
             self.histogram.observe((time.perf_counter() - started) * 1000, tags={"stage": stage})
 

@@ -17,6 +17,7 @@ and a failed swap puts the application back as it was. Every version is recorded
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import signal
 import threading
@@ -32,7 +33,7 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 
 from data.errors import InputError
 from serve.app import build_app
-from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, ServeConfig
+from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, ServeConfig, api_key
 from serve.versions import VersionHistory, VersionRecord
 from train.artifact import read_metadata
 
@@ -90,9 +91,9 @@ def run_service(
     setting stays as deployed (stop the service to change them). With ``blocking`` this returns only
     after Ctrl-C or SIGTERM, having shut down gracefully.
     """
-    config = _absolute(config, port=port, feedback_log=feedback_log)
+    config = _secured(_absolute(config, port=port, feedback_log=feedback_log))
     owns_ray = _connect(config)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
     if _running():
         print(f"polyrec serve: {APP_NAME} is running already: only its model changes; its other settings stay as deployed")
         record = swap_model(model or config.model)
@@ -151,6 +152,12 @@ def check_model(path: str, model_root: str | None = None) -> None:
     ServingModel(ModelCache(1, model_root).checked_path(path))
 
 
+def call_deployment(deployment: str, method: str, *args: Any) -> Any:
+    """``method(*args)`` of one of the application's deployments, from this driver (whose own handles keep Serve's
+    router in a thread of its own: the throughput flags are for Ray's processes, set after Serve was imported here)."""
+    return getattr(serve.get_deployment_handle(deployment, app_name=APP_NAME), method).remote(*args).result()
+
+
 def deployed_config() -> ServeConfig:
     """The running application's settings, as deployed."""
     return ServeConfig.model_validate(_deployed_application()["args"])
@@ -175,7 +182,7 @@ class RunningApplication:
 
     def flush_feedback(self) -> None:
         """Have the FeedbackLogger move its write-ahead log into the log's Parquet parts now."""
-        serve.get_deployment_handle("FeedbackLogger", app_name=APP_NAME).flush.remote().result()
+        call_deployment("FeedbackLogger", "flush")
 
 
 def _swap_in_place(application: dict[str, Any], config: ServeConfig, current: str, model: str) -> None:
@@ -250,10 +257,11 @@ def serve_config_document(config: ServeConfig, args: dict[str, Any]) -> dict[str
     """A whole Serve config file (``serve run``/``serve deploy``, KubeRay ``serveConfigV2``) whose
     deployments, those of ``config``'s graph, carry its resources; ``serve/serve_config.yaml`` is
     this for the defaults."""
-    deployments = [{"name": name, **config.deployments[name].serve_options()} for name in config.graph_deployments()]
+    deployments = [{"name": name, **config.deployments[name].serve_options(config.admission.retry_after_s)}
+                   for name in config.graph_deployments()]
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": config.port},
+        "http_options": {"host": "0.0.0.0", "port": config.port, "request_timeout_s": proxy_timeout_s(config)},
         "applications": [
             {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
              "runtime_env": {"env_vars": SERVE_THROUGHPUT_ENV}, "deployments": deployments}
@@ -299,7 +307,7 @@ def _with_training_data(config: ServeConfig, model: str) -> ServeConfig:
 
 
 def _state_summary() -> str:
-    summary = serve.get_deployment_handle("UserStateStore", app_name=APP_NAME).summary.remote().result()
+    summary = call_deployment("UserStateStore", "summary")
     source = summary["training_data"] or "no training data (training_data: null)"
     return (f"histories of {summary['users']:,} users ({summary['interactions']:,} interactions) loaded from {source} "
             f"and the feedback log; {summary['registered_items']:,} registered items")
@@ -343,10 +351,36 @@ def _absolute(config: ServeConfig, *, port: int | None = None, feedback_log: str
         "feedback_log": None,
         "port": port or config.port,
     }
-    for field in ("training_data", "model_root"):
+    for field in ("training_data", "model_root", "api_key_file"):
         if getattr(config, field) and getattr(config, field) != TRAINING_DATA_FROM_ARTIFACT:
             update[field] = _absolute_path(getattr(config, field))
     return config.model_copy(update=update)
+
+
+def proxy_timeout_s(config: ServeConfig) -> float:
+    """The HTTP proxy's own request timeout (it answers 408): a backstop past the ingress's deadline
+    (``admission.request_timeout_s``, answered 503), for a replica that does not answer at all."""
+    return config.admission.request_timeout_s + 5.0
+
+
+def _secured(config: ServeConfig) -> ServeConfig:
+    """A service beyond loopback must have an API key for its write endpoints, unless ``insecure``."""
+    loopback = config.host == "localhost" or _is_loopback(config.host)
+    if loopback or config.insecure:
+        return config
+    if api_key(config) is None:
+        where = " or ".join(filter(None, [f"${config.api_key_env}" if config.api_key_env else None,
+                                          f"api_key_file ({config.api_key_file})" if config.api_key_file else "api_key_file"]))
+        raise InputError(f"serve: listening on {config.host} needs an API key for the write endpoints: set {where}, "
+                         "or insecure: true to run open")
+    return config.model_copy(update={"api_key_required": True})
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _connect(config: ServeConfig) -> bool:
@@ -386,6 +420,7 @@ def _serve_until_stopped(service: Service) -> None:
 def write_serve_config_file(path: Path = SERVE_CONFIG_FILE) -> None:
     """Regenerate ``serve/serve_config.yaml``: the ``ServeConfig`` defaults with the cluster's split graph."""
     config = ServeConfig(graph="split")
-    document = serve_config_document(config, {"graph": config.graph, "model": config.model, "feedback_log": config.feedback.path})
+    args = {"graph": config.graph, "model": config.model, "feedback_log": config.feedback.path, "api_key_required": True}
+    document = serve_config_document(config, args)
     header = "".join(line + "\n" for line in SERVE_CONFIG_HEADER.splitlines())
     path.write_text(header + yaml.safe_dump(document, sort_keys=False, width=120))

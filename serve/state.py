@@ -10,6 +10,7 @@ In production, a shared store such as Redis would hold the same keys (``history:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -47,9 +48,14 @@ class UserContext:
 class ServerState:
     config: StateConfig
     registry_file: Path
-    histories: dict[str, deque[tuple[str, float]]] = field(default_factory=dict)  # (item_id, raw rating or NaN)
+    #: Per user, (ts in ms, item_id, raw rating or NaN) in time order: an event reported late takes its place in
+    #: time, as it does when the state is rebuilt from the log.
+    histories: dict[str, deque[tuple[int, str, float]]] = field(default_factory=dict)
     popularity: Counter[str] = field(default_factory=Counter)
     registered: list[RegisteredItem] = field(default_factory=list)
+    #: Every feedback event id applied, so a client's retry (same id) never counts twice, as retraining's
+    #: reader drops it too. In this process's memory, as the histories are.
+    applied_events: set[str] = field(default_factory=set)
     registered_ids: set[str] = field(default_factory=set)
 
     # --- start ---------------------------------------------------------------------------------
@@ -62,8 +68,8 @@ class ServerState:
         logged = read_feedback_log(feedback_log, wal_dir)
         logged = logged.filter(pc.is_in(logged["event"], pa.array(config.history_events)))
         rated = pc.equal(logged["event"], "rate")
-        events.append(pa.table({"user_id": logged["user_id"], "item_id": logged["item_id"], "ts": logged["ts"],
-                                "rating": pc.if_else(rated, logged["value"], pa.scalar(None, pa.float64()))}))
+        events.append(pa.table({"event_id": logged["event_id"], "user_id": logged["user_id"], "item_id": logged["item_id"],
+                                "ts": logged["ts"], "rating": pc.if_else(rated, logged["value"], pa.scalar(None, pa.float64()))}))
         state.record_many(pa.concat_tables(events, promote_options="permissive").sort_by("ts"))
         state.load_registry()
         return state
@@ -76,24 +82,43 @@ class ServerState:
     # --- users ---------------------------------------------------------------------------------
 
     def record_many(self, events: pa.Table) -> None:
-        """Time-ordered (user_id, item_id, rating) rows extend the histories and the popularity counts."""
+        """(event_id or null, user_id, item_id, ts, rating) rows extend the histories and the popularity counts."""
         ratings = pc.fill_null(events["rating"], np.nan).to_pylist()
-        for user_id, item_id, rating in zip(events["user_id"].to_pylist(), events["item_id"].to_pylist(), ratings):
-            self.record(user_id, item_id, rating)
+        event_ids = events["event_id"].to_pylist() if "event_id" in events.column_names else [None] * events.num_rows
+        columns = zip(event_ids, events["user_id"].to_pylist(), events["item_id"].to_pylist(), events["ts"].to_pylist(), ratings)
+        for event_id, user_id, item_id, ts, rating in columns:
+            self.record(user_id, item_id, ts, rating, event_id)
 
-    def record(self, user_id: str, item_id: str, rating: float | None = None) -> None:
-        """``rating``: the raw rating of a ``rate`` event; None for other events."""
+    def record(self, user_id: str, item_id: str, ts: int, rating: float | None = None, event_id: str | None = None) -> bool:
+        """An interaction at ``ts`` (ms); ``rating``: the raw rating of a ``rate`` event, None for other events.
+        An event whose id was applied before changes nothing; returns whether this one did."""
+        if event_id is not None:
+            if event_id in self.applied_events:
+                return False
+            self.applied_events.add(event_id)
         history = self.histories.get(user_id)
         if history is None:
             history = self.histories[user_id] = deque(maxlen=self.config.max_seen_items)
-        history.append((item_id, math.nan if rating is None else float(rating)))
+        entry = (ts, item_id, math.nan if rating is None else float(rating))
+        if not history or history[-1][0] <= ts:
+            history.append(entry)
+        else:  # late: after every entry at or before its time, as a stable sort by time would put it
+            position = bisect.bisect_right([when for when, _, _ in history], ts)
+            if len(history) == history.maxlen:
+                if position == 0:  # older than everything remembered: a rebuild would have forgotten it too
+                    self.popularity[item_id] += 1
+                    return True
+                history.popleft()
+                position -= 1
+            history.insert(position, entry)
         self.popularity[item_id] += 1
+        return True
 
     def context(self, user_id: str) -> UserContext:
         remembered = self.histories.get(user_id, ())
         recent = list(remembered)[-self.config.history_length :]
-        return UserContext(user_id, [item for item, _ in recent], [rating for _, rating in recent],
-                           list(dict.fromkeys(item for item, _ in remembered)), len(self.registered))
+        return UserContext(user_id, [item for _, item, _ in recent], [rating for _, _, rating in recent],
+                           list(dict.fromkeys(item for _, item, _ in remembered)), len(self.registered))
 
     def popular(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` most interacted-with items and their counts, most popular first (ties by id)."""

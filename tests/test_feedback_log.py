@@ -20,6 +20,7 @@ from data.config import SourceConfig
 from data.feedback_log import read_feedback_log, read_wal_segment
 from data.readers import read_source
 from data.schema import FEEDBACK_LOG
+from serve.errors import FeedbackLogUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +189,35 @@ def test_the_feedback_reader_reads_the_log_without_impressions_or_duplicate_even
         (row["user_id"], row["item_id"], row["event"]) for row in clicks + ratings
     )
     assert sorted(interactions["timestamp"].to_pylist()) == sorted(row["ts"] // 1000 for row in clicks + ratings)
+
+
+@pytest.mark.parametrize("truncate_fails", [False, True])
+def test_a_failed_write_is_refused_and_leaves_nothing_for_the_next_line_to_be_glued_to(dirs, monkeypatch, truncate_fails):
+    """A disk that fills mid-write: the append raises FeedbackLogUnavailable (nothing is acknowledged); the partial
+    bytes are cut off, or, when even that fails, the segment is closed at them and the next append starts a new one.
+    Every acknowledged row reads back whole, and no later row is lost to a torn line."""
+    log_dir, wal_dir = dirs
+    log = FeedbackLog(str(log_dir), wal_dir, writer="w")
+    log.append(events(3))
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2 + 5]))  # e3's line and the start of e4's land, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    if truncate_fails:
+        monkeypatch.setattr(os, "ftruncate", lambda fd, size: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(FeedbackLogUnavailable, match="No space left on device"):
+        log.append(events(2, start=3))
+    monkeypatch.setattr(os, "write", real_write)
+    log.append(events(2, start=5))  # the disk has room again
+
+    segments = sorted(wal_dir.glob("*.wal"))
+    assert len(segments) == (2 if truncate_fails else 1)
+    read_back = [row["event_id"] for segment in segments for row in read_wal_segment(segment)]
+    # When the cut fails, e3's whole line stays (unacknowledged: the client's retry with its id is deduplicated) and
+    # e4's torn start is skipped; either way e5 is whole.
+    assert read_back == (["e0", "e1", "e2", "e3", "e5", "e6"] if truncate_fails else ["e0", "e1", "e2", "e5", "e6"])
+    assert log.flush() == len(read_back) and [row["event_id"] for row in parquet_rows(log_dir)] == read_back
+    log.close()

@@ -114,16 +114,16 @@ def test_serving_pods_must_carry_serves_throughput_flags(rendered):
 
     flipped = copy.deepcopy(rayservice)
     worker = flipped["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    next(var for var in worker["env"] if var["name"] == name)["value"] = "1"
+    next(var for var in worker["env"] if var["name"] == name)["value"] = "0" if SERVE_THROUGHPUT_ENV[name] == "1" else "1"
     assert manifests.document_problems(flipped) == [
-        f"container {worker['name']}: env {name} must be '0' (serve.config.SERVE_THROUGHPUT_ENV)"
+        f"container {worker['name']}: env {name} must be '{SERVE_THROUGHPUT_ENV[name]}' (serve.config.SERVE_THROUGHPUT_ENV)"
     ]
 
     dropped = copy.deepcopy(rayservice)
     head = dropped["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     head["env"] = [var for var in head["env"] if var["name"] not in SERVE_THROUGHPUT_ENV]
     assert manifests.document_problems(dropped) == [
-        f"container {head['name']}: env {flag} must be '0' (serve.config.SERVE_THROUGHPUT_ENV)" for flag in SERVE_THROUGHPUT_ENV
+        f"container {head['name']}: env {flag} must be '{value}' (serve.config.SERVE_THROUGHPUT_ENV)" for flag, value in SERVE_THROUGHPUT_ENV.items()
     ]
 
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -508,6 +511,82 @@ def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, 
     check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service)
 
 
+# --- the contract, under a schema-driven fuzzer -----------------------------------------------
+
+
+def test_the_openapi_document_lists_every_status_enum_and_bound(client):
+    document = client.get("/openapi.json").json()
+    statuses = {path: {method: set(operation["responses"]) for method, operation in operations.items()}
+                for path, operations in document["paths"].items()}
+    assert {"400", "401", "413", "422", "503"} <= statuses["/v1/feedback"]["post"]
+    assert {"401", "409", "503"} <= statuses["/v1/items"]["post"] and "404" in statuses["/v1/items/{item_id}"]["get"]
+    assert document["paths"]["/v1/recommend"]["post"]["responses"]["503"]["headers"]["Retry-After"]
+    event = document["components"]["schemas"]["FeedbackEvent"]
+    assert event["properties"]["event"]["enum"] == ServeConfig().accepted_events
+    rate = event["allOf"][0]
+    assert rate["if"]["properties"]["event"] == {"const": "rate"}
+    assert rate["then"]["properties"]["value"] | {"type": "number"} == {"type": "number", "minimum": 1.0, "maximum": 5.0}
+    assert document["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+
+
+def test_a_schema_driven_fuzzer_finds_no_failure(service, tmp_path):
+    """schemathesis, every check, against the running service: statuses and bodies as the document says, schema-valid
+    requests accepted, invalid ones refused, no 5xx."""
+    report = tmp_path / "report"
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "st"), "run", f"{service.url}/openapi.json", "--checks", "all", "--max-examples", "30",
+         "--header", f"X-API-Key: {API_KEY}", "--workers", "2", "--seed", "1", "--report", "junit", "--report-dir", str(report)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its cache folder goes there
+    )
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
+
+
+# --- exactly once, and the service's hold on its state -------------------------------------------
+
+
+def test_a_retried_event_counts_once_in_the_live_state(client):
+    store = serve.get_deployment_handle("UserStateStore", app_name=APP_NAME)
+    before = dict(store.popular.remote(10_000).result())
+    event = {"event_id": "retried-once", "user_id": "retrier", "item_id": "50", "event": "click"}
+    for _ in range(3):  # the client did not see the first answer and retried twice
+        assert client.post("/v1/feedback", json=event, headers=AUTH).status_code == 200
+    assert store.context.remote("retrier").result().history == ["50"]
+    assert dict(store.popular.remote(10_000).result())["50"] == before.get("50", 0) + 1
+
+
+def test_ratings_outside_the_rating_range_are_422_naming_the_value(client):
+    for body in ({"user_id": "u", "item_id": "50", "event": "rate", "value": 99},
+                 {"events": [{"user_id": "u", "item_id": "50", "event": "rate", "value": 0.5}]},
+                 {"user_id": "u", "item_id": "50", "event": "rate"}):
+        response = client.post("/v1/feedback", json=body, headers=AUTH)
+        assert response.status_code == 422 and field_named(response, "value"), response.text
+    assert client.post("/v1/feedback", json={"user_id": "u", "item_id": "50", "event": "rate", "value": 5}, headers=AUTH).status_code == 200
+
+
+def test_a_killed_user_state_store_comes_back_with_every_history(client):
+    """kill -9 of the store's process: Serve starts another, which rebuilds the histories from the training data, the
+    feedback log's Parquet parts and the write-ahead log (this module's log is flushed only at shutdown)."""
+    store = serve.get_deployment_handle("UserStateStore", app_name=APP_NAME)
+    users = ["1", "newcomer", "retrier"]
+    before = {user: store.context.remote(user).result() for user in users}
+    assert before["newcomer"].history and before["retrier"].history
+    (replica,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#UserStateStore#" in a["name"]]
+    os.kill(ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            after = {user: store.context.remote(user).result(timeout_s=30) for user in users}
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "the store did not come back"
+            time.sleep(1)
+    for user in users:
+        assert (after[user].history, after[user].seen) == (before[user].history, before[user].seen), user
+        np.testing.assert_array_equal(after[user].history_ratings, before[user].history_ratings)
+    assert recommend(client, user_id="newcomer", k=5)["items"]
+
+
 # --- durability (last: it kills a replica) ---------------------------------------------------
 
 
@@ -656,8 +735,8 @@ def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys
     ServeDeploySchema.model_validate(document)
     deployments = {d["name"]: d for d in document["applications"][0]["deployments"]}
     assert list(deployments) == ["Recommender", "UserStateStore", "FeedbackLogger"]
-    assert deployments["Recommender"]["ray_actor_options"] == {"num_cpus": 0.9}
-    assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments.values()) == pytest.approx(1.1)  # as the split graph
+    assert deployments["Recommender"]["ray_actor_options"] == {"num_cpus": 1.0}  # the core its model work uses
+    assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments.values()) == pytest.approx(1.2)
     swap = application_config(config, models=["old", "new"], active="new")["deployments"]
     assert swap == [{"name": "Recommender", "user_config": {"models": ["old", "new"], "model": "new"}}]
     assert application_config(ServeConfig(graph="split"), models=["old", "new"], active="old")["deployments"] == [
@@ -692,3 +771,32 @@ def test_version_history_knows_the_live_version_and_rolls_back_to_the_one_that_s
     history.record_live(v4)  # v4 went live while v1 served: a rollback returns to v1, not to the rolled-back v2
     assert history.rollback_target().model == v1
     assert [r.status for r in history.records()] == ["retired", "rolled_back", "rejected", "live"]
+
+
+def test_the_live_state_is_the_state_rebuilt_from_its_log(tmp_path):
+    """Events applied as they arrive (some reported late, some retried with the same id, histories longer than
+    remembered) leave the store as a restart rebuilding it from the logged events does."""
+    generator = np.random.default_rng(3)
+    settings = StateConfig(history_length=4, max_seen_items=6)
+    live = ServerState(settings, tmp_path / "live" / "items.jsonl")
+    log = FeedbackLog(str(tmp_path / "feedback"), tmp_path / "wal", writer="w")
+    sent = []
+    for i in range(300):
+        retry = sent and generator.random() < 0.15
+        event = dict(sent[int(generator.integers(len(sent)))]) if retry else {
+            "event_id": f"e{i}", "user_id": f"u{generator.integers(4)}", "item_id": str(generator.integers(30)),
+            "event": "rate" if generator.random() < 0.5 else "click",
+            "ts": 1_000_000 + i * 10 - int(generator.integers(0, 200)) * (generator.random() < 0.3),  # some late
+        }
+        event["value"] = float(generator.integers(1, 6)) if event["event"] == "rate" else None
+        sent.append(event)
+        log.append([event])  # durable first, then applied, as the ingress does
+        live.record(event["user_id"], event["item_id"], event["ts"], event["value"] if event["event"] == "rate" else None, event["event_id"])
+    rebuilt = ServerState.rebuild(settings, tmp_path / "rebuilt", training_data=None, feedback_log=str(tmp_path / "feedback"),
+                                  wal_dir=tmp_path / "wal")
+    for user in (f"u{n}" for n in range(4)):
+        ours, theirs = live.context(user), rebuilt.context(user)
+        assert (ours.history, ours.seen) == (theirs.history, theirs.seen), user
+        np.testing.assert_array_equal(ours.history_ratings, theirs.history_ratings)
+    assert live.popular(100) == rebuilt.popular(100)
+    assert sum(count for _, count in live.popular(100)) == len({event["event_id"] for event in sent})

@@ -1,0 +1,11 @@
+"""Errors the service answers with a status of their own (the HTTP mapping is in ``serve.deployments``)."""
+
+from __future__ import annotations
+
+
+class ServiceUnavailable(Exception):
+    """The request was not served, and a retry later may be: answered 503 with Retry-After."""
+
+
+class FeedbackLogUnavailable(ServiceUnavailable):
+    """The feedback log could not make a write durable; nothing of it was acknowledged."""
