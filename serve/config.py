@@ -107,7 +107,7 @@ class AdmissionConfig(StageConfig):
     #: Requests an ingress replica works on at once; beyond them it answers 503 at once, before any work. Sized so
     #: that an admitted request waits at most about twice what it does at capacity (bench/overload.py measures
     #: capacity); Serve's own queue bounds (``DeploymentOptions``) stay loose, as its router is costly to wait in.
-    max_in_progress: int = Field(20, ge=1)
+    max_in_progress: int = Field(16, ge=1)
     #: What a refused client is told to wait (Retry-After, whole seconds).
     retry_after_s: float = Field(1.0, gt=0)
     #: A request still unanswered after this long is answered 503: well under the 10 s clients commonly wait.
