@@ -10,7 +10,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from data.errors import InputError
+from common.config import StageConfig
+from common.errors import InputError
 
 
 def _preprocess(args: argparse.Namespace) -> None:
@@ -91,11 +92,25 @@ def _retrain(args: argparse.Namespace) -> None:
         args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output
     )
     if args.ray_address:
-        config.preprocess.ray.address = config.train.ray_address = config.serving.ray_address = args.ray_address
+        config.preprocess.ray.address = config.train.ray.address = config.serving.ray.address = args.ray_address
     if args.serving:
         config.serving.kind = args.serving
     outcome = run_retrain(config)
     print(outcome.reason)
+
+
+def stage_configs() -> dict[str, type[StageConfig]]:
+    """Each stage's typed config, by the name of its file under configs/."""
+    from cluster.retrain import RetrainConfig
+    from data.config import PreprocessConfig
+    from serve.config import ServeConfig
+    from train.config import TrainConfig
+
+    return {"preprocess": PreprocessConfig, "train": TrainConfig, "serve": ServeConfig, "retrain": RetrainConfig}
+
+
+def _defaults(args: argparse.Namespace) -> None:
+    print(stage_configs()[args.config_stage]().to_yaml(), end="")
 
 
 def _pipeline(args: argparse.Namespace) -> None:
@@ -166,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output", help="folder for the new data and model")
     sub.add_argument("--ray-address", help="the Ray cluster to run on and whose service to promote into (default: the local one)")
     sub.add_argument("--serving", choices=["ray", "kubernetes"], help="where the service runs (kubernetes: the RayService, from a pod)")
+
+    sub = stage("defaults", _defaults, "Print a stage's default config as YAML (what configs/<stage>.yaml writes out).")
+    sub.add_argument("config_stage", choices=["preprocess", "train", "serve", "retrain"], metavar="STAGE", help="preprocess, train, serve or retrain")
 
     sub = stage("pipeline", _pipeline, "The main job: preprocess, train, evaluate, serve, simulated users, retrain, hot swap, report.")
     sub.add_argument("--output", default="runs/default", help="folder for every stage's output")

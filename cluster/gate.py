@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from data.config import StageConfig
-from data.errors import InputError
+from common.config import StageConfig
+from common.errors import InputError
 
 
 class GateConfig(StageConfig):

@@ -27,7 +27,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from data.errors import InputError
+from common.errors import InputError
 from serve.config import ServeConfig
 from serve.runner import APP_NAME
 

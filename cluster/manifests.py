@@ -45,7 +45,7 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
-from data.errors import InputError
+from common.errors import InputError
 from serve.config import SERVE_THROUGHPUT_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

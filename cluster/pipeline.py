@@ -23,7 +23,9 @@ from cluster.retrain import RetrainConfig, run_retrain
 from cluster.simulate import replay
 from data import schema
 from data.config import ColumnMapping, PreprocessConfig, SourceConfig
-from data.errors import InputError
+from common.config import RayConfig
+from common.errors import InputError
+from common.ray_connect import connect
 from data.pipeline import format_report, run_preprocess
 from data.readers import read_source
 from train.config import TrainConfig
@@ -84,7 +86,7 @@ def run_pipeline(
         # stays on: Ray Train's placement-group cleaner asks its state API whether the training controller
         # lives (without it, it logs a warning every few seconds while training runs).
         use_throughput_env()
-        ray.init(num_cpus=(os.cpu_count() or 2) + 2)
+        connect(RayConfig(num_cpus=(os.cpu_count() or 2) + 2))
 
     def timed(stage: str, started: float) -> None:
         timings[stage] = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """Retraining from logged feedback (``polyrec retrain``): the closed loop's way back.
 
-1. Find the version in service: the running Ray Serve application's (local or ``ray_address``), or the
+1. Find the version in service: the running Ray Serve application's (local or ``ray.address``), or the
    KubeRay RayService's (``serving.kind: kubernetes``), or ``current_model`` when given.
 2. Preprocess the base data plus the feedback log (one more source, duplicate event ids removed) and the
    items registered at run time, which join the catalogue with their text.
@@ -24,8 +24,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from cluster.gate import GateConfig, GateDecision, decide
-from data.config import PreprocessConfig, SourceConfig, StageConfig
-from data.errors import InputError
+from common.config import RayConfig, StageConfig
+from data.config import PreprocessConfig, SourceConfig
+from common.errors import InputError
 from data.feedback_log import REGISTRY_FILE
 from data.pipeline import run_preprocess
 from serve.versions import VersionHistory
@@ -34,10 +35,10 @@ from train.config import TrainConfig
 class ServingConfig(StageConfig):
     """Where the version in service runs, to read it and to promote into it."""
 
-    #: ``ray``: a Ray Serve application on a Ray cluster (``ray_address``, else the local one);
+    #: ``ray``: a Ray Serve application on a Ray cluster (``ray.address``, else the local one);
     #: ``kubernetes``: the KubeRay RayService ``rayservice`` (the scheduled retrain's RayCronJob).
     kind: Literal["ray", "kubernetes"] = "ray"
-    ray_address: str | None = None
+    ray: RayConfig = Field(default_factory=RayConfig)
     rayservice: str = "polyrec-serve"
     namespace: str | None = None  # None: the namespace of the pod's service account, else the kubeconfig's
 
@@ -86,7 +87,7 @@ class _Service:
         else:
             from serve.runner import RunningApplication
 
-            self.application = RunningApplication.find(config.serving.ray_address)
+            self.application = RunningApplication.find(config.serving.ray.address)
             if self.application is not None:
                 self.live_model, self.state_dir = self.application.live_model, self.application.config.state_dir
                 self.application.flush_feedback()  # what it logged so far, the write-ahead part included

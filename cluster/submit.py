@@ -34,7 +34,7 @@ import requests
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from data.errors import InputError
+from common.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,49 +1,15 @@
-"""The preprocessing stage's typed configuration (YAML → pydantic), and the YAML loading shared by
-every stage's config."""
+"""The preprocessing stage's typed configuration (YAML → pydantic)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from data.errors import InputError
+from common.config import RayConfig, StageConfig
 
 DEFAULT_DATASET_DIR = Path(__file__).resolve().parent / "datasets" / "ml-100k"
-
-
-class StageConfig(BaseModel):
-    """Base of every stage's config: unknown keys are errors, YAML errors name the file and field."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path | None = None, **overrides: Any) -> Self:
-        raw: dict[str, Any] = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise InputError(f"config file not found: {path}")
-            try:
-                raw = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise InputError(f"{path}: not valid YAML: {err}") from None
-            if not isinstance(raw, dict):
-                raise InputError(f"{path}: the top level must be a mapping of settings")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as err:
-            where = path or "config"
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-            )
-            raise InputError(f"{where}: {problems}") from None
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 SourceFormat = Literal["movielens-100k", "movielens-1m", "movielens-csv", "amazon", "table", "feedback"]
@@ -112,10 +78,8 @@ class SplitConfig(StageConfig):
     seed: int = 0
 
 
-class RayDataConfig(StageConfig):
-    address: str | None = None  # None: a local Ray instance
+class RayDataConfig(RayConfig):
     num_partitions: int | None = None  # hash partitions by user; None: from cluster CPUs
-    num_cpus: int | None = None  # for a local instance
 
 
 class PreprocessConfig(StageConfig):

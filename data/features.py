@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from data.config import CleanConfig, FeatureConfig
-from data.errors import InputError
+from common.errors import InputError
 from data.schema import ITEM_ATTRIBUTE_FIELDS, ITEMS_BASE, PAD_INDEX
 
 # --- Vocabularies ---------------------------------------------------------------------------------

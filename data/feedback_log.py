@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data import storage
-from data.errors import InputError
+from common import storage
+from common.errors import InputError
 from data.schema import FEEDBACK_LOG
 
 logger = logging.getLogger(__name__)

@@ -33,9 +33,11 @@ import ray
 import ray.data
 from pydantic import BaseModel, ValidationError
 
-from data import clean, splits, storage
+from common import storage
+from data import clean, splits
 from data.config import CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig
-from data.errors import InputError
+from common.errors import InputError
+from common.ray_connect import connect
 from data.features import (
     ItemTextEncoder,
     RatingNormalisation,
@@ -231,7 +233,7 @@ def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manife
             tokenizer=tokenizer,
             **result,
         )
-        storage.commit(staging, target, manifest.model_dump_json(indent=2))
+        storage.commit(staging, target, MANIFEST_FILE, manifest.model_dump_json(indent=2))
     except BaseException:
         storage.discard(staging)
         raise
@@ -292,15 +294,9 @@ def _content_hash(input_hash: str, config: PreprocessConfig) -> str:
 
 
 def _ensure_ray(config: RayDataConfig) -> None:
-    """Join the configured cluster, or start a local instance; an already connected driver is used as is."""
-    if ray.is_initialized():
-        return
-    if config.address is not None:
-        ray.init(address=config.address)
-        return
     # A local instance serves this one batch job: the dashboard and its module processes would
     # cost about 1 GB. To watch a run, start Ray with `ray start --head` and set ray.address.
-    ray.init(num_cpus=config.num_cpus, include_dashboard=False)
+    connect(config, include_dashboard=False)
 
 
 @contextlib.contextmanager

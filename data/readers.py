@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data import storage
+from common import storage
 from data.config import DEFAULT_DATASET_DIR, SourceConfig
-from data.errors import InputError
+from common.errors import InputError
 from data.feedback_log import PART_PREFIX, PART_SUFFIX, first_occurrences, log_parts, read_registered_items
 from data.schema import INTERACTIONS, ITEM_TEXT_FIELDS, ITEMS_BASE, QUARANTINE, USER_ID_FIELD
 

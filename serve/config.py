@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from data.config import StageConfig
-from data.errors import InputError
+from common.config import RayConfig, StageConfig
+from common.errors import InputError
 
 #: Ray Serve's fast paths (its performance guide): ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` runs user code and each
 #: handle's router on the replica's own event loop, calls between deployments over gRPC, and the ingress replicas
@@ -206,8 +206,7 @@ class ServeConfig(StageConfig):
     state_dir: str = "runs/default/serve"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    ray_address: str | None = None  # None: a local Ray instance
-    ray_num_cpus: int | None = None  # for a local instance
+    ray: RayConfig = Field(default_factory=RayConfig)
     #: The API key (header ``X-API-Key``) of the write endpoints: read from this environment variable of the
     #: replicas, else from ``api_key_file``; surrounding whitespace (a file's newline) is stripped.
     api_key_env: str | None = "POLYREC_API_KEY"

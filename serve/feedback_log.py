@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from data.feedback_log import LOCK_SUFFIX, PART_PREFIX, PART_SUFFIX, WAL_SUFFIX, read_wal_segment, rows_to_table
 from data.schema import FEEDBACK_LOG
-from data.storage import resolve
+from common.storage import resolve
 from serve.errors import FeedbackLogUnavailable
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
-from data.errors import InputError
+from common.errors import InputError
 from data.features import RatingNormalisation
 from data.schema import PAD_INDEX
 from train.artifact import load_artifact

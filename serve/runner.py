@@ -31,7 +31,8 @@ import yaml
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
 
-from data.errors import InputError
+from common.errors import InputError
+from common.ray_connect import connect, find_cluster
 from serve.app import build_app
 from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, ServeConfig, api_key
 from serve.versions import VersionHistory, VersionRecord
@@ -43,7 +44,7 @@ SERVE_CONFIG_FILE = Path(__file__).with_name("serve_config.yaml")
 SOURCE_ROOT = str(Path(__file__).resolve().parents[1])
 #: Settings of the driver, not of the application: left out of ``args`` so that they never change
 #: the application's code version (which would restart every replica).
-DRIVER_FIELDS = {"model", "host", "port", "ray_address", "ray_num_cpus"}
+DRIVER_FIELDS = {"model", "host", "port", "ray"}
 DEPLOY_TIMEOUT_S = 600
 SERVE_CONFIG_HEADER = """\
 # Ray Serve config of polyrec's recommendation service (Ray Serve config schema, ray 2.60).
@@ -128,8 +129,8 @@ def swap_model(model: str, *, gate: dict[str, Any] | None = None) -> VersionReco
 
 def rollback(config: ServeConfig, *, port: int | None = None, feedback_log: str | None = None, blocking: bool = True) -> VersionRecord:
     """Serve the version that served before the live one: in place when the application runs on the
-    cluster (``config.ray_address``, else the local one), otherwise by starting the service with it."""
-    if _find_cluster(config.ray_address) and _running():
+    cluster (``config.ray.address``, else the local one), otherwise by starting the service with it."""
+    if find_cluster(config.ray.address) and _running():
         application = _deployed_application()
         deployed = ServeConfig.model_validate(application["args"])
         history = VersionHistory(deployed.state_dir)
@@ -174,7 +175,7 @@ class RunningApplication:
     def find(cls, ray_address: str | None = None) -> RunningApplication | None:
         """The application on the cluster at ``ray_address`` (else the local one); None when no
         cluster or no application runs."""
-        if not _find_cluster(ray_address) or not _running():
+        if not find_cluster(ray_address) or not _running():
             return None
         application = _deployed_application()
         config = ServeConfig.model_validate(application["args"])
@@ -384,26 +385,10 @@ def _is_loopback(host: str) -> bool:
 
 
 def _connect(config: ServeConfig) -> bool:
-    """Connect to ``config.ray_address``, or start a local instance; returns whether this started Ray."""
-    if ray.is_initialized():
-        return False
-    if config.ray_address:
-        ray.init(address=config.ray_address, logging_level="WARNING")
-        return False
-    use_throughput_env()
-    ray.init(num_cpus=config.ray_num_cpus, logging_level="WARNING")
-    return True
-
-
-def _find_cluster(ray_address: str | None) -> bool:
-    """Connect to a running cluster (``ray_address``, else the local one); False if none runs."""
-    if ray.is_initialized():
-        return True
-    try:
-        ray.init(address=ray_address or "auto", logging_level="WARNING")
-    except ConnectionError:
-        return False
-    return True
+    """Connect to ``config.ray.address``, or start a local instance; returns whether this started Ray."""
+    if not ray.is_initialized() and not config.ray.address:
+        use_throughput_env()  # read by the processes a local instance starts
+    return connect(config.ray, logging_level="WARNING")
 
 
 def _serve_until_stopped(service: Service) -> None:

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data import schema
-from data.errors import InputError
+from common.errors import InputError
 from data.feedback_log import REGISTRY_FILE, RegisteredItem, read_feedback_log, read_registered_items
 from data.pipeline import load_manifest
-from data.storage import exists, read_table, resolve
+from common.storage import exists, read_table, resolve
 from serve.config import StateConfig
 
 

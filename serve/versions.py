@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from data.errors import InputError
+from common.errors import InputError
 from train.artifact import read_metadata
 
 VERSIONS_FILE = "versions.json"

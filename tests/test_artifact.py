@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
 
-from data.errors import InputError
+from common.errors import InputError
 from train.artifact import load_artifact, save_artifact
 from train.backbone import default_backbone_path, pool
 from train.config import ModelConfig

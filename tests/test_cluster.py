@@ -36,7 +36,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.accelerators.accelerators import NVIDIA_A100_80G, NVIDIA_TESLA_A10G
 
 from cluster import submit as jobs
-from data.errors import InputError
+from common.errors import InputError
 from data.schema import SCHEMA_VERSION
 from train.config import TrainConfig
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from data import storage
+from common import storage
 from data.config import ColumnMapping, PreprocessConfig, RayDataConfig, SourceConfig
 from data.feedback_log import REGISTRY_FILE, RegisteredItem, log_parts, read_feedback_log, read_registered_items
 from data.pipeline import run_preprocess

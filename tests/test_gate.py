@@ -20,9 +20,9 @@ from transformers import AutoTokenizer
 
 from cluster.gate import GateConfig, decide
 from data import schema
-from data.errors import InputError
+from common.errors import InputError
 from data.pipeline import load_manifest, run_preprocess
-from data.storage import read_table, resolve
+from common.storage import read_table, resolve
 from train.artifact import BACKBONE_DIR, load_artifact, save_artifact
 from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on, rating_denormaliser
 from train.tasks import VocabularyTable

@@ -16,7 +16,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from cluster import manifests
 from cluster.submit import STAGES
-from data.errors import InputError
+from common.errors import InputError
 from serve.config import SERVE_THROUGHPUT_ENV
 from train.config import TrainConfig
 

@@ -32,7 +32,7 @@ from kubernetes.config import incluster_config, kube_config
 from cluster import kubernetes as target_module
 from cluster import manifests
 from cluster.kubernetes import RayServiceTarget
-from data.errors import InputError
+from common.errors import InputError
 from serve.config import GRAPH_DEPLOYMENTS, MODEL_DEPLOYMENTS, Graph, ServeConfig
 from serve.runner import APP_NAME, serve_config_document
 

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 
 from cluster.retrain import RetrainConfig, run_retrain
-from data.errors import InputError
+from common.errors import InputError
 from data.pipeline import load_manifest
 from serve.config import FeedbackLogConfig, ServeConfig
 from serve.runner import APP_NAME, Service, rollback, run_service, swap_model

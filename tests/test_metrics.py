@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from data.errors import InputError
+from common.errors import InputError
 from data.schema import EVAL_SEQUENCE, TRAIN_SEQUENCE
 from train.batching import left_pad
 from train.evaluate import PopularityScorer, eval_batches, evaluate, evaluate_with_ray_data, write_report

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.errors import InputError
+from common.errors import InputError
 from train.config import LossWeightingConfig, ModelConfig, TaskConfig
 from train.model import CatalogFeatures, PolyrecModel
 from train.tasks import RetrievalTask, StepItems, TaskSetup

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from data import storage
+from common import storage
 from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig, SplitConfig
-from data.errors import InputError
+from common.errors import InputError
 from data.features import render_item_text
 from data.pipeline import Manifest, format_report, load_manifest, preprocess_tables, run_preprocess
 from data.readers import SourceTables
@@ -398,10 +398,6 @@ def test_bad_text_template_is_an_input_error(tmp_path) -> None:
         preprocess_tables(_sources(CORRUPTED, ["i1"]), _config(tmp_path, features=FeatureConfig(text_template="{plot}")))
 
 
-def test_configs_preprocess_yaml_is_the_default() -> None:
-    assert PreprocessConfig.from_yaml(Path(__file__).parents[1] / "configs" / "preprocess.yaml") == PreprocessConfig()
-
-
 def test_item_text_rendering() -> None:
     template = FeatureConfig().text_template
     assert render_item_text({"title": "Heat", "year": 1995, "genres": ["Crime", "Drama"]}, template) == (
@@ -422,7 +418,7 @@ def test_object_store_commit_writes_the_manifest_last() -> None:
         storage.write_text(target, relative, text)
     staging = storage.open_staging(target)
     storage.write_table(pa.table({"x": [1, 2]}), staging, "vocab/users.parquet")
-    storage.commit(staging, target, '{"new": true}')
+    storage.commit(staging, target, "manifest.json", '{"new": true}')
     found = sorted(info.path for info in fs.get_file_info(pafs.FileSelector("bucket", recursive=True)) if info.is_file)
     assert found == ["bucket/data/manifest.json", "bucket/data/vocab/users.parquet"]
     assert storage.read_text(target, "manifest.json") == '{"new": true}'

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig
-from data.errors import InputError
+from common.errors import InputError
 from data.readers import SourceTables, read_source, read_sources
 from data.schema import FEEDBACK_LOG, INTERACTIONS, ITEMS_BASE, QUARANTINE
 

@@ -14,7 +14,7 @@ import ray
 from ray import serve
 
 from cluster.cli import main as polyrec
-from data.errors import InputError
+from common.errors import InputError
 from data.feedback_log import read_feedback_log
 from serve.config import AdmissionConfig, FeedbackLogConfig, ServeConfig, api_key
 from serve.runner import APP_NAME, Service, deployed_config, run_service

@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from data.config import DEFAULT_DATASET_DIR
-from data.errors import InputError
+from common.errors import InputError
 from data.feedback_log import read_feedback_log
 from serve.config import FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
 from serve.feedback_log import FeedbackLog, impression_rows

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from data import schema
-from data.errors import InputError
-from data.storage import read_table, resolve
+from common.errors import InputError
+from common.storage import read_table, resolve
 from train.artifact import load_artifact
 from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate

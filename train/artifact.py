@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from data.errors import InputError
+from common.errors import InputError
 from train.backbone import save_backbone
 from train.config import ModelConfig
 from train.model import CatalogFeatures, PolyrecModel

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from data.errors import InputError
+from common.errors import InputError
 from train.config import BackboneConfig
 
 #: Files that mark a folder as holding a tokenizer.

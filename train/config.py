@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from data.config import StageConfig
+from common.config import RayConfig, StageConfig
 
 
 class BackboneConfig(StageConfig):
@@ -145,5 +145,4 @@ class TrainConfig(StageConfig):
     seed: int = 0
     run_name: str = "polyrec"  # prefix of this run's folder under <output>/ray_results (a new folder per run)
     model_version: str | None = None  # None: a timestamp
-    ray_address: str | None = None  # None: a local Ray instance
-    ray_num_cpus: int | None = None  # for a local instance
+    ray: RayConfig = Field(default_factory=RayConfig)

@@ -29,8 +29,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from data import storage
-from data.errors import InputError
+from common import storage
+from common.errors import InputError
 from data.features import RatingNormalisation
 from data.schema import PAD_INDEX
 from train.batching import left_pad

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from data.errors import InputError
+from common.errors import InputError
 from train.backbone import load_backbone, pool, prepare_backbone
 from train.config import ModelConfig, TowerConfig, UserModelConfig
 from train.tasks import StepItems, TaskSetup, VocabularyTable, build_tasks, embedding_or_zero

@@ -32,10 +32,11 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from data import schema
-from data.errors import InputError
+from common.errors import InputError
+from common.ray_connect import connect
 from data.features import load_tokenizer
 from data.pipeline import load_manifest
-from data.storage import Location, read_table, resolve
+from common.storage import Location, read_table, resolve
 from train.batching import left_pad
 from train.config import TrainConfig
 from train.evaluate import evaluate, rating_denormaliser
@@ -439,8 +440,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     from train.evaluate import PopularityScorer, write_report
     from train.plots import plot_training_curves
 
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address, num_cpus=config.ray_num_cpus, log_to_driver=True)
+    connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
     inputs = load_training_inputs(config.data)
     data = resolve(config.data)

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from data import schema
-from data.errors import InputError
+from common.errors import InputError
 from data.features import RatingNormalisation
 from data.pipeline import load_manifest
-from data.storage import Location, read_table, resolve
+from common.storage import Location, read_table, resolve
 from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, read_metadata
 from train.evaluate import rating_offsets
 from train.model import CatalogFeatures, PolyrecModel

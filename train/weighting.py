@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from data.errors import InputError
+from common.errors import InputError
 from train.config import LossWeightingConfig
 
 

@@ -41,7 +41,7 @@ from bench.report import machine, write_section  # noqa: E402
 from data import schema  # noqa: E402
 from data.config import PreprocessConfig  # noqa: E402
 from data.pipeline import run_preprocess  # noqa: E402
-from data.storage import read_table, resolve  # noqa: E402
+from common.storage import read_table, resolve  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.evaluate import ranking_metrics  # noqa: E402
 from train.metrics import mae, rmse  # noqa: E402

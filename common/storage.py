@@ -1,4 +1,4 @@
-"""Where a preprocessing output lives: a local path or a pyarrow filesystem URI.
+"""Where an output lives: a local path or a pyarrow filesystem URI (s3://, gs://, hdfs://, file://).
 
 An output is built in a *staging* folder beside its final location and moved into place only once
 it is complete, so readers never see half an output and a failed run leaves the previous one alone.
@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data.errors import InputError
-from data.schema import MANIFEST_FILE
+from common.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -120,10 +119,10 @@ def discard(staging: Location) -> None:
         staging.filesystem.delete_dir(staging.path)
 
 
-def commit(staging: Location, target: Location, manifest_json: str) -> None:
+def commit(staging: Location, target: Location, marker: str, marker_text: str) -> None:
     """Put the complete staging folder at ``target``, replacing what was there.
 
-    A folder is complete exactly when it has a manifest. Locally the new folder gets its manifest
+    A folder is complete exactly when it has its ``marker`` file (a manifest), written last. Locally the new folder gets its manifest
     and is swapped in by renames. Object stores have no directory rename, so the old output first
     loses its manifest (it stops counting as complete), is emptied, receives the new files, and
     gets the new manifest last: an interrupted copy leaves a folder without a manifest, never a
@@ -131,7 +130,7 @@ def commit(staging: Location, target: Location, manifest_json: str) -> None:
     """
     fs = target.filesystem
     if target.is_local:
-        write_text(staging, MANIFEST_FILE, manifest_json)
+        write_text(staging, marker, marker_text)
         fs.create_dir(posixpath.dirname(target.path), recursive=True)
         retired = target.sibling(f".{posixpath.basename(target.path)}.old-{uuid.uuid4().hex[:12]}")
         if exists(target):
@@ -139,10 +138,10 @@ def commit(staging: Location, target: Location, manifest_json: str) -> None:
         fs.move(staging.path, target.path)
         discard(retired)
         return
-    if exists(target, MANIFEST_FILE):
-        fs.delete_file(target.join(MANIFEST_FILE))
+    if exists(target, marker):
+        fs.delete_file(target.join(marker))
     if exists(target):
         fs.delete_dir_contents(target.path)
     pafs.copy_files(staging.path, target.path, source_filesystem=fs, destination_filesystem=fs)
-    write_text(target, MANIFEST_FILE, manifest_json)
+    write_text(target, marker, marker_text)
     discard(staging)

@@ -1,0 +1,50 @@
+"""The base of every stage's typed config (YAML → pydantic) and the ``ray:`` block they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from common.errors import InputError
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, YAML errors name the file and field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, **overrides: Any) -> Self:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise InputError(f"config file not found: {path}")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise InputError(f"{path}: not valid YAML: {err}") from None
+            if not isinstance(raw, dict):
+                raise InputError(f"{path}: the top level must be a mapping of settings")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            where = path or "config"
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
+            )
+            raise InputError(f"{where}: {problems}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class RayConfig(StageConfig):
+    """Where a stage runs: the ``ray:`` block of every stage's config."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://head:10001"); None: a local Ray instance
+    num_cpus: int | None = None  # CPUs a local instance advertises; None: the machine's
