@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import string
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -99,6 +100,26 @@ class RatingNormalisation(BaseModel):
     def invert(self, normalised: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """``apply`` undone: normalised values → the raw scale, NaN staying NaN."""
         return normalised * self.scale + self.shift + offsets
+
+    def denormaliser(self, users: pa.Table) -> RatingDenormaliser:
+        """``invert`` with the per-user offsets of ``users`` (a user vocabulary): (normalised, user_idx) → raw."""
+        offsets = rating_offsets_by_index(users)
+
+        def denormalise(normalised: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
+            return self.invert(normalised, offsets[user_idx])
+
+        return denormalise
+
+
+#: Normalised rating predictions and their rows' ``user_idx`` → the raw rating scale.
+RatingDenormaliser = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def rating_offsets_by_index(users: pa.Table) -> np.ndarray:
+    """A user vocabulary's ``rating_offset`` as an array by ``user_idx`` (float64; row 0, the padding, is 0)."""
+    offsets = np.zeros(int(pc.max(users["user_idx"]).as_py() or 0) + 1, dtype=np.float64)
+    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
+    return offsets
 
 
 def rating_normalisation(features: FeatureConfig, clean: CleanConfig) -> RatingNormalisation:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
 from common.errors import InputError
-from data.features import RatingNormalisation
+from data.features import RatingNormalisation, rating_offsets_by_index
 from data.schema import PAD_INDEX
 from train.artifact import load_artifact
 from train.batching import left_pad
@@ -66,8 +66,7 @@ class ServingModel:
         self.attributes: list[list[int]] = [[], *(list(a or ()) for a in items["attributes"].to_pylist())]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
         self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
-        self.rating_offsets = np.zeros(self.model.num_users + 1, dtype=np.float32)
-        self.rating_offsets[artifact.users["user_idx"].to_numpy()] = artifact.users["rating_offset"].to_numpy()
+        self.rating_offsets = rating_offsets_by_index(artifact.users)
         self.rating = RatingNormalisation.model_validate(self.metadata.get("rating") or {"kind": "none"})
 
         with torch.inference_mode():

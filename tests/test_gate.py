@@ -24,7 +24,7 @@ from common.errors import InputError
 from data.pipeline import load_manifest, run_preprocess
 from common.storage import read_table, resolve
 from train.artifact import BACKBONE_DIR, load_artifact, save_artifact
-from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on, rating_denormaliser
+from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on
 from train.tasks import VocabularyTable
 from train.trainer import TrainingInputs, build_model, load_training_inputs
 from train.transfer import reindex_artifact
@@ -186,7 +186,7 @@ def test_evaluate_on_the_artifacts_own_data_is_its_plain_evaluation(outputs, art
     with torch.no_grad():
         expected = evaluate(load_artifact(artifact).model, _validation(outputs.old), ks=(10, 20), num_items=manifest.num_items,
                             max_history=manifest.config["features"]["max_history"], batch_size=64,
-                            rating_denormalise=rating_denormaliser(manifest.rating.model_dump(), users))
+                            rating_denormalise=manifest.rating.denormaliser(users))
     figures = evaluate_on(str(artifact), outputs.old, split="validation")
     assert figures.keys() == expected.keys()
     for metric, value in expected.items():

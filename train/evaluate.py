@@ -31,7 +31,7 @@ from torch import Tensor
 
 from common import storage
 from common.errors import InputError
-from data.features import RatingNormalisation
+from data.features import RatingDenormaliser
 from data.schema import PAD_INDEX
 from train.batching import left_pad
 from train.metrics import (
@@ -52,7 +52,6 @@ class Scorer(Protocol):
 
 
 #: (normalised rating predictions, their rows' user_idx) -> predictions on the raw rating scale.
-RatingDenormaliser = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 #: The ``EVAL_SEQUENCE`` columns evaluation reads.
 EVAL_COLUMNS = (
@@ -438,25 +437,6 @@ def write_report(metrics_by_model: Mapping[str, Mapping[str, float]], out_dir: s
 # --- The evaluation stage: a model artifact against the baselines on a split ----------------
 
 
-def rating_offsets(users: pa.Table) -> np.ndarray:
-    """Each user's ``rating_offset`` by ``user_idx`` (float64; row 0, the padding, is 0)."""
-    offsets = np.zeros(int(pc.max(users["user_idx"]).as_py() or 0) + 1, dtype=np.float64)
-    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
-    return offsets
-
-
-def rating_denormaliser(rating: Mapping[str, float], users: pa.Table) -> RatingDenormaliser:
-    """Normalised predictions → the raw rating scale, per user: the inverse of the manifest's normalisation
-    ``normalised = (raw - shift - rating_offset[user]) / scale``."""
-    normalisation = RatingNormalisation.model_validate(dict(rating))
-    offsets = rating_offsets(users)
-
-    def denormalise(normalised: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
-        return normalisation.invert(normalised, offsets[user_idx])
-
-    return denormalise
-
-
 class ArtifactScorer:
     """Picklable factory for Ray Data actors: each re-indexes the artifact's model to the data once."""
 
@@ -518,7 +498,7 @@ def evaluate_artifact(
         polyrec = evaluate_on(artifact_path, data_uri, split, ks=ks, batch_size=batch_size)
     popularity = PopularityScorer(storage.read_table(location, f"{SEQUENCES_DIR}/train"), manifest.num_items)
     # The baseline predicts ratings normalised the data's way.
-    data_ratings = rating_denormaliser(manifest.rating.model_dump(), storage.read_table(location, USER_VOCAB_PATH))
+    data_ratings = manifest.rating.denormaliser(storage.read_table(location, USER_VOCAB_PATH))
     results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
     if output is not None:
         write_report(results, output)

@@ -34,12 +34,12 @@ from safetensors.torch import load_file, save_file
 from data import schema
 from common.errors import InputError
 from common.ray_connect import connect
-from data.features import load_tokenizer
+from data.features import RatingNormalisation, load_tokenizer
 from data.pipeline import load_manifest
 from common.storage import Location, read_table, resolve
 from train.batching import left_pad
 from train.config import TrainConfig
-from train.evaluate import evaluate, rating_denormaliser
+from train.evaluate import evaluate
 from train.model import CatalogFeatures, PolyrecModel
 from train.transfer import load_state_by_id, rows_by_id as warm_start_rows
 from train.weighting import LossWeighting
@@ -509,7 +509,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         num_items=inputs.num_items,
         max_history=inputs.max_history,
         batch_size=256,
-        rating_denormalise=rating_denormaliser(inputs.rating, users),
+        rating_denormalise=RatingNormalisation.model_validate(inputs.rating).denormaliser(users),
     )
     with torch.no_grad():
         test_metrics = {

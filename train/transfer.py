@@ -26,11 +26,10 @@ from torch import Tensor, nn
 
 from data import schema
 from common.errors import InputError
-from data.features import RatingNormalisation
+from data.features import RatingNormalisation, rating_offsets_by_index
 from data.pipeline import load_manifest
 from common.storage import Location, read_table, resolve
 from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, read_metadata
-from train.evaluate import rating_offsets
 from train.model import CatalogFeatures, PolyrecModel
 from train.tasks import VocabularyTable
 
@@ -100,7 +99,7 @@ class RatingScales:
         """From the artifact's ``artifact.json`` and users table and the output's manifest and user vocabulary."""
         data = resolve(data_uri)
         artifact_users = pq.read_table(Path(artifact_path) / USERS_FILE, columns=["user_idx", "rating_offset"])
-        own_offsets = torch.from_numpy(rating_offsets(artifact_users))
+        own_offsets = torch.from_numpy(rating_offsets_by_index(artifact_users))
         unknown_user_offset = float(own_offsets[1:].mean()) if len(own_offsets) > 1 else 0.0
         user_rows = rows_by_id(artifact_path, data)["user"]
         artifact_offsets = carry_rows_by_id(torch.full((len(user_rows),), unknown_user_offset, dtype=torch.float64), own_offsets, user_rows)
@@ -108,7 +107,7 @@ class RatingScales:
             artifact=RatingNormalisation.model_validate(read_metadata(artifact_path).get("rating") or {"kind": "none"}),
             data=load_manifest(data_uri).rating,
             artifact_offsets=artifact_offsets.numpy(),
-            data_offsets=rating_offsets(read_table(data, schema.USER_VOCAB_PATH)),
+            data_offsets=rating_offsets_by_index(read_table(data, schema.USER_VOCAB_PATH)),
         )
 
     def to_artifact(self, normalised: Tensor, user_idx: Tensor) -> Tensor:
@@ -119,7 +118,7 @@ class RatingScales:
         return normalised * scale + torch.from_numpy(shift).to(normalised)[user_idx].unsqueeze(-1)
 
     def denormalise(self, normalised: np.ndarray, user_idx: np.ndarray) -> np.ndarray:
-        """The artifact's rating predictions → the raw scale (a ``train.evaluate.RatingDenormaliser``)."""
+        """The artifact's rating predictions → the raw scale (a ``data.features.RatingDenormaliser``)."""
         return self.artifact.invert(normalised, self.artifact_offsets[user_idx])
 
 
