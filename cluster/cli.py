@@ -16,7 +16,8 @@ from common.errors import InputError
 
 def _preprocess(args: argparse.Namespace) -> None:
     from data.config import PreprocessConfig
-    from data.pipeline import format_report, run_preprocess
+    from data.manifest import format_report
+    from data.pipeline import run_preprocess
 
     config = PreprocessConfig.from_yaml(args.config, output=args.output)
     manifest = run_preprocess(config)

@@ -26,7 +26,8 @@ from data.config import ColumnMapping, PreprocessConfig, SourceConfig
 from common.config import RayConfig
 from common.errors import InputError
 from common.ray_connect import connect
-from data.pipeline import format_report, run_preprocess
+from data.manifest import format_report
+from data.pipeline import run_preprocess
 from data.readers import read_source
 from train.config import TrainConfig
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from data import schema
 from common.errors import InputError
 from data.feedback_log import REGISTRY_FILE, RegisteredItem, read_feedback_log, read_registered_items
-from data.pipeline import load_manifest
+from data.manifest import load_manifest
 from common.storage import exists, read_table, resolve
 from serve.config import StateConfig
 

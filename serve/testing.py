@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from data import schema
 from data.config import DEFAULT_DATASET_DIR
 from data.features import RatingNormalisation
-from data.pipeline import Manifest, SplitSize, TokenizerInfo
+from data.manifest import Manifest, SplitSize, TokenizerInfo
 from train.artifact import save_artifact
 from train.backbone import default_backbone_path
 from train.config import ModelConfig

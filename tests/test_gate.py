@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 from cluster.gate import GateConfig, decide
 from data import schema
 from common.errors import InputError
-from data.pipeline import load_manifest, run_preprocess
+from data.manifest import load_manifest
+from data.pipeline import run_preprocess
 from common.storage import read_table, resolve
 from train.artifact import BACKBONE_DIR, load_artifact, save_artifact
 from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on

@@ -20,7 +20,7 @@ from ray import serve
 
 from cluster.retrain import RetrainConfig, run_retrain
 from common.errors import InputError
-from data.pipeline import load_manifest
+from data.manifest import load_manifest
 from serve.config import FeedbackLogConfig, ServeConfig
 from serve.runner import APP_NAME, Service, rollback, run_service, swap_model
 from serve.versions import VersionHistory

@@ -21,7 +21,8 @@ from common import storage
 from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig, SplitConfig
 from common.errors import InputError
 from data.features import render_item_text
-from data.pipeline import Manifest, format_report, load_manifest, preprocess_tables, run_preprocess
+from data.manifest import Manifest, format_report, load_manifest
+from data.pipeline import preprocess_tables, run_preprocess
 from data.readers import SourceTables
 from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE
 

@@ -14,7 +14,7 @@ import torch
 from cluster.gate import GateConfig, decide
 from cluster.retrain import RetrainConfig, run_retrain
 from data import schema
-from data.pipeline import load_manifest
+from data.manifest import load_manifest
 from serve.feedback_log import FeedbackLog
 from serve.versions import VersionHistory
 from train.artifact import load_artifact

@@ -457,7 +457,7 @@ def evaluate_on(
     to that output's vocabularies by id (``train.transfer.reindex_artifact``), its rating predictions de-normalised
     its own way and compared with the raw ratings. So versions trained on different data are measured on the same
     rows (the retrain's promotion gate); on the artifact's own data the re-indexing is the identity."""
-    from data.pipeline import load_manifest
+    from data.manifest import load_manifest
     from data.schema import SEQUENCES_DIR
     from train.transfer import reindex_artifact
 
@@ -481,7 +481,7 @@ def evaluate_artifact(
     """The artifact and the popularity baseline on ``split`` of a preprocessing output (any: the artifact is scored as
     :func:`evaluate_on` scores it), by the same evaluator; writes ``metrics.json``, ``metrics.md`` and ``metrics.png``
     to ``output`` when given."""
-    from data.pipeline import load_manifest
+    from data.manifest import load_manifest
     from data.schema import SEQUENCES_DIR, USER_VOCAB_PATH
     from train.transfer import RatingScales
 

@@ -35,7 +35,7 @@ from data import schema
 from common.errors import InputError
 from common.ray_connect import connect
 from data.features import RatingNormalisation, load_tokenizer
-from data.pipeline import load_manifest
+from data.manifest import load_manifest
 from common.storage import Location, read_table, resolve
 from train.batching import left_pad
 from train.config import TrainConfig
