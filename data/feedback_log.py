@@ -3,7 +3,7 @@ the registry of items registered at run time.
 
 The writers live in ``serve/`` (``serve.feedback_log.FeedbackLog``, ``serve.state.ServerState.register``);
 this module owns the layout they write and every reader of it, so that retraining (the ``feedback``
-format of ``data.readers``) and the service rebuilding its state at start read the same rows.
+source, ``data.readers.feedback``) and the service rebuilding its state at start read the same rows.
 
 Layout::
 

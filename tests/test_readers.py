@@ -8,14 +8,15 @@ import json
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import get_args
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig
 from common.errors import InputError
-from data.readers import SourceTables, read_source, read_sources
+from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig, SourceFormat
+from data.readers import READERS, SourceTables, read_source, read_sources
 from data.schema import FEEDBACK_LOG, INTERACTIONS, ITEMS_BASE, QUARANTINE
 
 
@@ -459,6 +460,10 @@ def test_missing_folder_and_file_are_named(tmp_path: Path) -> None:
 def test_unknown_format() -> None:
     message = _error(SourceConfig.model_construct(format="netflix-prize", path=None))
     assert "netflix-prize" in message and "movielens-csv" in message
+
+
+def test_every_configurable_format_has_a_reader() -> None:
+    assert list(READERS) == list(get_args(SourceFormat))
 
 
 def test_a_mapped_column_missing_is_named(tmp_path: Path) -> None:
