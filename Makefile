@@ -19,7 +19,12 @@ venv: $(VENV)/.installed
 run: venv
 	$(BIN)/polyrec pipeline --output $(RUN_DIR) $(ARGS)
 
-test: venv
+# The KubeRay manifests' tests render k8s/ with `kubectl kustomize`.
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { echo "make test needs kubectl, which includes kustomize (it renders k8s/):" \
+		"install it, see https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
+
+test: venv kubectl
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv run test
+.PHONY: venv run test kubectl

@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--address", help="dashboard URL (default: $RAY_ADDRESS)")
     sub.add_argument("--tail", type=int, help="only the last N log lines")
 
-    sub = stage("k8s", _k8s, "KubeRay manifests: sync the RayService from serve/serve_config.yaml, check, build.")
+    sub = stage("k8s", _k8s, "KubeRay manifests: sync the RayService from serve/serve_config.yaml; check and build render k8s/ with kubectl kustomize.")
     sub.add_argument("action", choices=["sync", "check", "build"])
-    sub.add_argument("dir", nargs="*")
+    sub.add_argument("dir", nargs="*", help="build: the kustomization folder")
 
     sub = stage("serve", _serve, "Serve the recommendation graph on Ray Serve (or swap the model of the running app).")
     sub.add_argument("--config", help="YAML file (see configs/serve.yaml)")

@@ -1,13 +1,12 @@
-"""polyrec's KubeRay manifests (k8s/): the RayService's Serve config, an offline build of the
-kustomizations, and strict validation against the vendored KubeRay CRDs.
+"""polyrec's KubeRay manifests (k8s/): the RayService's Serve config, the kustomizations rendered
+by ``kubectl kustomize``, and strict validation against the vendored KubeRay CRDs.
 
 * ``serveConfigV2`` has one source, ``serve/serve_config.yaml``. Each kustomization folder with
   a ``serve-overrides.yaml`` gets a generated patch, ``rayservice-serve-config.yaml``, holding
   that file with the overrides of the base and of the folder merged in.
-* ``build`` renders a kustomization the way ``kustomize build`` does for the subset k8s/ uses:
-  ``resources``, ``patches`` (merge patches, and JSON 6902 patches with a ``target``) and
-  ``images``. Merge patches must not touch lists: kustomize replaces lists of custom resources
-  whole, which is easy to get wrong, so list edits are JSON 6902 operations.
+* ``build`` renders a kustomization with ``kubectl kustomize`` (kubectl bundles kustomize), so
+  what is checked is what ``kubectl apply -k`` sends; without kubectl on PATH it is an
+  ``InputError`` saying where to get it.
 * ``validate`` checks documents against the CRDs' openAPIV3Schema with the API server's strict
   field validation (a field the schema does not list is an error), plus the operator's name
   rules and Ray Serve's own config schema for ``serveConfigV2``. The core kinds beside them
@@ -19,14 +18,15 @@ Command line::
 
     python -m cluster.manifests sync              # regenerate the serveConfigV2 patches
     python -m cluster.manifests check             # stale patches or invalid manifests: exit 1
-    python -m cluster.manifests build k8s/overlays/gpu
+    python -m cluster.manifests build k8s/overlays/gpu   # kubectl kustomize k8s/overlays/gpu
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
@@ -69,15 +69,6 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 def load_yaml(path: Path) -> Any:
     try:
         return yaml.load(path.read_text(), Loader=YAML_LOADER)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML: {err}") from None
-
-
-def load_documents(path: Path) -> list[Any]:
-    try:
-        return [doc for doc in yaml.load_all(path.read_text(), Loader=YAML_LOADER) if doc is not None]
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:
@@ -191,113 +182,25 @@ def sync_serve_patches(*, check: bool = False) -> list[Path]:
     return stale
 
 
-# --- Offline kustomize build -----------------------------------------------------------------
+# --- Rendering -------------------------------------------------------------------------------
 
-SUPPORTED_KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "images"}
+KUBECTL_INSTALL_URL = "https://kubernetes.io/docs/tasks/tools/"
+
+
+def render(directory: Path) -> str:
+    """``kubectl kustomize directory``: the kustomization's manifests as one YAML stream."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise InputError(f"kubectl is not on PATH; it renders k8s/ (kubectl includes kustomize): install it, see {KUBECTL_INSTALL_URL}")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise InputError(f"kubectl kustomize {directory}: {result.stderr.strip()}")
+    return result.stdout
 
 
 def build(directory: Path) -> list[dict]:
-    """The documents ``kustomize build directory`` produces (for the features k8s/ uses)."""
-    kustomization_path = directory / "kustomization.yaml"
-    kustomization = load_yaml(kustomization_path)
-    if unsupported := set(kustomization) - SUPPORTED_KUSTOMIZATION_FIELDS:
-        raise InputError(f"{kustomization_path}: fields not supported offline: {sorted(unsupported)}")
-    documents: list[dict] = []
-    for entry in kustomization.get("resources", []):
-        path = directory / entry
-        documents += build(path) if path.is_dir() else load_documents(path)
-    for patch in kustomization.get("patches", []):
-        _apply_patch_file(documents, directory / patch["path"], patch.get("target"))
-    for image in kustomization.get("images", []):
-        for container in _containers(documents):
-            _retag(container, image)
-    return documents
-
-
-def _apply_patch_file(documents: list[dict], path: Path, target: dict | None) -> None:
-    patches = load_documents(path)
-    if len(patches) == 1 and isinstance(patches[0], list):  # JSON 6902 operations
-        if target is None:
-            raise InputError(f"{path}: a JSON 6902 patch needs a target (kind and name) in the kustomization")
-        for document in _matching(documents, target["kind"], target["name"], path):
-            for number, operation in enumerate(patches[0]):
-                _apply_operation(document, operation, f"{path}: operation {number + 1}")
-        return
-    for patch in patches:
-        for document in _matching(documents, patch["kind"], patch["metadata"]["name"], path):
-            merged = _merge_patch(document, patch, str(path))
-            document.clear()
-            document.update(merged)
-
-
-def _matching(documents: list[dict], kind: str, name: str, path: Path) -> list[dict]:
-    found = [d for d in documents if d.get("kind") == kind and d.get("metadata", {}).get("name") == name]
-    if not found:
-        raise InputError(f"{path}: no {kind} named {name!r} to patch")
-    return found
-
-
-def _merge_patch(document: Any, patch: Any, where: str) -> Any:
-    """RFC 7386 merge (a null deletes), refusing to replace lists (see the module docstring)."""
-    if not isinstance(patch, dict) or not isinstance(document, dict):
-        if isinstance(patch, list) or isinstance(document, list):
-            raise InputError(f"{where}: a merge patch replaces lists whole; use a JSON 6902 patch")
-        return patch
-    merged = dict(document)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = _merge_patch(document[key], value, f"{where}: {key}") if key in document else value
-    return merged
-
-
-def _apply_operation(document: dict, operation: dict, where: str) -> None:
-    op, pointer = operation.get("op"), operation.get("path", "")
-    node: Any = document
-    try:
-        *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")[1:]]
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        if isinstance(node, list):
-            index = len(node) if last == "-" else int(last)
-            if op == "add":
-                node.insert(index, copy.deepcopy(operation["value"]))
-            elif op == "replace":
-                node[index] = copy.deepcopy(operation["value"])
-            elif op == "remove":
-                del node[index]
-            else:
-                raise InputError(f"{where}: unsupported op {op!r} (add, replace, remove)")
-        elif op in ("add", "replace"):
-            if op == "replace" and last not in node:
-                raise KeyError(last)
-            node[last] = copy.deepcopy(operation["value"])
-        elif op == "remove":
-            del node[last]
-        else:
-            raise InputError(f"{where}: unsupported op {op!r} (add, replace, remove)")
-    except (KeyError, IndexError, ValueError, TypeError):
-        raise InputError(f"{where}: path {pointer} does not exist in the target") from None
-
-
-def _containers(node: Any) -> Iterator[dict]:
-    """Every container of every pod template, wherever it is nested (as kustomize's images do)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                yield from (c for c in value if isinstance(c, dict))
-            else:
-                yield from _containers(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _containers(item)
-
-
-def _retag(container: dict, image: dict) -> None:
-    name, _, tag = container.get("image", "").partition(":")
-    if name == image["name"]:
-        container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+    """The documents ``kubectl kustomize directory`` renders."""
+    return [document for document in yaml.load_all(render(directory), Loader=YAML_LOADER) if document is not None]
 
 
 # --- Validation ------------------------------------------------------------------------------
@@ -496,17 +399,29 @@ def _is_local_service_account(subject: Any) -> bool:
     return isinstance(subject, dict) and subject.get("kind") == "ServiceAccount" and not subject.get("namespace")
 
 
-def _service_account_names(node: Any) -> Iterator[str]:
-    """Every pod template's serviceAccountName, wherever it is nested."""
+def _nested_values(node: Any, keys: set[str]) -> Iterator[Any]:
+    """The value of every mapping entry named one of ``keys``, wherever it is nested."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "serviceAccountName" and isinstance(value, str):
+            if key in keys:
                 yield value
             else:
-                yield from _service_account_names(value)
+                yield from _nested_values(value, keys)
     elif isinstance(node, list):
         for item in node:
-            yield from _service_account_names(item)
+            yield from _nested_values(item, keys)
+
+
+def _containers(node: Any) -> Iterator[dict]:
+    """Every container of every pod template."""
+    for containers in _nested_values(node, {"containers", "initContainers"}):
+        if isinstance(containers, list):
+            yield from (container for container in containers if isinstance(container, dict))
+
+
+def _service_account_names(node: Any) -> Iterator[str]:
+    """Every pod template's serviceAccountName."""
+    return (name for name in _nested_values(node, {"serviceAccountName"}) if isinstance(name, str))
 
 
 def _dig(node: Any, *keys: str) -> Any:
@@ -575,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("sync", help="regenerate the RayService serveConfigV2 patches")
     commands.add_parser("check", help="fail on stale patches or manifests the KubeRay CRDs reject")
-    build_command = commands.add_parser("build", help="print a kustomization's manifests")
+    build_command = commands.add_parser("build", help="print a kustomization's manifests (kubectl kustomize)")
     build_command.add_argument("directory", type=Path)
     args = parser.parse_args(argv)
     try:
@@ -583,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in sync_serve_patches():
                 print(f"wrote {path.relative_to(REPO_ROOT)}")
         elif args.command == "build":
-            print(yaml.dump_all(build(args.directory), Dumper=_LiteralStrings, sort_keys=False, width=120), end="")
+            print(render(args.directory), end="")
         else:
             problems = check()
             print("\n".join(problems) if problems else "all manifests valid")

@@ -1,6 +1,7 @@
-"""The KubeRay manifests under k8s/: base and overlays rendered, validated strictly against the
-vendored KubeRay CRDs, their Serve config generated from serve/serve_config.yaml, secrets only
-referenced, and the Ray clusters large enough for what runs on them."""
+"""The KubeRay manifests under k8s/: base and overlays rendered by `kubectl kustomize`, validated
+strictly against the vendored KubeRay CRDs, their Serve config generated from
+serve/serve_config.yaml, secrets only referenced, and the Ray clusters large enough for what runs
+on them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster import manifests
+from cluster import cli, manifests
 from cluster.submit import STAGES
 from common.errors import InputError
 from serve.config import SERVE_THROUGHPUT_ENV
@@ -182,9 +183,10 @@ def test_cross_references_and_the_promotion_permissions_are_checked(rendered):
     documents = rendered["overlays/cpu"]
 
     def problems(change) -> list[str]:
+        """Sorted: their order follows the documents', which is kustomize's."""
         changed = copy.deepcopy(documents)
         change(changed)
-        return manifests.validate(changed.values())
+        return sorted(manifests.validate(changed.values()))
 
     head_pod = lambda docs: docs["RayCronJob"]["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]  # noqa: E731
     assert problems(lambda docs: None) == []
@@ -203,8 +205,8 @@ def test_cross_references_and_the_promotion_permissions_are_checked(rendered):
         "RayCronJob/polyrec-retrain: runs `polyrec retrain --serving kubernetes`, but its head pod (where the driver runs) sets no serviceAccountName"
     ]
     assert problems(lambda docs: head_pod(docs).update(serviceAccountName="polyrec")) == [
-        "RayCronJob/polyrec-retrain: serviceAccountName 'polyrec' is not among the manifests",
         "RayCronJob/polyrec-retrain: ServiceAccount 'polyrec' (the head pod's) lacks get, patch on RayService 'polyrec-serve'",
+        "RayCronJob/polyrec-retrain: serviceAccountName 'polyrec' is not among the manifests",
     ]
     # A retraining that does not promote through the API needs no permissions.
     no_promotion = lambda docs: (  # noqa: E731
@@ -390,39 +392,20 @@ def test_gpu_training_cluster_fits_an_8b_backbone_with_zero3(rendered):
     assert workers <= pod_gpus * gpu_group["maxReplicas"] and workers * cpus_per_worker <= pod_cpus * gpu_group["maxReplicas"]
 
 
-# --- The offline kustomize build itself ------------------------------------------------------
+# --- Rendering with kubectl kustomize --------------------------------------------------------
 
 
-def test_build_applies_json_patches_merge_patches_and_images(tmp_path):
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "pod.yaml").write_text(
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {a: '1'}}\n"
-        "spec: {containers: [{name: c, image: app:1}, {name: d, image: other:1}]}\n"
-    )
-    (tmp_path / "base" / "kustomization.yaml").write_text("resources: [pod.yaml]\n")
-    (tmp_path / "json.yaml").write_text(
-        "- {op: add, path: /spec/containers/-, value: {name: e, image: app:1}}\n"
-        "- {op: remove, path: /spec/containers/1}\n"
-        "- {op: replace, path: /metadata/labels/a, value: '2'}\n"
-    )
-    (tmp_path / "merge.yaml").write_text("kind: Pod\nmetadata: {name: p, labels: {b: '3'}}\nspec: {hostname: h}\n")
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [base]\nimages: [{name: app, newTag: '2'}]\n"
-        "patches:\n- {path: json.yaml, target: {kind: Pod, name: p}}\n- {path: merge.yaml}\n"
-    )
-    assert manifests.build(tmp_path) == [
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "p", "labels": {"a": "2", "b": "3"}},
-            "spec": {"containers": [{"name": "c", "image": "app:2"}, {"name": "e", "image": "app:2"}], "hostname": "h"},
-        }
-    ]
-
-
-def test_merge_patches_may_not_replace_lists(tmp_path):
-    (tmp_path / "pod.yaml").write_text("kind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c}]}\n")
-    (tmp_path / "patch.yaml").write_text("kind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: d}]}\n")
-    (tmp_path / "kustomization.yaml").write_text("resources: [pod.yaml]\npatches: [{path: patch.yaml}]\n")
-    with pytest.raises(InputError, match="use a JSON 6902 patch"):
+def test_a_kustomization_kustomize_refuses_is_an_input_error(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
+    with pytest.raises(InputError, match=r"kubectl kustomize .*missing\.yaml"):
         manifests.build(tmp_path)
+
+
+@pytest.mark.parametrize("action", [["check"], ["build", "k8s/overlays/gpu"]])
+def test_without_kubectl_the_k8s_commands_say_in_one_line_what_to_install(monkeypatch, tmp_path, capsys, action):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cli.main(["k8s", *action]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert "kubectl" in line and manifests.KUBECTL_INSTALL_URL in line
