@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, publish  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import APP_NAME, run_service, use_throughput_env  # noqa: E402
-from serve.testing import build_random_artifact, build_training_data  # noqa: E402
+from tests.serving_fixtures import build_random_artifact, build_training_data  # noqa: E402
 
 SECTION = "## Serving (bench/serve_bench.py)"
 NUM_USERS = 943  # all of MovieLens-100K
@@ -239,7 +239,7 @@ def benchmark(config: ServeConfig, args: argparse.Namespace) -> str:
         "",
         f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other jobs shared the machine when it was above ~2).",
-        f"Model: random tiny-BERT artifact (`serve.testing`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
+        f"Model: random tiny-BERT artifact (`tests.serving_fixtures`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
         f"training sequences as server-side histories; default `ServeConfig` ({defaults.retrieval.num_candidates} candidates, "
         f"{defaults.rerank.diversity}, batching {defaults.retrieval.batching.max_batch_size} / "
         f"{defaults.retrieval.batching.batch_wait_timeout_s * 1000:g} ms, colocated user lookups "

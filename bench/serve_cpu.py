@@ -32,7 +32,7 @@ from bench.report import machine, publish  # noqa: E402
 from bench.serve_bench import API_KEY, NUM_USERS, Constant, measure  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import run_service  # noqa: E402
-from serve.testing import build_random_artifact, build_training_data  # noqa: E402
+from tests.serving_fixtures import build_random_artifact, build_training_data  # noqa: E402
 
 SECTION = "## Serving: CPU per request by process (bench/serve_cpu.py)"
 

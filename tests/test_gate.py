@@ -89,7 +89,7 @@ def artifact(request, outputs, old_inputs, tmp_path_factory) -> Path:
             table.weight.normal_(std=0.5)
         model.user_model.rating_direction.normal_(std=0.5)
         model.user_model.rated_embedding.normal_(std=0.5)
-    # The data's tokenizer, saved beside the backbone so that the artifact can encode new items (as serve.testing does).
+    # The data's tokenizer, saved beside the backbone so that the artifact can encode new items (as tests.serving_fixtures does).
     model.tokenizer = AutoTokenizer.from_pretrained(load_manifest(outputs.old).tokenizer.path)
     return save_artifact(model, folder / "artifact", items=old_inputs.items, users=read_table(resolve(outputs.old), schema.USER_VOCAB_PATH),
                          model_version="v1", data_manifest_hash=old_inputs.data_hash, metrics={}, rating=old_inputs.rating,

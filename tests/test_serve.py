@@ -6,7 +6,7 @@ Recommender), whose answers to a set of requests are kept and whose stateful beh
 feedback, impressions, hot swap and rollback) are checked; then it is replaced by the split graph,
 with its own fresh state, which must answer those requests the same and which the rest
 of the module tests. The model is a random tiny artifact over the first 40 MovieLens-100K users
-(``serve.testing``). Expected values come from the MovieLens files directly. Tests that change
+(``tests.serving_fixtures``). Expected values come from the MovieLens files directly. Tests that change
 server-side state (feedback, new items) come after those that read popularity, and the crash test
 comes last.
 """
@@ -45,8 +45,8 @@ from serve.model_runtime import ModelCache, ServingModel
 from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank
 from serve.runner import APP_NAME, SERVE_CONFIG_FILE, Service, application_config, rollback, run_service, serve_config_document, swap_model
 from serve.state import ItemExists, ServerState
-from serve.testing import build_random_artifact, build_training_data
 from serve.versions import VersionHistory
+from tests.serving_fixtures import build_random_artifact, build_training_data
 
 NUM_USERS = 40
 API_KEY = "test-key"
@@ -76,7 +76,7 @@ def most_popular() -> list[str]:
 
 
 def item_text(item_id: str) -> str:
-    """The text serve.testing gives the item (its title and genres)."""
+    """The text tests.serving_fixtures gives the item (its title and genres)."""
     genres = [line.split("|")[0] for line in (DEFAULT_DATASET_DIR / "u.genre").read_text().splitlines() if line.strip()]
     row = movies().set_index(0).loc[item_id]
     names = [genres[g] for g, flag in enumerate(row.iloc[4:]) if flag]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, PreprocessConfig, SourceConfig
-from serve.testing import TINY_BERT
+from tests.serving_fixtures import TINY_BERT
 from train.config import TrainConfig
 
 

@@ -1,4 +1,4 @@
-"""Small random model artifacts with real tables, for tests, benchmarks and smoke runs of the service
+"""Small random model artifacts with real tables, for the serving tests and benchmarks: a service to run
 without a training run.
 
 The tables come from the embedded MovieLens-100K (the first ``num_users`` users and the items they
