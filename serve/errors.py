@@ -1,4 +1,4 @@
-"""Errors the service answers with a status of their own (the HTTP mapping is in ``serve.deployments``)."""
+"""Errors the service answers with a status of their own (the HTTP mapping is in ``serve.http``)."""
 
 from __future__ import annotations
 

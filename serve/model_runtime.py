@@ -2,9 +2,10 @@
 
 ``ServingModel`` wraps a ``train.artifact`` artifact: item id ↔ index maps, the exact inner-product
 index (faiss ``IndexFlatIP``) over the retrieval keys, the items registered at run time (encoded from
-their text by the model's item encoder), and batched calls of the model's public methods. Retriever
-and Ranker replicas each hold a few of them (``ModelCache``), keyed by artifact path, so that a
-request keeps one version from retrieval to ranking while a new version is swapped in.
+their text by the model's item encoder), and batched calls of the model's public methods. The replicas
+that retrieve and rank (Retriever and Ranker, or the colocated graph's Recommender) each hold a few of
+them (``ModelCache``), keyed by artifact path, so that a request keeps one version from retrieval to
+ranking while a new version is swapped in.
 
 The messages (``serve.messages``) carry item indices: 0 is padding, 1..N the catalogue. A registered item has index N + its registration
 number in the Retriever's index; in messages to the Ranker it becomes N + 1 + j, the j-th row of

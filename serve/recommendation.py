@@ -1,11 +1,14 @@
 """One recommendation, stage by stage: user state → retrieval (→ popular items, retrieval again for a
-user the model knows nothing about) → ranking → re-ranking.
+user the model knows nothing about) → ranking → re-ranking; and the two ways its stages run.
 
-The same function runs in both graphs (``ServeConfig.graph``), in the replica that serves the HTTP
-API. In the split graph its stages are calls to the Retriever, Ranker and ReRanker deployments
-(``HandleStages``); in the colocated graph they run in that replica (``serve.deployments.
-ColocatedStages``), by the same code, batched across concurrent requests. Every stage is timed in
-``polyrec_stage_latency_ms`` where it is awaited.
+``run_stages`` is the sequence, the same in both graphs (``ServeConfig.graph``, built by ``serve.app``),
+in the replica that serves the HTTP API; every stage is timed in ``polyrec_stage_latency_ms`` where it
+is awaited (``StageLatency``). Its stages (``Stages``) are calls to the split graph's deployments
+(``HandleStages``: UserStateStore, Retriever, Ranker, ReRanker) or, in the colocated graph, run in that
+replica (``ColocatedStages``) by the code of those deployments: ``RetrievalStage`` and ``RankingStage``,
+which batch concurrent requests into one forward pass, and ``serve.rerank.final_items``. Every stage of
+one request uses the model version the ingress chose when the request arrived, so a version swap never
+mixes two versions in one answer.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -23,10 +27,15 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 
 from serve.api import RecommendedItem
+from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
 from serve.messages import Candidates, Query, Ranked, Recommendation, RetrievalRequest
-from serve.state import UserContext
+from serve.rerank import final_items
+from serve.state import ItemExists, UserContext
+
+if TYPE_CHECKING:
+    from serve.model_runtime import ServingModel
 
 T = TypeVar("T")
 
@@ -144,3 +153,112 @@ async def run_stages(query: Query, stages: Stages, config: ServeConfig, latency:
         for i, because in chosen
     ]
     return Recommendation(model_version=ranked.model_version, mode=ranked.mode, items=items, ignored_history=candidates.ignored_history)
+
+
+# --- the stages in the replica: the Retriever's and Ranker's code, and the colocated graph's ---------
+
+
+class _ModelHolder:
+    """The model versions of a replica. ``user_config = {"models": [paths]}`` loads those versions
+    (before the Ingress switches to one of them) and drops the others; a version a request names
+    but the replica lacks is loaded on demand."""
+
+    def __init__(self, config: ServeConfig):
+        # Imported here: only the model stages need torch, so the other replicas start faster.
+        from serve.model_runtime import ModelCache, limit_threads
+
+        limit_threads(config.torch_threads)
+        self.config = config
+        self.models = ModelCache(config.max_loaded_models, config.model_root)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
+
+    async def _loaded(self, path: str) -> ServingModel:
+        return self.models.loaded(path) or await asyncio.to_thread(self.models.get, path)
+
+
+def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) -> list[T]:
+    """``run(model path, requests of that path)`` per version in the batch, answers in request order."""
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        by_model[request.model].append(i)
+    answers: list[Any] = [None] * len(requests)
+    for path, rows in by_model.items():
+        for i, answer in zip(rows, run(path, [requests[i] for i in rows])):
+            answers[i] = answer
+    return answers
+
+
+class RetrievalStage(_ModelHolder):
+    """Retrieval, and the item and model lookups, over the replica's model versions with the items
+    registered in the UserStateStore (the Retriever; the first of the ColocatedStages)."""
+
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config)
+        self.store = store
+        set_batching(self.retrieve, config.retrieval.batching)
+
+    async def _synced(self, path: str, registry_version: int | None = None) -> ServingModel:
+        """The model with every registered item up to ``registry_version`` (None: the latest)."""
+        model = await self._loaded(path)
+        if registry_version is None or model.registry_version < registry_version:
+            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
+        return model
+
+    @batched
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
+        for path in {request.model for request in requests}:
+            await self._synced(path, max(r.registry_version for r in requests if r.model == path))
+        retrieval = self.config.retrieval
+        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
+            group, self.config.state.history_length, retrieval.interests_weight))
+
+    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
+        """ItemExists if the catalogue has ``item_id``; the text must encode."""
+        model = await self._synced(path)
+        if item_id in model.item_index:
+            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
+        model.encode_texts([text])
+
+    async def describe_item(self, path: str, item_id: str) -> dict | None:
+        return (await self._synced(path)).describe_item(item_id)
+
+    async def describe(self, path: str) -> dict:
+        return (await self._synced(path)).describe()
+
+
+class RankingStage(_ModelHolder):
+    """Multi-task scores and the final score of each candidate (the Ranker; the second of the ColocatedStages)."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config)
+        set_batching(self.rank, config.ranking.batching)
+
+    @batched
+    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
+        for path in {candidates.model for candidates in batch}:
+            await self._loaded(path)
+        weights = self.config.ranking.weights
+        return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
+
+
+class ColocatedStages(RetrievalStage, RankingStage):
+    """The colocated graph's stages, in the ingress replica, by the code of the split graph's
+    Retriever, Ranker and ReRanker: retrieval and ranking batched across concurrent requests as
+    those deployments batch them, re-ranking in line, and the requests' user lookups gathered into
+    one call to the UserStateStore, which stays the one copy of the user state."""
+
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config, store)
+        set_batching(self.context, config.state.lookup_batching)
+
+    @batched
+    async def context(self, user_ids: list[str]) -> list[UserContext]:
+        return await self.store.contexts.remote(user_ids)
+
+    async def popular(self, n: int) -> list[tuple[str, int]]:
+        return await self.store.popular.remote(n)
+
+    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
+        return final_items(ranked, k, drop, self.config.rerank)
