@@ -9,6 +9,9 @@ Both evaluation paths first turn each batch into *per-row values* (the target's 
 items, the like / rating predictions) with :func:`score_rows`, then :func:`summarise` aggregates them
 on the driver, so the two paths give the same numbers on the same rows. Ranking follows the protocol
 of :mod:`train.metrics` (seen items masked, pessimistic ranks on ties).
+
+A model is reported beside the popularity baseline on the same rows (:func:`evaluate_with_popularity`): on the
+test split after training (``train.trainer``) and for any artifact on any split (:func:`evaluate_artifact`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch import Tensor
 from common import storage
 from common.errors import InputError
 from data.features import RatingDenormaliser
-from data.schema import PAD_INDEX
+from data.manifest import load_manifest
+from data.schema import PAD_INDEX, SEQUENCES_DIR, USER_VOCAB_PATH
 from train.batching import left_pad
 from train.metrics import (
     binary_classification_metrics,
@@ -45,13 +49,12 @@ from train.metrics import (
     rmse,
     top_k_items,
 )
+from train.transfer import RatingScales, reindex_artifact
 
 
 class Scorer(Protocol):
     def full_sort_predict(self, batch: dict[str, Tensor]) -> Tensor: ...
 
-
-#: (normalised rating predictions, their rows' user_idx) -> predictions on the raw rating scale.
 
 #: The ``EVAL_SEQUENCE`` columns evaluation reads.
 EVAL_COLUMNS = (
@@ -377,6 +380,29 @@ class PopularityScorer:
         return {"rating": self.mean_rating[targets], "like": self.like_rate[targets]}
 
 
+def evaluate_with_popularity(
+    scorer: Scorer,
+    popularity: PopularityScorer,
+    table: pa.Table,
+    *,
+    ks: Sequence[int],
+    num_items: int,
+    max_history: int,
+    batch_size: int,
+    data_ratings: RatingDenormaliser,
+    scorer_ratings: RatingDenormaliser | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{"polyrec": ..., "popularity": ...}``: ``scorer`` and the popularity baseline of the same preprocessing output
+    on the same ``EVAL_SEQUENCE`` rows, by :func:`evaluate`. Rating errors are on the raw scale: the baseline predicts
+    ratings normalised the output's way, which ``data_ratings`` undoes, and so does the scorer unless it normalises
+    them its own way (``scorer_ratings``: an artifact scored on another output's split)."""
+    options = dict(ks=ks, num_items=num_items, max_history=max_history, batch_size=batch_size)
+    return {
+        "polyrec": evaluate(scorer, table, **options, rating_denormalise=scorer_ratings or data_ratings),
+        "popularity": evaluate(popularity, table, **options, rating_denormalise=data_ratings),
+    }
+
+
 # --- Report ---------------------------------------------------------------------------------
 
 _CHARTED_METRIC = re.compile(r"(HR|NDCG)@(\d+)")
@@ -445,8 +471,6 @@ class ArtifactScorer:
         self.data_uri = data_uri
 
     def __call__(self) -> Scorer:
-        from train.transfer import reindex_artifact
-
         return reindex_artifact(self.artifact_path, self.data_uri)
 
 
@@ -457,10 +481,6 @@ def evaluate_on(
     to that output's vocabularies by id (``train.transfer.reindex_artifact``), its rating predictions de-normalised
     its own way and compared with the raw ratings. So versions trained on different data are measured on the same
     rows (the retrain's promotion gate); on the artifact's own data the re-indexing is the identity."""
-    from data.manifest import load_manifest
-    from data.schema import SEQUENCES_DIR
-    from train.transfer import reindex_artifact
-
     manifest = load_manifest(data_uri)
     rows = storage.read_table(storage.resolve(data_uri), f"{SEQUENCES_DIR}/{split}")
     scorer = reindex_artifact(artifact_path, data_uri)
@@ -479,27 +499,24 @@ def evaluate_artifact(
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
     """The artifact and the popularity baseline on ``split`` of a preprocessing output (any: the artifact is scored as
-    :func:`evaluate_on` scores it), by the same evaluator; writes ``metrics.json``, ``metrics.md`` and ``metrics.png``
-    to ``output`` when given."""
-    from data.manifest import load_manifest
-    from data.schema import SEQUENCES_DIR, USER_VOCAB_PATH
-    from train.transfer import RatingScales
-
+    :func:`evaluate_on` scores it), by :func:`evaluate_with_popularity`; with ``use_ray_data`` the artifact's rows are
+    scored on a pool of Ray Data actors instead (:func:`evaluate_with_ray_data`, the same metrics). Writes
+    ``metrics.json``, ``metrics.md`` and ``metrics.png`` to ``output`` when given."""
     manifest = load_manifest(data_uri)
     location = storage.resolve(data_uri)
     rows = storage.read_table(location, f"{SEQUENCES_DIR}/{split}")
     options = dict(ks=ks, num_items=manifest.num_items, max_history=manifest.config["features"]["max_history"], batch_size=batch_size)
+    popularity = PopularityScorer(storage.read_table(location, f"{SEQUENCES_DIR}/train"), manifest.num_items)
+    data_ratings = manifest.rating.denormaliser(storage.read_table(location, USER_VOCAB_PATH))
     if use_ray_data:
-        split_path = location.join(f"{SEQUENCES_DIR}/{split}")
-        dataset = ray.data.read_parquet(split_path, filesystem=location.filesystem)
+        dataset = ray.data.read_parquet(location.join(f"{SEQUENCES_DIR}/{split}"), filesystem=location.filesystem)
         polyrec = evaluate_with_ray_data(ArtifactScorer(artifact_path, data_uri), dataset, **options,
                                          rating_denormalise=RatingScales.between(artifact_path, data_uri).denormalise)
+        results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
     else:
-        polyrec = evaluate_on(artifact_path, data_uri, split, ks=ks, batch_size=batch_size)
-    popularity = PopularityScorer(storage.read_table(location, f"{SEQUENCES_DIR}/train"), manifest.num_items)
-    # The baseline predicts ratings normalised the data's way.
-    data_ratings = manifest.rating.denormaliser(storage.read_table(location, USER_VOCAB_PATH))
-    results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
+        scorer = reindex_artifact(artifact_path, data_uri)
+        results = evaluate_with_popularity(scorer, popularity, rows, **options, data_ratings=data_ratings,
+                                           scorer_ratings=scorer.ratings.denormalise)
     if output is not None:
         write_report(results, output)
     return results
