@@ -27,7 +27,7 @@ from common.storage import read_table, resolve
 from train.artifact import BACKBONE_DIR, load_artifact, save_artifact
 from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on
 from train.tasks import VocabularyTable
-from train.trainer import TrainingInputs, build_model, load_training_inputs
+from train.trainer import TrainingInputs, build_model, load_training_inputs, read_train_sequences
 from train.transfer import reindex_artifact
 
 from tests.tiny import tiny_config, tiny_preprocess_config
@@ -72,7 +72,7 @@ def outputs(tmp_path_factory, ray_local) -> TwoOutputs:
 
 @pytest.fixture(scope="module")
 def old_inputs(outputs) -> TrainingInputs:
-    return load_training_inputs(outputs.old)
+    return load_training_inputs(outputs.old, read_train_sequences(resolve(outputs.old)))
 
 
 @pytest.fixture(scope="module", params=["frozen", "full"])

@@ -26,12 +26,13 @@ from train.trainer import (
     CONSOLIDATED_WEIGHTS,
     build_model,
     load_training_inputs,
+    read_train_sequences,
     run_training,
     training_batch,
     training_windows,
     warm_start,
-    warm_start_rows,
 )
+from train.transfer import rows_by_id
 
 from tests.tiny import tiny_config, tiny_dataset
 
@@ -138,13 +139,14 @@ def test_warm_start_carries_table_rows_over_by_id(data_dir, tmp_path, uninterrup
     pq.write_table(vocab.set_column(vocab.schema.get_field_index("item_id"), "item_id", pa.array(ids))
                    .set_column(vocab.schema.get_field_index("item_idx"), "item_idx", pa.array(new_idx, vocab["item_idx"].type)),
                    renumbered / schema.ITEM_VOCAB_PATH)
-    rows = warm_start_rows(uninterrupted.artifact, resolve(str(renumbered)))
+    rows = rows_by_id(uninterrupted.artifact, resolve(str(renumbered)))
     expected = np.full(len(old_idx) + 1, -1)
     expected[0], expected[new_idx[1:]] = 0, old_idx[1:]
     assert rows["item"].tolist() == expected.tolist()
     assert rows["user"].tolist() == list(range(len(rows["user"])))  # users unchanged
 
-    model = build_model(tiny_config(data_dir, tmp_path / "unused"), load_training_inputs(data_dir))
+    inputs = load_training_inputs(data_dir, read_train_sequences(resolve(data_dir)))
+    model = build_model(tiny_config(data_dir, tmp_path / "unused"), inputs)
     buffers_before = {name: buffer.clone() for name, buffer in model.named_buffers()}
     warm_start(model, uninterrupted.artifact, rows, announce=False)
     served = load_artifact(uninterrupted.artifact).model.state_dict()

@@ -1,10 +1,12 @@
 """Training on Ray Train with DeepSpeed: the loop in plain sight.
 
-The driver (``run_training``) reads the preprocessing output, starts a ``TorchTrainer`` whose workers each run
-``train_loop_per_worker``, then exports the best checkpoint as a model artifact and evaluates it on the test
-split. Workers read training windows (``training_windows``) as Ray Data shards, train every task at once
-through a DeepSpeed engine (ZeRO 0-3), evaluate the full validation split after each epoch, report to Ray Train
-with a checkpoint, and stop early when validation NDCG@10 stops improving.
+The driver (``run_training``) reads the preprocessing output once (``read_training_data``), fits the model on a
+``TorchTrainer`` whose workers each run ``train_loop_per_worker`` (``fit``), and exports the best checkpoint as a
+model artifact with its test metrics. The test-split evaluation beside the popularity baseline (``evaluate_on_test``)
+and the ablations (``train_ablations``) are functions beside it. Workers read training windows
+(``training_windows``) as Ray Data shards, train every task at once through a DeepSpeed engine (ZeRO 0-3), evaluate
+the full validation split after each epoch, report to Ray Train with a checkpoint, and stop early when validation
+NDCG@10 stops improving.
 """
 
 from __future__ import annotations
@@ -26,22 +28,24 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from data import schema
 from common.errors import InputError
 from common.ray_connect import connect
+from common.storage import Location, read_table, resolve
+from data import schema
 from data.features import RatingNormalisation, load_tokenizer
 from data.manifest import load_manifest
-from common.storage import Location, read_table, resolve
+from train.artifact import load_artifact, refuse_existing_artifact, save_artifact
 from train.batching import left_pad
 from train.config import TrainConfig
-from train.evaluate import evaluate
+from train.evaluate import PopularityScorer, evaluate, evaluate_with_popularity, write_report
 from train.model import CatalogFeatures, PolyrecModel
-from train.transfer import load_state_by_id, rows_by_id as warm_start_rows
+from train.plots import plot_training_curves
+from train.transfer import load_state_by_id, rows_by_id
 from train.weighting import LossWeighting
 
 # Not print: Ray Train's workers tee print to stdout and to the root logger, so each line would show
@@ -337,10 +341,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 def warm_start(model: PolyrecModel, artifact_path: str, rows: dict[str, np.ndarray], *, announce: bool) -> None:
     """Initialise from a served model, carried over by id (``train.transfer.load_state_by_id``): its per-item and
-    per-user rows move to this data's indices (``rows``, from ``warm_start_rows``), ids new to this data keep their
-    zero rows, buffers stay this data's catalogue's, every other tensor is carried over when its shape is unchanged."""
-    from train.artifact import load_artifact
-
+    per-user rows move to this data's indices (``rows``, from ``train.transfer.rows_by_id``), ids new to this data keep
+    their zero rows, buffers stay this data's catalogue's, every other tensor is carried over when its shape is unchanged."""
     target_size = len(model.state_dict())
     carried = load_state_by_id(model, load_artifact(artifact_path).model.state_dict(), rows)
     if announce:
@@ -370,51 +372,46 @@ class TrainResult:
     test_metrics: dict[str, dict[str, float]]  # by model: polyrec, popularity, ...
 
 
-def load_training_inputs(data_uri: str) -> TrainingInputs:
-    location = resolve(data_uri)
-    manifest = load_manifest(data_uri)
-    return TrainingInputs(
-        items=read_table(location, schema.ITEMS_DIR).sort_by("item_idx"),
-        validation=read_table(location, f"{schema.SEQUENCES_DIR}/validation"),
-        num_users=manifest.num_users,
-        num_items=manifest.num_items,
-        num_attributes=manifest.num_attributes,
-        rating_mean=_training_rating_mean(location),
-        pad_token_id=manifest.tokenizer.pad_token_id or 0,
-        max_history=manifest.config["features"]["max_history"],
-        max_text_tokens=manifest.tokenizer.max_text_tokens,
-        data_hash=manifest.content_hash,
-        tokenizer_path=manifest.tokenizer.path,
-        rating=manifest.rating.model_dump(),
+def run_training(config: TrainConfig) -> TrainResult:
+    """Fit on Ray Train + DeepSpeed, then export the best checkpoint as a model artifact that records its test metrics
+    (reported beside the popularity baseline's and each ablation's, with the training curves)."""
+    config = config.model_copy(update=_absolute_start_points(config))
+    output = _output_folder(config)
+    connect(config.ray, log_to_driver=True)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
+    data = resolve(config.data)
+    inputs, windows, popularity = read_training_data(data, config.window_targets)
+
+    result = fit(config, inputs, windows, output)
+    best = result.get_best_checkpoint(SELECTION_METRIC, "max")
+    model, best_state = load_checkpoint_model(config, inputs, best)
+    history = (result.return_value or {}).get("history") or best_state["history"]
+    best_validation = best_state["history"][-1]
+
+    users = read_table(data, schema.USER_VOCAB_PATH)
+    test_metrics = evaluate_on_test(model, popularity, inputs, data, users, config.eval_ks) | train_ablations(config, output)
+    artifact = save_artifact(
+        model,
+        output / "artifact",
+        items=inputs.items,
+        users=users,
+        model_version=config.model_version or time.strftime("v%Y%m%d-%H%M%S"),
+        data_manifest_hash=inputs.data_hash,
+        rating=inputs.rating,
+        training_data=data.uri if "://" in data.uri else data.path,
+        metrics={"validation": {k: v for k, v in best_validation.items() if k.startswith("validation/")}, "test": test_metrics["polyrec"]},
     )
-
-
-def train_sequences(location: Location) -> ray.data.Dataset:
-    return ray.data.read_parquet(location.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=location.filesystem)
-
-
-def _training_rating_mean(location: Location) -> float:
-    """Mean normalised rating of the training interactions, aggregated by Ray Data in its workers."""
-
-    def block_sums(block: pa.Table) -> pa.Table:
-        flat = pc.list_flatten(block["ratings"])
-        known = pc.filter(flat, pc.invert(pc.is_nan(flat)))
-        return pa.table({"total": [float(pc.sum(known).as_py() or 0.0)], "count": [len(known)]})
-
-    sums = train_sequences(location).map_batches(block_sums, batch_format="pyarrow", batch_size=None).materialize()
-    count = sums.sum("count") or 0
-    return float(sums.sum("total") / count) if count else 0.0
-
-
-def ablation_config(config: TrainConfig, ablation: str, output: Path) -> TrainConfig:
-    """The training config of an ablation: the same settings with one part of the model switched off."""
-    variant = config.model_copy(deep=True)
-    variant.ablations, variant.output, variant.resume_from, variant.warm_start_from = [], str(output), None, None
-    variant.run_name = f"{config.run_name}-{ablation}"
-    if ablation == "id_only":
-        # Id dropout exists so that text alone can stand for an item; without text it only removes signal.
-        variant.model.item_encoder = variant.model.item_encoder.model_copy(update={"use_text": False, "use_id_embedding": True, "id_dropout": 0.0})
-    return variant
+    write_report(test_metrics, output)
+    plot_training_curves(history, output / "training_curves.png")
+    return TrainResult(
+        artifact=str(artifact),
+        best_checkpoint=best.path,
+        latest_checkpoint=result.checkpoint.path,
+        checkpoints=[(checkpoint.path, metrics) for checkpoint, metrics in result.best_checkpoints or []],
+        best_validation=best_validation,
+        history=history,
+        test_metrics=test_metrics,
+    )
 
 
 def _absolute_start_points(config: TrainConfig) -> dict[str, str]:
@@ -432,37 +429,79 @@ def _absolute_start_points(config: TrainConfig) -> dict[str, str]:
     return absolute
 
 
-def run_training(config: TrainConfig) -> TrainResult:
-    """Train on Ray Train + DeepSpeed, export the best checkpoint as an artifact, evaluate it on the test split."""
-    from train.artifact import refuse_existing_artifact, save_artifact
-
-    config = config.model_copy(update=_absolute_start_points(config))
-    from train.evaluate import PopularityScorer, write_report
-    from train.plots import plot_training_curves
-
-    connect(config.ray, log_to_driver=True)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
-    inputs = load_training_inputs(config.data)
-    data = resolve(config.data)
-    output = Path(config.output).resolve() if "://" not in config.output else None
-    if output is None:
+def _output_folder(config: TrainConfig) -> Path:
+    """The local output folder, refused now rather than after the training when an artifact (the model's or an
+    ablation's) is already there."""
+    if "://" in config.output:
         raise InputError(f"train.output must be a local folder on this version, got {config.output!r}")
+    output = Path(config.output).resolve()
     for artifact_dir in [output / "artifact"] + [output / "ablations" / name / "artifact" for name in config.ablations]:
-        refuse_existing_artifact(artifact_dir)  # now, not after the training
-    output.mkdir(parents=True, exist_ok=True)
+        refuse_existing_artifact(artifact_dir)
+    return output
 
-    # A few windows per user: small enough to keep in the object store, which spares every epoch a re-read.
-    windows = train_sequences(data).map_batches(
-        training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": config.window_targets},
-        batch_format="pyarrow",
+
+def read_train_sequences(data: Location) -> ray.data.Dataset:
+    """The ``TRAIN_SEQUENCE`` rows, read once and held in the object store for the rating mean, the training windows
+    and the popularity baseline."""
+    return ray.data.read_parquet(data.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=data.filesystem).materialize()
+
+
+def load_training_inputs(data_uri: str, train_sequences: ray.data.Dataset) -> TrainingInputs:
+    location = resolve(data_uri)
+    manifest = load_manifest(data_uri)
+    return TrainingInputs(
+        items=read_table(location, schema.ITEMS_DIR).sort_by("item_idx"),
+        validation=read_table(location, f"{schema.SEQUENCES_DIR}/validation"),
+        num_users=manifest.num_users,
+        num_items=manifest.num_items,
+        num_attributes=manifest.num_attributes,
+        rating_mean=_training_rating_mean(train_sequences),
+        pad_token_id=manifest.tokenizer.pad_token_id or 0,
+        max_history=manifest.config["features"]["max_history"],
+        max_text_tokens=manifest.tokenizer.max_text_tokens,
+        data_hash=manifest.content_hash,
+        tokenizer_path=manifest.tokenizer.path,
+        rating=manifest.rating.model_dump(),
+    )
+
+
+def _training_rating_mean(train_sequences: ray.data.Dataset) -> float:
+    """Mean normalised rating of the training interactions, aggregated by Ray Data in its workers."""
+
+    def block_sums(block: pa.Table) -> pa.Table:
+        flat = pc.list_flatten(block["ratings"])
+        known = pc.filter(flat, pc.invert(pc.is_nan(flat)))
+        return pa.table({"total": [float(pc.sum(known).as_py() or 0.0)], "count": [len(known)]})
+
+    sums = train_sequences.map_batches(block_sums, batch_format="pyarrow", batch_size=None).materialize()
+    count = sums.sum("count") or 0
+    return float(sums.sum("total") / count) if count else 0.0
+
+
+def read_training_data(data: Location, window_targets: int) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
+    """What the training reads from the preprocessing output: the inputs every worker gets, the training windows (a
+    few per user: small enough to keep in the object store, which spares every epoch a re-read) and the popularity
+    baseline, all from one read of the training sequences."""
+    train_sequences = read_train_sequences(data)
+    inputs = load_training_inputs(data.uri, train_sequences)
+    windows = train_sequences.map_batches(
+        training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets}, batch_format="pyarrow",
     ).materialize()
+    popularity = PopularityScorer(pa.concat_tables(ray.get(train_sequences.to_arrow_refs())), inputs.num_items)
+    return inputs, windows, popularity
+
+
+def fit(config: TrainConfig, inputs: TrainingInputs, windows: ray.data.Dataset, output: Path) -> Result:
+    """``train_loop_per_worker`` on Ray Train's workers over the training windows, which keeps the best checkpoints by
+    validation NDCG@10 and the latest in ``output/ray_results``."""
+    output.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "inputs": inputs,
             "num_train_windows": windows.count(),
-            "warm_start_rows": warm_start_rows(config.warm_start_from, data) if config.warm_start_from else None,
+            "warm_start_rows": rows_by_id(config.warm_start_from, resolve(config.data)) if config.warm_start_from else None,
         },
         scaling_config=RayScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -489,55 +528,55 @@ def run_training(config: TrainConfig) -> TrainResult:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best = result.get_best_checkpoint(SELECTION_METRIC, "max")
-    state = result.return_value or {}
-    with best.as_directory() as ckpt_dir:
+    return result
+
+
+def load_checkpoint_model(config: TrainConfig, inputs: TrainingInputs, checkpoint: Checkpoint) -> tuple[PolyrecModel, dict[str, Any]]:
+    """The model of a checkpoint (its consolidated weights, in eval mode) and the trainer state saved with it."""
+    with checkpoint.as_directory() as ckpt_dir:
         model = build_model(config, inputs)
         model.load_state_dict(load_file(os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS)), strict=True)
-        best_state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
+        state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
     model.eval()
     if model.item_encoder.backbone is not None and model.tokenizer is None:
         # A backbone built from a config (random_init_config) brings no tokenizer; the artifact needs the one that
         # made the catalogue's token ids to encode new items' text as training did.
         model.tokenizer = load_tokenizer(inputs.tokenizer_path)
-    best_validation = best_state["history"][-1]
+    return model, state
 
-    test = read_table(data, f"{schema.SEQUENCES_DIR}/test")
-    users = read_table(data, schema.USER_VOCAB_PATH)
-    eval_args = dict(
-        ks=config.eval_ks,
+
+def evaluate_on_test(
+    model: PolyrecModel, popularity: PopularityScorer, inputs: TrainingInputs, data: Location, users: pa.Table, ks: list[int]
+) -> dict[str, dict[str, float]]:
+    """The model and the popularity baseline on the test split (``train.evaluate.evaluate_with_popularity``); ratings
+    on the raw scale, de-normalised per user (``users``: the user vocabulary)."""
+    return evaluate_with_popularity(
+        model,
+        popularity,
+        read_table(data, f"{schema.SEQUENCES_DIR}/test"),
+        ks=ks,
         num_items=inputs.num_items,
         max_history=inputs.max_history,
         batch_size=256,
-        rating_denormalise=RatingNormalisation.model_validate(inputs.rating).denormaliser(users),
+        data_ratings=RatingNormalisation.model_validate(inputs.rating).denormaliser(users),
     )
-    with torch.no_grad():
-        test_metrics = {
-            "polyrec": evaluate(model, test, **eval_args),
-            "popularity": evaluate(PopularityScorer(read_table(data, f"{schema.SEQUENCES_DIR}/train"), inputs.num_items), test, **eval_args),
-        }
-    for ablation in config.ablations:
-        variant = run_training(ablation_config(config, ablation, output / "ablations" / ablation))
-        test_metrics[f"polyrec {ablation.replace('_', '-')}"] = variant.test_metrics["polyrec"]
-    artifact = save_artifact(
-        model,
-        output / "artifact",
-        items=inputs.items,
-        users=users,
-        model_version=config.model_version or time.strftime("v%Y%m%d-%H%M%S"),
-        data_manifest_hash=inputs.data_hash,
-        rating=inputs.rating,
-        training_data=data.uri if "://" in data.uri else data.path,
-        metrics={"validation": {k: v for k, v in best_validation.items() if k.startswith("validation/")}, "test": test_metrics["polyrec"]},
-    )
-    write_report(test_metrics, output)
-    plot_training_curves(state.get("history") or best_state["history"], output / "training_curves.png")
-    return TrainResult(
-        artifact=str(artifact),
-        best_checkpoint=best.path,
-        latest_checkpoint=result.checkpoint.path,
-        checkpoints=[(checkpoint.path, metrics) for checkpoint, metrics in result.best_checkpoints or []],
-        best_validation=best_validation,
-        history=state.get("history") or best_state["history"],
-        test_metrics=test_metrics,
-    )
+
+
+def ablation_config(config: TrainConfig, ablation: str, output: Path) -> TrainConfig:
+    """The training config of an ablation: the same settings with one part of the model switched off."""
+    variant = config.model_copy(deep=True)
+    variant.ablations, variant.output, variant.resume_from, variant.warm_start_from = [], str(output), None, None
+    variant.run_name = f"{config.run_name}-{ablation}"
+    if ablation == "id_only":
+        # Id dropout exists so that text alone can stand for an item; without text it only removes signal.
+        variant.model.item_encoder = variant.model.item_encoder.model_copy(update={"use_text": False, "use_id_embedding": True, "id_dropout": 0.0})
+    return variant
+
+
+def train_ablations(config: TrainConfig, output: Path) -> dict[str, dict[str, float]]:
+    """Each configured ablation trained and exported into ``output/ablations/<name>`` (``ablation_config``): its test
+    metrics, keyed by its name in the report."""
+    return {
+        f"polyrec {ablation.replace('_', '-')}": run_training(ablation_config(config, ablation, output / "ablations" / ablation)).test_metrics["polyrec"]
+        for ablation in config.ablations
+    }
