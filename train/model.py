@@ -6,9 +6,9 @@ history and gives a state per position; MMoE (or shared-bottom) towers turn the 
 query per task; the tasks (``train.tasks``) turn queries into losses and scores.
 
 Interface (RecBole style): ``calculate_loss(batch)`` for training (the losses are combined by
-``train.weighting.LossWeighting``, which the trainer owns), ``predict``, ``full_sort_predict`` and
-``score_candidates`` for evaluation and serving (serving's retrieval and ranking stages share one
-user-model pass: ``queries_and_contributions``, then ``score_with_queries``). Histories are left-padded with item 0, the last column being the most recent item.
+``train.weighting.LossWeighting``, which the trainer owns), ``predict`` and ``full_sort_predict`` for
+evaluation, ``score_candidates`` for any candidates. Serving calls a small interface of its own, documented on
+``PolyrecModel``. Histories are left-padded with item 0, the last column being the most recent item.
 
 Shapes: B users, L history positions, N items, A attributes, T tokens, d the user model's width
 (also the item vectors' width), H the backbone's width.
@@ -375,6 +375,10 @@ class PolyrecModel(nn.Module):
     softmax (the catalogue cannot be encoded every step); ``tasks.retrieval_loss`` chooses in
     ``frozen`` mode. ``item_table()`` is cached outside training mode; switching modes (``train()``,
     ``eval()``) or ``refresh_item_cache()`` recomputes it.
+
+    Serving (``serve.model_runtime``) calls four methods besides these: ``retrieval_keys`` (its ANN index),
+    ``queries_and_contributions`` (one user-model pass per batch of requests, which retrieval and ranking share),
+    ``score_with_queries`` (ranking from that pass) and ``encode_item_text`` (items registered at run time).
     """
 
     def __init__(
@@ -447,10 +451,6 @@ class PolyrecModel(nn.Module):
         if self.training:
             return self.item_encoder(torch.arange(self.num_items + 1, device=self._device()), drop_ids=True)
         return self.item_cache if self.item_cache is not None else self.refresh_item_cache()
-
-    def encode_item_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Vectors [n, d] from text alone (right-padded token ids), for cold or new items."""
-        return self.item_encoder.encode_text(input_ids, attention_mask)
 
     def _device(self) -> torch.device:
         return self.user_model.position_embedding.weight.device
@@ -543,6 +543,12 @@ class PolyrecModel(nn.Module):
         scores = self.retrieval_query(batch["input_items"], batch["user_idx"], batch.get("input_ratings")) @ self.retrieval_keys().T
         scores[:, 0] = float("-inf")
         return scores
+
+    # --- serving: one user-model pass shared by retrieval and ranking, and new items' text -------
+
+    def encode_item_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Vectors [n, d] from text alone (right-padded token ids), for cold or new items."""
+        return self.item_encoder.encode_text(input_ids, attention_mask)
 
     def queries_and_contributions(
         self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None
