@@ -73,9 +73,9 @@ class TaskConfig(StageConfig):
 
 
 class LossWeightingConfig(StageConfig):
-    # Static by default: uncertainty weighting drives each weight to 1 / loss, which on ml-100k left the main
-    # task, retrieval (a ~5.9-nat softmax over the catalogue), at 0.17 against 1.5-3.5 for the auxiliary tasks
-    # and cost test NDCG@10 0.089 -> 0.074 (bench/RESULTS.md).
+    # Static by default: uncertainty weighting drives each weight to 1 / loss, so the main task, retrieval (a softmax
+    # over the whole catalogue, by far the largest loss), gets the smallest weight and ranking quality drops with it
+    # (bench/RESULTS.md has the comparison).
     method: Literal["static", "uncertainty", "gradnorm"] = "static"
     static_weights: dict[str, float] = Field(
         default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1}

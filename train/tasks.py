@@ -11,7 +11,7 @@ Shapes: B users, L history positions, d the item vector width, C candidates per 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -74,11 +74,6 @@ def scaled_dot(query: Tensor, item_vectors: Tensor) -> Tensor:
 class Task(nn.Module):
     name: ClassVar[str]
 
-    @classmethod
-    def metric_names(cls, ks: Sequence[int]) -> list[str]:
-        """The evaluation metrics this task reports."""
-        raise NotImplementedError
-
     def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
         """Mean loss over the positions of ``batch`` that carry this task's target; query [B, L, d]."""
         raise NotImplementedError
@@ -119,10 +114,6 @@ class RetrievalTask(Task):
         trainable = ~setup.is_cold.bool()
         trainable[0] = False
         self.register_buffer("trainable_targets", trainable)
-
-    @classmethod
-    def metric_names(cls, ks: Sequence[int]) -> list[str]:
-        return [f"{metric}@{k}" for k in ks for metric in ("recall", "ndcg")]
 
     def query_embedding(self, query: Tensor) -> Tensor:
         return F.normalize(query, dim=-1) / self.temperature
@@ -220,10 +211,6 @@ class RatingTask(Task):
             level = level[:, -1] if output.ndim == 2 else level
         return torch.cat([output, level.unsqueeze(-1)], dim=-1)
 
-    @classmethod
-    def metric_names(cls, ks: Sequence[int]) -> list[str]:
-        return ["rmse", "mae"]
-
     def predict(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         level = 0.0
         if self.recency:
@@ -254,10 +241,6 @@ class LikeTask(Task):
         self.item_bias = VocabularyTable("item", setup.num_items + 1, 1)
         self.bias = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
 
-    @classmethod
-    def metric_names(cls, ks: Sequence[int]) -> list[str]:
-        return ["like_auc", "like_logloss"]
-
     def logit(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor) -> Tensor:
         return scaled_dot(query, item_vectors) + embedding_or_zero(self.item_bias, item_idx).squeeze(-1) + self.bias
 
@@ -282,10 +265,6 @@ class AttributesTask(Task):
         super().__init__()
         self.register_buffer("item_attributes", setup.item_attributes.float())
         self.head = nn.Linear(setup.hidden_size, setup.item_attributes.shape[1] - 1)
-
-    @classmethod
-    def metric_names(cls, ks: Sequence[int]) -> list[str]:
-        return ["attributes_bce"]
 
     def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
         valid = batch["target_items"] > 0
