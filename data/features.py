@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from data.config import CleanConfig, FeatureConfig
 from common.errors import InputError
+from data.config import CleanConfig, FeatureConfig
 from data.schema import ITEM_ATTRIBUTE_FIELDS, ITEMS_BASE, PAD_INDEX
 
 # --- Vocabularies ---------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class QuarantineCount(BaseModel):
 
 class SplitSize(BaseModel):
     rows: int
-    interactions: int  # train: interactions in the split before truncation; eval: one per row
+    interactions: int  # train: interactions in the training rows (none of a cold item); eval: one per row
 
 
 class TokenizerInfo(BaseModel):

@@ -1,8 +1,8 @@
 """The preprocessing stage: sources → cleaning with accounting → vocabularies, features, splits → Parquet.
 
-``run_preprocess(config)`` reads the configured sources and writes the output layout of
-``data.schema`` (vocabularies, item features, train/validation/test sequences, quarantine, cold
-items) plus ``manifest.json``, and returns the ``Manifest``.
+``run_preprocess(config)`` reads the configured sources (``data.readers``) and writes the output layout
+of ``data.schema`` (vocabularies, item features, train/validation/test sequences, the users' histories
+for serving, quarantine, cold items) plus ``manifest.json`` (``data.manifest``), and returns the ``Manifest``.
 
 How the work is spread: the interactions go into a Ray dataset, are hash-partitioned by
 ``user_id`` once, and every per-user step (duplicates, bot filter, the user side of the k-core,
@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -33,10 +33,10 @@ import ray
 import ray.data
 
 from common import storage
-from data import clean, splits
-from data.config import CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig
 from common.errors import InputError
 from common.ray_connect import connect
+from data import clean, splits
+from data.config import CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig
 from data.features import (
     ItemTextEncoder,
     RatingNormalisation,
@@ -54,13 +54,14 @@ from data.readers import SourceTables, read_sources
 from data.schema import (
     ATTRIBUTE_VOCAB,
     ATTRIBUTE_VOCAB_PATH,
+    COLD_ITEMS,
     COLD_ITEMS_PATH,
     EVAL_SEQUENCE,
-    ITEM_FEATURES,
     ITEM_VOCAB,
     ITEM_VOCAB_PATH,
     ITEMS_BASE,
     ITEMS_DIR,
+    ITEMS_OUTPUT,
     MANIFEST_FILE,
     QUARANTINE,
     QUARANTINE_DIR,
@@ -68,13 +69,11 @@ from data.schema import (
     SEQUENCES_DIR,
     SPLITS,
     TRAIN_SEQUENCE,
+    USER_HISTORIES,
+    USER_HISTORIES_DIR,
     USER_VOCAB,
     USER_VOCAB_PATH,
 )
-
-#: items/*.parquet: the item features with the item's source fields beside them.
-ITEMS_OUTPUT = pa.schema([*ITEM_FEATURES, *(f for f in ITEMS_BASE if f.name != "item_id")])
-COLD_ITEMS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("item_idx", pa.int32(), nullable=False)])
 
 ROWS_PER_INPUT_FILE = 250_000
 INPUT_DIR = "_input"  # inside the staging folder, removed once the rows are partitioned
@@ -114,7 +113,7 @@ def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manife
             result = _Run(sources, config, rating, staging).execute()
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             config=config.model_dump(mode="json"),
             input_files=input_files,
             input_hash=input_hash,
@@ -395,9 +394,15 @@ class _Run:
             sources=sources,
         )
         totals = {row["metric"]: row["count"] for row in _sum_by(stats, ["metric"]).to_pylist()}
-        for name, schema in (("train", TRAIN_SEQUENCE), ("validation", EVAL_SEQUENCE), ("test", EVAL_SEQUENCE)):
-            if not totals.get(f"{name}_rows"):  # keep every split folder readable, even when empty
-                storage.write_table(schema.empty_table(), self.staging, f"{SEQUENCES_DIR}/{name}/empty.parquet")
+        folders = [
+            (f"{SEQUENCES_DIR}/train", "train_rows", TRAIN_SEQUENCE),
+            (f"{SEQUENCES_DIR}/validation", "validation_rows", EVAL_SEQUENCE),
+            (f"{SEQUENCES_DIR}/test", "test_rows", EVAL_SEQUENCE),
+            (USER_HISTORIES_DIR, "user_history_rows", USER_HISTORIES),
+        ]
+        for folder, rows, schema in folders:
+            if not totals.get(rows):  # keep every folder readable, even when empty
+                storage.write_table(schema.empty_table(), self.staging, f"{folder}/empty.parquet")
         sizes = {
             name: SplitSize(
                 rows=totals.get(f"{name}_rows", 0),
@@ -469,13 +474,13 @@ def _write_partition(
     staging: storage.Location,
     sources: pa.ChunkedArray,
 ) -> pa.Table:
-    """One user partition → its quarantine and sequence shards; returns row counts.
+    """One user partition → its quarantine, sequence and user-history shards; returns row counts.
 
     The shards are written here rather than through ``Dataset.write_parquet`` because one pass
     produces four outputs, and because the shard name must follow from the partition's content
     (its smallest source position) for reruns to give identical files.
     """
-    counts = {"quarantine_rows": 0, "train_rows": 0, "validation_rows": 0, "test_rows": 0}
+    counts = {"quarantine_rows": 0, "train_rows": 0, "validation_rows": 0, "test_rows": 0, "user_history_rows": 0}
     counts |= {"train_interactions": 0, "cold_withheld": 0}
     if block.num_rows:
         name = f"part-{pc.min(block[clean.POSITION]).as_py():012d}.parquet"
@@ -487,8 +492,11 @@ def _write_partition(
             if table.num_rows:
                 storage.write_table(table, staging, f"{SEQUENCES_DIR}/{split}/{name}")
             counts[f"{split}_rows"] = table.num_rows
+        if sequences.user_histories.num_rows:
+            storage.write_table(sequences.user_histories, staging, f"{USER_HISTORIES_DIR}/{name}")
         counts |= {
             "quarantine_rows": quarantine.num_rows,
+            "user_history_rows": sequences.user_histories.num_rows,
             "train_interactions": sequences.train_interactions,
             "cold_withheld": sequences.cold_withheld,
         }

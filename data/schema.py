@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 4  # 2: training rows are chunks of max_history + 1 holding every training interaction; 3: history_ratings;
-#                     4: training rows hold max_history targets and the training items before them (history, history_ratings)
+#: The layout of a preprocessing output; ``data.manifest.load_manifest`` refuses an output of another version.
+SCHEMA_VERSION = 5
 
 # --- What readers produce -------------------------------------------------------------------
 
@@ -107,6 +107,12 @@ ITEM_FEATURES = pa.schema(
     ]
 )
 
+#: items/*.parquet as written: ITEM_FEATURES with the item's ITEMS_BASE fields beside them.
+ITEMS_OUTPUT = pa.schema([*ITEM_FEATURES, *(f for f in ITEMS_BASE if f.name != "item_id")])
+
+#: cold_items.parquet: the items withheld from training (``SplitConfig.cold_item_fraction``).
+COLD_ITEMS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("item_idx", pa.int32(), nullable=False)])
+
 #: sequences/train/*.parquet: a user's training interactions, time-ordered, in consecutive rows of
 #: ``max_history`` next-item targets (a user can have several; each interaction is in the ``items`` of
 #: one row; the user's oldest row holds fewer, plus the first item, which is nobody's target).
@@ -140,6 +146,19 @@ EVAL_SEQUENCE = pa.schema(
     ]
 )
 
+#: user_histories/*.parquet: the users' known recent histories, what serving starts from: each user's training
+#: interactions (those of cold items withheld, as in TRAIN_SEQUENCE) and validation and test targets, by id, with
+#: the source's raw value, so that a reader needs neither the vocabularies nor the rating normalisation. Each
+#: file holds whole users, each user's rows in time order (ties in source order).
+USER_HISTORIES = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),  # milliseconds since the epoch, as in FEEDBACK_LOG
+        pa.field("rating", pa.float64()),  # the interaction's raw value (INTERACTIONS.value); null when none
+    ]
+)
+
 #: Paths inside a preprocessing output, relative to its root.
 MANIFEST_FILE = "manifest.json"
 USER_VOCAB_PATH = "vocab/users.parquet"
@@ -147,6 +166,7 @@ ITEM_VOCAB_PATH = "vocab/items.parquet"
 ATTRIBUTE_VOCAB_PATH = "vocab/attributes.parquet"
 ITEMS_DIR = "items"
 SEQUENCES_DIR = "sequences"  # + /train, /validation, /test
+USER_HISTORIES_DIR = "user_histories"
 QUARANTINE_DIR = "quarantine"
 COLD_ITEMS_PATH = "cold_items.parquet"
 SPLITS = ("train", "validation", "test")

@@ -1,4 +1,5 @@
-"""Per-user histories and the train / validation / test splits, built per partition.
+"""Per-user histories and the train / validation / test splits, built per partition, with the rows they hold
+by id for serving (``data.user_histories``).
 
 Each block holds whole users (the dataset is hash-partitioned by ``user_id``). A user's history is
 their kept interactions sorted by (timestamp, source position), so ties keep source order. Splits:
@@ -29,6 +30,7 @@ from data.clean import POSITION, SECONDS_PER_DAY, kept_interactions, run_ranks, 
 from data.config import FeatureConfig, SplitConfig
 from data.features import RatingNormalisation, like_labels, lookup
 from data.schema import EVAL_SEQUENCE, PAD_INDEX, TRAIN_SEQUENCE
+from data.user_histories import user_histories
 
 TRAIN, VALIDATION, TEST = 0, 1, 2  # indices into data.schema.SPLITS
 HISTORY_COLUMNS = ("user_id", "item_id", "timestamp", "event", "value", POSITION)
@@ -180,6 +182,7 @@ def _chunks(run_starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, 
 @dataclass
 class Sequences:
     tables: dict[str, pa.Table]  # "train" in TRAIN_SEQUENCE, "validation" / "test" in EVAL_SEQUENCE
+    user_histories: pa.Table  # USER_HISTORIES: the interactions the tables hold, by id, raw
     train_interactions: int  # interactions in the train split's rows
     cold_withheld: int  # train-split interactions left out because their item is cold
 
@@ -193,7 +196,8 @@ def build_sequences(
     features: FeatureConfig,
     rating: RatingNormalisation,
 ) -> Sequences:
-    """The partition's train rows (TRAIN_SEQUENCE) and validation / test rows (EVAL_SEQUENCE).
+    """The partition's train rows (TRAIN_SEQUENCE), validation / test rows (EVAL_SEQUENCE) and the users'
+    histories for serving (USER_HISTORIES).
 
     ``users`` is the user vocabulary with ``rating_offset``, ``items`` the item vocabulary.
     Rows come out in user-index order (the vocabularies are sorted like the partition's rows),
@@ -250,4 +254,5 @@ def build_sequences(
             schema=EVAL_SEQUENCE,
         )
     in_train = histories.split == TRAIN
-    return Sequences(tables, len(train), int((in_train & histories.is_cold).sum()))
+    withheld = in_train & histories.is_cold
+    return Sequences(tables, user_histories(rows, withheld), len(train), int(withheld.sum()))

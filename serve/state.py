@@ -1,9 +1,10 @@
 """Server-side state shared by every replica: users' recent histories, item popularity, and the items
 registered at run time (cold start).
 
-One ``ServerState`` lives in the single UserStateStore replica. It is rebuilt at start from the
-training data's sequences (when given) and from the feedback log, and kept current by the feedback
-the service receives; registered items are appended to a small JSON-lines file and survive restarts.
+One ``ServerState`` lives in the single UserStateStore replica. It is rebuilt at start from the users'
+histories the training data holds for serving (``data.user_histories``, when given) and from the
+feedback log, and kept current by the feedback the service receives; registered items are appended to
+a small JSON-lines file and survive restarts.
 In production, a shared store such as Redis would hold the same keys (``history:<user>``,
 ``popularity``, ``items``) so that the store could scale out.
 """
@@ -23,11 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data import schema
 from common.errors import InputError
 from data.feedback_log import REGISTRY_FILE, RegisteredItem, read_feedback_log, read_registered_items
-from data.manifest import load_manifest
-from common.storage import exists, read_table, resolve
+from data.user_histories import read_user_histories
 from serve.config import StateConfig
 
 
@@ -64,7 +63,7 @@ class ServerState:
     def rebuild(cls, config: StateConfig, state_dir: str | Path, *, training_data: str | None,
                 feedback_log: str, wal_dir: str | Path) -> ServerState:
         state = cls(config, Path(state_dir) / REGISTRY_FILE)
-        events = [training_interactions(training_data)] if training_data else []
+        events = [read_user_histories(training_data)] if training_data else []
         logged = read_feedback_log(feedback_log, wal_dir)
         logged = logged.filter(pc.is_in(logged["event"], pa.array(config.history_events)))
         rated = pc.equal(logged["event"], "rate")
@@ -155,48 +154,3 @@ def _ends_mid_line(file: BinaryIO) -> bool:
         return False
     file.seek(size - 1)
     return file.read(1) != b"\n"
-
-
-def training_interactions(data_dir: str) -> pa.Table:
-    """(user_id, item_id, ts in ms, raw rating or null) of a preprocessing output: each user's
-    training sequence and the validation and test targets, i.e. the whole known recent history."""
-    location = resolve(data_dir)
-    if not exists(location, schema.USER_VOCAB_PATH):
-        raise InputError(f"training_data: {data_dir} has no {schema.USER_VOCAB_PATH}; is it a preprocessing output?")
-    users = read_table(location, schema.USER_VOCAB_PATH)
-    items = read_table(location, schema.ITEM_VOCAB_PATH)
-    user_ids = _by_index(users, "user_idx", "user_id")
-    item_ids = _by_index(items, "item_idx", "item_id")
-
-    normalisation = load_manifest(data_dir).rating  # the sequences hold normalised ratings
-    offsets = np.zeros(int(users["user_idx"].to_numpy().max(initial=0)) + 1)
-    offsets[users["user_idx"].to_numpy()] = users["rating_offset"].to_numpy()
-
-    train = read_table(location, f"{schema.SEQUENCES_DIR}/train")
-    lengths = pc.list_value_length(train["items"]).to_numpy(zero_copy_only=False)
-    train_users = np.repeat(train["user_idx"].to_numpy(), lengths)
-    train_ratings = pc.list_flatten(train["ratings"]).to_numpy(zero_copy_only=False).astype(np.float64)
-    parts = [(train_users,
-              pc.list_flatten(train["items"]).to_numpy(zero_copy_only=False),
-              pc.list_flatten(train["timestamps"]).to_numpy(zero_copy_only=False),
-              normalisation.invert(train_ratings, offsets[train_users]))]
-    for split in schema.SPLITS[1:]:
-        if exists(location, f"{schema.SEQUENCES_DIR}/{split}"):
-            targets = read_table(location, f"{schema.SEQUENCES_DIR}/{split}")
-            parts.append((targets["user_idx"].to_numpy(), targets["target_item"].to_numpy(), targets["target_timestamp"].to_numpy(),
-                          pc.fill_null(targets["target_rating_raw"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)))
-    user_idx, item_idx, seconds, ratings = (np.concatenate(columns) for columns in zip(*parts))
-    return pa.table({
-        "user_id": pa.array(user_ids[user_idx]),
-        "item_id": pa.array(item_ids[item_idx]),
-        "ts": pa.array(seconds.astype(np.int64) * 1000),
-        "rating": pa.array(ratings, pa.float64(), from_pandas=True),  # NaN → null
-    })
-
-
-def _by_index(vocab: pa.Table, index: str, name: str) -> np.ndarray:
-    """The vocabulary as an array: position = index."""
-    idx = vocab[index].to_numpy()
-    values = np.empty(int(idx.max(initial=0)) + 1, dtype=object)
-    values[idx] = vocab[name].to_numpy(zero_copy_only=False)
-    return values

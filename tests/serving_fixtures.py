@@ -110,8 +110,8 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
 
 
 def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
-    """The vocabularies and training sequences (every rating, time-ordered, raw: no normalisation) in
-    the preprocessing layout, with a manifest saying so."""
+    """The vocabularies, training sequences (every rating, time-ordered, raw: no normalisation) and users'
+    histories in the preprocessing layout, with a manifest saying so."""
     out_dir = Path(out_dir)
     items, users, ratings = movielens_tables(num_users)
     (out_dir / "vocab").mkdir(parents=True, exist_ok=True)
@@ -129,6 +129,11 @@ def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
         "history_ratings": pa.array([[]] * len(grouped), pa.list_(pa.float32())),
     }, schema=schema.TRAIN_SEQUENCE)
     pq.write_table(sequences, out_dir / schema.SEQUENCES_DIR / "train" / "part-0.parquet")
+    histories = pd.DataFrame({"user_id": ratings["user"].astype(str), "item_id": ratings["item"].astype(str),
+                              "ts": ratings["ts"] * 1000, "rating": ratings["rating"].astype(float)})
+    (out_dir / schema.USER_HISTORIES_DIR).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(histories, schema=schema.USER_HISTORIES, preserve_index=False),
+                   out_dir / schema.USER_HISTORIES_DIR / "part-0.parquet")
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)
     manifest = Manifest(
         schema_version=schema.SCHEMA_VERSION, created_at=pd.Timestamp.now("UTC").isoformat(), config={}, input_files=[],

@@ -1,7 +1,7 @@
 """The preprocessing stage on real Ray and real Parquet: the embedded MovieLens-100K end to end
 (checked against an independent pandas leave-one-out), cleaning accounting on a deliberately
-corrupted table, hand-computed leave-one-out / temporal / normalisation examples, cold items,
-determinism, a file:// output, and the errors a user can run into."""
+corrupted table, hand-computed leave-one-out / temporal / normalisation examples, the users' histories
+for serving, cold items, determinism, a file:// output, and the errors a user can run into."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import pytest
 import ray
 
 from common import storage
-from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig, SplitConfig
 from common.errors import InputError
+from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig, SplitConfig
 from data.features import render_item_text
 from data.manifest import Manifest, format_report, load_manifest
 from data.pipeline import preprocess_tables, run_preprocess
 from data.readers import SourceTables
-from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE
+from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE, USER_HISTORIES
+from data.user_histories import read_user_histories
 
 DAY = 86_400
 T0 = 1_599_955_200  # 2020-09-13 00:00 UTC
@@ -353,6 +354,34 @@ def test_temporal_split_with_minmax_ratings(tmp_path) -> None:
     assert manifest.rating.model_dump() == {"kind": "minmax", "shift": 1.0, "scale": 4.0}
 
 
+@pytest.mark.parametrize("normalisation", ["user_center", "minmax"])
+def test_user_histories_hold_the_kept_interactions_by_id_in_milliseconds_with_raw_values(tmp_path, normalisation) -> None:
+    rows = [
+        ("a", "i1", T0 + 10, 4.0, "rate"),
+        ("a", "i2", T0 + 20, 2.0, "rate"),  # tie with the next row: source order decides
+        ("a", "i3", T0 + 20, 5.0, "rate"),
+        ("a", "i4", T0 + 5, 3.0, "rate"),
+        ("a", "i5", T0 + 30, 1.0, "rate"),
+        ("b", "i1", T0 + 1, 5.0, "rate"),
+        ("b", "i2", T0 + 2, None, "like"),
+        ("b", "i9", T0 + 3, 4.0, "rate"),  # no item metadata: dropped
+        ("c", "i3", T0 + 7, 9.0, "rate"),  # outside [1, 5]: dropped, and c with it
+    ]
+    features = FeatureConfig(max_history=2, rating_normalisation=normalisation)
+    preprocess_tables(_sources(rows, ["i1", "i2", "i3", "i4", "i5"]), _config(tmp_path, clean=CleanConfig(min_user_interactions=1), features=features))
+    histories = read_user_histories(str(tmp_path))
+    assert histories.schema.equals(USER_HISTORIES)
+    by_user: dict[str, list[tuple]] = {}
+    for row in histories.to_pylist():
+        by_user.setdefault(row["user_id"], []).append((row["item_id"], row["ts"], row["rating"]))
+    # Each user's kept interactions in time order (ties in source order), seconds × 1000, the values as given.
+    assert by_user == {
+        "a": [("i4", (T0 + 5) * 1000, 3.0), ("i1", (T0 + 10) * 1000, 4.0), ("i2", (T0 + 20) * 1000, 2.0),
+              ("i3", (T0 + 20) * 1000, 5.0), ("i5", (T0 + 30) * 1000, 1.0)],
+        "b": [("i1", (T0 + 1) * 1000, 5.0), ("i2", (T0 + 2) * 1000, None)],
+    }
+
+
 def test_cold_items_never_reach_training(tmp_path) -> None:
     rng = np.random.default_rng(7)
     rows = [
@@ -373,6 +402,10 @@ def test_cold_items_never_reach_training(tmp_path) -> None:
     assert set(items.loc[items["is_cold"], "item_id"]) == cold
     in_train_split = sum(1 for r in rows) - 2 * 40
     assert manifest.splits["train"].interactions + manifest.cold_withheld_interactions == in_train_split
+    # Serving's histories leave out what training does: each user's first 10 items unless cold, then the last 2.
+    histories = read_user_histories(str(tmp_path)).to_pylist()
+    expected = [(user, item) for user, item, t, _, _ in rows if t - T0 >= 10 or item not in cold]
+    assert sorted((row["user_id"], row["item_id"]) for row in histories) == sorted(expected)
 
 
 # --- Errors and output handling ----------------------------------------------------------------------
@@ -431,6 +464,7 @@ def test_output_schemas(corrupted) -> None:
     assert _read(root, "sequences/train").schema.equals(TRAIN_SEQUENCE)
     assert _read(root, "sequences/test").schema.equals(EVAL_SEQUENCE)
     assert _read(root, "quarantine").schema.equals(QUARANTINE)
+    assert _read(root, "user_histories").schema.equals(USER_HISTORIES)
 
 
 def test_a_manifest_of_another_schema_version_is_refused_by_name(ml100k, tmp_path):
