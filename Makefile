@@ -24,7 +24,16 @@ kubectl:
 	@command -v kubectl >/dev/null 2>&1 || { echo "make test needs kubectl, which includes kustomize (it renders k8s/):" \
 		"install it, see https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
 
-test: venv kubectl
+# ruff's settings are in pyproject.toml; `make format` applies what `lint` checks.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint kubectl
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv run test kubectl
+.PHONY: venv run lint format test kubectl

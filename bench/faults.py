@@ -130,8 +130,9 @@ def healed_after(load: Load, deployment: str, killed_at: float, before: set[str]
 
 
 def run_graph(graph: str, model: str, users: list[str], items: list[str], scratch: str) -> tuple[list[list[str]], list[str]]:
-    config = ServeConfig(graph=graph, model=model, state_dir=f"{scratch}/{graph}/state", port=8124,
-                         feedback=FeedbackLogConfig(path=f"{scratch}/{graph}/feedback"))
+    config = ServeConfig(
+        graph=graph, model=model, state_dir=f"{scratch}/{graph}/state", port=8124, feedback=FeedbackLogConfig(path=f"{scratch}/{graph}/feedback")
+    )
     if APP_NAME in serve.status().applications:
         serve.delete(APP_NAME)
     service = run_service(config, blocking=False)
@@ -147,8 +148,16 @@ def run_graph(graph: str, model: str, users: list[str], items: list[str], scratc
             failed = Counter(route for route, code in window if code != 200)
             statuses = Counter(code for _, code in window if code != 200)
             answered = Counter(route for route, _ in window)
-            rows.append([graph, deployment, f"{heal_s:.1f}", f"{failed['recommend']} / {answered['recommend']}",
-                         f"{failed['feedback']} / {answered['feedback']}", ", ".join(f"{code or 'none'}: {n}" for code, n in sorted(statuses.items())) or "–"])
+            rows.append(
+                [
+                    graph,
+                    deployment,
+                    f"{heal_s:.1f}",
+                    f"{failed['recommend']} / {answered['recommend']}",
+                    f"{failed['feedback']} / {answered['feedback']}",
+                    ", ".join(f"{code or 'none'}: {n}" for code, n in sorted(statuses.items())) or "–",
+                ]
+            )
             print(" | ".join(rows[-1]), flush=True)
         time.sleep(LOAD_BEFORE_KILL_S)
     finally:
@@ -160,8 +169,13 @@ def run_graph(graph: str, model: str, users: list[str], items: list[str], scratc
     for user, item in load.acknowledged.values():
         clicked.setdefault(user, set()).add(item)
     missing_from_store = sum(len(items_ - set(call_deployment("UserStateStore", "context", user).seen)) for user, items_ in clicked.items())
-    totals = [graph, f"{len(load.acknowledged):,}", f"{len(logged & set(load.acknowledged)):,}", str(len(missing_from_log)),
-              f"{missing_from_store} of {sum(len(items_) for items_ in clicked.values()):,}"]
+    totals = [
+        graph,
+        f"{len(load.acknowledged):,}",
+        f"{len(logged & set(load.acknowledged)):,}",
+        str(len(missing_from_log)),
+        f"{missing_from_store} of {sum(len(items_) for items_ in clicked.values()):,}",
+    ]
     return rows, totals
 
 
@@ -190,25 +204,28 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
-    section = "\n".join([
-        SECTION,
-        "",
-        f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}, command "
-        f"`.venv/bin/python bench/faults.py --model {args.model} --graphs {' '.join(args.graphs)}`.",
-        f"Model `{metadata['model_version']}` with its users' histories. Load: {READERS} clients asking for recommendations "
-        f"(known users, k = 10) and {WRITERS} feedback writers (one click a request, each with its own event id, a 503 retried "
-        f"with the same id), all with a 10 s timeout; after {LOAD_BEFORE_KILL_S:g} s of load one replica of each deployment in "
-        "turn is killed with SIGKILL. Failed requests count answers other than 200 from the kill until the deployment had a new "
-        "replica and both routes answered 200 again (the seconds to heal); 0 in the status column is a request that got no answer.",
-        "",
-        "| graph | killed | seconds to heal | failed recommend / answered | failed feedback / answered | statuses of the failures |",
-        "|---|---|---:|---:|---:|---|",
-        *[f"| {' | '.join(row)} |" for row in kills],
-        "",
-        "| graph | events acknowledged | of them in the log | acknowledged but missing from the log | (writer, item) clicks missing from the store's histories |",
-        "|---|---:|---:|---:|---:|",
-        *[f"| {' | '.join(row)} |" for row in totals],
-    ])
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}, command "
+            f"`.venv/bin/python bench/faults.py --model {args.model} --graphs {' '.join(args.graphs)}`.",
+            f"Model `{metadata['model_version']}` with its users' histories. Load: {READERS} clients asking for recommendations "
+            f"(known users, k = 10) and {WRITERS} feedback writers (one click a request, each with its own event id, a 503 retried "
+            f"with the same id), all with a 10 s timeout; after {LOAD_BEFORE_KILL_S:g} s of load one replica of each deployment in "
+            "turn is killed with SIGKILL. Failed requests count answers other than 200 from the kill until the deployment had a new "
+            "replica and both routes answered 200 again (the seconds to heal); 0 in the status column is a request that got no answer.",
+            "",
+            "| graph | killed | seconds to heal | failed recommend / answered | failed feedback / answered | statuses of the failures |",
+            "|---|---|---:|---:|---:|---|",
+            *[f"| {' | '.join(row)} |" for row in kills],
+            "",
+            "| graph | events acknowledged | of them in the log | acknowledged but missing from the log "
+            "| (writer, item) clicks missing from the store's histories |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {' | '.join(row)} |" for row in totals],
+        ]
+    )
     publish(SECTION, section, write=not args.no_write)
 
 

@@ -114,9 +114,11 @@ async def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, 
 def measure(url: str, bodies: list[dict], concurrency: int, seconds: float, patient: bool = True) -> Level:
     level = asyncio.run(drive(url, bodies, concurrency, seconds, patient))
     level.replicas = replicas()
-    print(f"c={concurrency:<4d} {'patient' if patient else 'impatient'} goodput {level.goodput:7.1f}/s  admitted p50 {level.admitted(50):7.1f} ms "
-          f"p99 {level.admitted(99):7.1f} ms  503 {level.refused_share:5.1%}  timeouts {level.timeouts}  other {level.other}  replicas {level.replicas}",
-          flush=True)
+    print(
+        f"c={concurrency:<4d} {'patient' if patient else 'impatient'} goodput {level.goodput:7.1f}/s  admitted p50 {level.admitted(50):7.1f} ms "
+        f"p99 {level.admitted(99):7.1f} ms  503 {level.refused_share:5.1%}  timeouts {level.timeouts}  other {level.other}  replicas {level.replicas}",
+        flush=True,
+    )
     return level
 
 
@@ -158,8 +160,7 @@ def main() -> None:
         use_throughput_env()
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
-            config = ServeConfig(graph=args.graph, model=model, state_dir=f"{scratch}/state", port=8123,
-                                 feedback=FeedbackLogConfig(path=f"{scratch}/feedback"))
+            config = ServeConfig(graph=args.graph, model=model, state_dir=f"{scratch}/state", port=8123, feedback=FeedbackLogConfig(path=f"{scratch}/feedback"))
             service = run_service(config, blocking=False)
             url = f"{service.url}/v1/recommend"
             measure(url, bodies, 4, 10)  # warm-up
@@ -177,46 +178,62 @@ def main() -> None:
     publish(SECTION, section, write=not args.no_write)
 
 
-def report(args: argparse.Namespace, metadata: dict, config: ServeConfig, sweep: list[Level], capacity: Level, peak: float,
-           levels: list[Level], recovery: float) -> str:
+def report(
+    args: argparse.Namespace, metadata: dict, config: ServeConfig, sweep: list[Level], capacity: Level, peak: float, levels: list[Level], recovery: float
+) -> str:
     ingress = config.deployments[config.ingress_deployment()]
-    rows = [f"| {level.concurrency} ({level.concurrency / capacity.concurrency:g}×){'' if level.patient else ', impatient'} | {level.goodput:.1f} | {level.goodput / peak:.0%} | "
-            f"{level.admitted(50):.1f} | {level.admitted(99):.1f} | {level.refused_share:.1%} | {', '.join(sorted(level.retry_after)) or '–'} | "
-            f"{level.timeouts} | {sum(level.other.values())} |" for level in levels]
+    rows = [
+        f"| {level.concurrency} ({level.concurrency / capacity.concurrency:g}×){'' if level.patient else ', impatient'} "
+        f"| {level.goodput:.1f} | {level.goodput / peak:.0%} | "
+        f"{level.admitted(50):.1f} | {level.admitted(99):.1f} | {level.refused_share:.1%} | {', '.join(sorted(level.retry_after)) or '–'} | "
+        f"{level.timeouts} | {sum(level.other.values())} |"
+        for level in levels
+    ]
     at_four = min((level for level in levels if level.patient), key=lambda level: abs(level.concurrency / capacity.concurrency - 4))
     targets = [
         ("goodput at 4× ≥ 80% of peak", at_four.goodput / peak, at_four.goodput >= 0.8 * peak, f"{at_four.goodput / peak:.0%}"),
-        ("admitted p99 at 4× ≤ 2× p99 at capacity", at_four.admitted(99) / capacity.admitted(99),
-         at_four.admitted(99) <= 2 * capacity.admitted(99), f"{at_four.admitted(99) / capacity.admitted(99):.2f}×"),
-        ("0 client timeouts (10 s)", sum(level.timeouts for level in levels), all(level.timeouts == 0 for level in levels),
-         str(sum(level.timeouts for level in levels))),
+        (
+            "admitted p99 at 4× ≤ 2× p99 at capacity",
+            at_four.admitted(99) / capacity.admitted(99),
+            at_four.admitted(99) <= 2 * capacity.admitted(99),
+            f"{at_four.admitted(99) / capacity.admitted(99):.2f}×",
+        ),
+        (
+            "0 client timeouts (10 s)",
+            sum(level.timeouts for level in levels),
+            all(level.timeouts == 0 for level in levels),
+            str(sum(level.timeouts for level in levels)),
+        ),
         ("recovery ≤ 10 s", recovery, recovery <= 10, f"{recovery:.1f} s"),
     ]
-    return "\n".join([
-        SECTION,
-        "",
-        f"Machine: {machine('ray', 'torch', 'aiohttp')}. Run {date.today().isoformat()}, command "
-        f"`.venv/bin/python bench/overload.py --model {args.model} --graph {args.graph} --seconds {args.seconds:g}`.",
-        f"Model: `{metadata['model_version']}` (a `polyrec train` artifact), its users' histories from `{metadata['training_data']}`; "
-        f"requests `{{\"user_id\": <known user>, \"k\": 10}}` over every user. {args.graph} graph; an ingress replica works on "
-        f"{config.admission.max_in_progress} requests at once and answers more 503 at once (Serve's own bounds: "
-        f"{ingress.max_ongoing_requests} ongoing, {ingress.max_queued_requests} queued); request deadline "
-        f"{config.admission.request_timeout_s:g} s, calls between deployments {config.admission.call_timeout_s:g} s; Serve's "
-        f"fast paths on ({', '.join(f'{name}={value}' for name, value in SERVE_THROUGHPUT_ENV.items())}).",
-        "",
-        "Capacity sweep (goodput per concurrency): " + ", ".join(f"c={level.concurrency}: {level.goodput:.0f}/s" for level in sweep)
-        + f". Peak {peak:.0f}/s; capacity concurrency {capacity.concurrency} (the first within 5% of the peak), where admitted "
-        f"p99 is {capacity.admitted(99):.0f} ms.",
-        "",
-        "Clients ask in a loop and, given a 503, wait its Retry-After before asking again, as the API asks them to; the last "
-        "row's impatient clients ask again at once (a retry storm), for comparison.",
-        "",
-        "| concurrency | goodput /s | of peak | admitted p50 ms | admitted p99 ms | 503 | Retry-After | timeouts | other |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
-        *rows,
-        "",
-        *[f"- {name}: {shown} ({'met' if met else 'missed'})" for name, _, met, shown in targets],
-    ])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"Machine: {machine('ray', 'torch', 'aiohttp')}. Run {date.today().isoformat()}, command "
+            f"`.venv/bin/python bench/overload.py --model {args.model} --graph {args.graph} --seconds {args.seconds:g}`.",
+            f"Model: `{metadata['model_version']}` (a `polyrec train` artifact), its users' histories from `{metadata['training_data']}`; "
+            f'requests `{{"user_id": <known user>, "k": 10}}` over every user. {args.graph} graph; an ingress replica works on '
+            f"{config.admission.max_in_progress} requests at once and answers more 503 at once (Serve's own bounds: "
+            f"{ingress.max_ongoing_requests} ongoing, {ingress.max_queued_requests} queued); request deadline "
+            f"{config.admission.request_timeout_s:g} s, calls between deployments {config.admission.call_timeout_s:g} s; Serve's "
+            f"fast paths on ({', '.join(f'{name}={value}' for name, value in SERVE_THROUGHPUT_ENV.items())}).",
+            "",
+            "Capacity sweep (goodput per concurrency): "
+            + ", ".join(f"c={level.concurrency}: {level.goodput:.0f}/s" for level in sweep)
+            + f". Peak {peak:.0f}/s; capacity concurrency {capacity.concurrency} (the first within 5% of the peak), where admitted "
+            f"p99 is {capacity.admitted(99):.0f} ms.",
+            "",
+            "Clients ask in a loop and, given a 503, wait its Retry-After before asking again, as the API asks them to; the last "
+            "row's impatient clients ask again at once (a retry storm), for comparison.",
+            "",
+            "| concurrency | goodput /s | of peak | admitted p50 ms | admitted p99 ms | 503 | Retry-After | timeouts | other |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+            *rows,
+            "",
+            *[f"- {name}: {shown} ({'met' if met else 'missed'})" for name, _, met, shown in targets],
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,7 @@ def generate(rows: int, folder: Path, seed: int = 0) -> None:
     pacsv.write_csv(table, folder / "ratings.csv", pacsv.WriteOptions(quoting_style="none"))
     years = rng.integers(1920, 2020, size=num_items)
     genre_lists = [
-        "|".join(sorted(rng.choice(GENRES, size=rng.integers(1, 4), replace=False))) if rng.random() > 0.02 else "(no genres listed)"
-        for _ in range(num_items)
+        "|".join(sorted(rng.choice(GENRES, size=rng.integers(1, 4), replace=False))) if rng.random() > 0.02 else "(no genres listed)" for _ in range(num_items)
     ]
     movies = pa.table(
         {
@@ -181,8 +180,9 @@ def run_pandas(data: Path, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(features))
     input_ids = tokenizer(texts, truncation=True, max_length=features.max_text_tokens)["input_ids"]
     pq.write_table(
-        pa.table({"item_idx": np.arange(1, len(items) + 1, dtype=np.int32), "item_id": items, "text": texts,
-                  "input_ids": pa.array(input_ids, pa.list_(pa.int32()))}),
+        pa.table(
+            {"item_idx": np.arange(1, len(items) + 1, dtype=np.int32), "item_id": items, "text": texts, "input_ids": pa.array(input_ids, pa.list_(pa.int32()))}
+        ),
         out / "items.parquet",
     )
 

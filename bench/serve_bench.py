@@ -73,7 +73,9 @@ class Level:
         return float(np.percentile(self.latencies_ms, q))
 
 
-async def drive(url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float, headers: dict | None = None) -> tuple[int, int, float, list[float]]:
+async def drive(
+    url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float, headers: dict | None = None
+) -> tuple[int, int, float, list[float]]:
     """``concurrency`` workers post ``bodies`` round-robin until ``max_requests`` or ``max_seconds``."""
     latencies: list[float] = []
     failures = 0
@@ -98,22 +100,34 @@ async def drive(url: str, bodies: list[dict], concurrency: int, max_requests: in
     return len(latencies), failures, elapsed, latencies
 
 
-def measure(graph: str, target: str, url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float,
-            headers: dict | None = None) -> Level:
+def measure(
+    graph: str, target: str, url: str, bodies: list[dict], concurrency: int, max_requests: int, max_seconds: float, headers: dict | None = None
+) -> Level:
     count, failures, seconds, latencies = asyncio.run(drive(url, bodies, concurrency, max_requests, max_seconds, headers))
     return Level(graph, target, concurrency, count, failures, seconds, np.array(latencies))
 
 
-def measure_alternating(graph: str, targets: dict[str, tuple[str, list[dict]]], concurrency: int, rounds: int, max_requests: int,
-                        max_seconds: float) -> list[Level]:
+def measure_alternating(
+    graph: str, targets: dict[str, tuple[str, list[dict]]], concurrency: int, rounds: int, max_requests: int, max_seconds: float
+) -> list[Level]:
     """One level per target, measured in ``rounds`` turns that alternate the targets, each turn with its
     share of the requests and seconds: a background load that comes and goes weighs on all alike."""
     turns: dict[str, list[Level]] = {name: [] for name in targets}
     for _ in range(rounds):
         for name, (url, bodies) in targets.items():
             turns[name].append(measure(graph, name, url, bodies, concurrency, -(-max_requests // rounds), max_seconds / rounds))
-    return [Level(graph, name, concurrency, sum(t.requests for t in parts), sum(t.failures for t in parts), sum(t.seconds for t in parts),
-                  np.concatenate([t.latencies_ms for t in parts])) for name, parts in turns.items()]
+    return [
+        Level(
+            graph,
+            name,
+            concurrency,
+            sum(t.requests for t in parts),
+            sum(t.failures for t in parts),
+            sum(t.seconds for t in parts),
+            np.concatenate([t.latencies_ms for t in parts]),
+        )
+        for name, parts in turns.items()
+    ]
 
 
 def main() -> None:
@@ -163,24 +177,41 @@ def model_work(config: ServeConfig) -> str:
 
     limit_threads(config.torch_threads)
     model = ServingModel(config.model)
-    state = ServerState.rebuild(config.state, Path(config.state_dir) / "bench", training_data=config.training_data,
-                                feedback_log=config.feedback.path, wal_dir=Path(config.state_dir) / "bench-wal")
+    state = ServerState.rebuild(
+        config.state,
+        Path(config.state_dir) / "bench",
+        training_data=config.training_data,
+        feedback_log=config.feedback.path,
+        wal_dir=Path(config.state_dir) / "bench-wal",
+    )
     contexts = [state.context(str(user)) for user in range(1, 201)]
     lines = []
     for batch in (1, 8):
         started = time.perf_counter()
         for start in range(0, len(contexts), batch):
-            requests = [RetrievalRequest(model=config.model, user_id=c.user_id, history=c.history, history_ratings=c.history_ratings, interests=None,
-                                         num_candidates=config.retrieval.num_candidates + 10, registry_version=0, exclude=c.seen)
-                        for c in contexts[start : start + batch]]
+            requests = [
+                RetrievalRequest(
+                    model=config.model,
+                    user_id=c.user_id,
+                    history=c.history,
+                    history_ratings=c.history_ratings,
+                    interests=None,
+                    num_candidates=config.retrieval.num_candidates + 10,
+                    registry_version=0,
+                    exclude=c.seen,
+                )
+                for c in contexts[start : start + batch]
+            ]
             for ranked, context in zip(model.rank(model.retrieve(requests, config.state.history_length, 0.5), config.ranking.weights), contexts[start:]):
                 explain(ranked, rerank(ranked, 10, context.seen, config.rerank), config.rerank.because_size)
         per_request = (time.perf_counter() - started) / len(contexts) * 1000
         lines.append(f"{per_request:.1f} ms per request in batches of {batch}")
-    return (f"- model work alone (retrieve + rank + re-rank + explain, in-process, 1 thread): {'; '.join(lines)}. "
-            "The rest is Serve transport: the bare endpoint is one call from the proxy; a split recommendation five "
-            "(proxy → Ingress → UserStateStore, Retriever, Ranker, ReRanker); a colocated one the proxy's call to the "
-            "Recommender, plus its user lookups in the UserStateStore, one call per batch of concurrent requests.")
+    return (
+        f"- model work alone (retrieve + rank + re-rank + explain, in-process, 1 thread): {'; '.join(lines)}. "
+        "The rest is Serve transport: the bare endpoint is one call from the proxy; a split recommendation five "
+        "(proxy → Ingress → UserStateStore, Retriever, Ranker, ReRanker); a colocated one the proxy's call to the "
+        "Recommender, plus its user lookups in the UserStateStore, one call per batch of concurrent requests."
+    )
 
 
 def replicas() -> str:
@@ -206,19 +237,25 @@ def benchmark(config: ServeConfig, args: argparse.Namespace) -> str:
         for concurrency in args.concurrency:
             for level in measure_alternating(graph, targets, concurrency, args.rounds, args.max_requests, args.max_seconds):
                 levels.append(level)
-                print(f"{graph:9s} {level.target:9s} c={concurrency:<3d} {level.rps:8.1f} req/s  p50 {level.percentile(50):7.1f} ms  "
-                      f"p99 {level.percentile(99):7.1f} ms  failures {level.failures}", flush=True)
+                print(
+                    f"{graph:9s} {level.target:9s} c={concurrency:<3d} {level.rps:8.1f} req/s  p50 {level.percentile(50):7.1f} ms  "
+                    f"p99 {level.percentile(99):7.1f} ms  failures {level.failures}",
+                    flush=True,
+                )
             loads.append(os.getloadavg()[0])
-        notes.append(f"{graph}: replicas at the end {replicas()}; 1-minute load average {' → '.join(f'{load:.1f}' for load in loads)} "
-                     "(at the start and after each concurrency level)")
+        notes.append(
+            f"{graph}: replicas at the end {replicas()}; 1-minute load average {' → '.join(f'{load:.1f}' for load in loads)} "
+            "(at the start and after each concurrency level)"
+        )
 
     batch = args.feedback_batch
     feedback_bodies = [
         {"events": [{"user_id": str(rng.randint(1, NUM_USERS)), "item_id": str(rng.randint(1, 1682)), "event": "click"} for _ in range(batch)]}
         for _ in range(50)
     ]
-    feedback = measure(service.config.graph, "feedback", f"{service.url}/v1/feedback", feedback_bodies, 8, args.feedback_events // batch, 120,
-                       {"X-API-Key": API_KEY})
+    feedback = measure(
+        service.config.graph, "feedback", f"{service.url}/v1/feedback", feedback_bodies, 8, args.feedback_events // batch, 120, {"X-API-Key": API_KEY}
+    )
     events_per_s = feedback.requests * batch / feedback.seconds
     print(f"feedback {events_per_s:,.0f} events/s, failures {feedback.failures}", flush=True)
 
@@ -227,37 +264,47 @@ def benchmark(config: ServeConfig, args: argparse.Namespace) -> str:
     verdicts = []
     for graph in GRAPH_DEPLOYMENTS:
         for concurrency in args.concurrency:
-            bare, ours = (next(l for l in levels if (l.graph, l.target, l.concurrency) == (graph, target, concurrency)) for target in ("bare", "recommend"))
+            bare, ours = (
+                next(level for level in levels if (level.graph, level.target, level.concurrency) == (graph, target, concurrency))
+                for target in ("bare", "recommend")
+            )
             share, tail = ours.rps / bare.rps, ours.percentile(99) / bare.percentile(99)
-            rows.append(f"| {graph} | {concurrency} | {ours.requests:,} | {ours.failures} | {ours.rps:,.1f} | {ours.percentile(50):.1f} | "
-                        f"{ours.percentile(99):.1f} | {bare.rps:,.1f} | {bare.percentile(99):.1f} | {share:.0%} | {tail:.1f}× |")
+            rows.append(
+                f"| {graph} | {concurrency} | {ours.requests:,} | {ours.failures} | {ours.rps:,.1f} | {ours.percentile(50):.1f} | "
+                f"{ours.percentile(99):.1f} | {bare.rps:,.1f} | {bare.percentile(99):.1f} | {share:.0%} | {tail:.1f}× |"
+            )
             if concurrency > 1:
-                verdicts.append(f"{graph}, c={concurrency}: {share:.0%} of bare rps (target ≥ 50%: {'met' if share >= 0.5 else 'missed'}), "
-                                f"p99 {tail:.1f}× bare (target ≤ 2.5×: {'met' if tail <= 2.5 else 'missed'})")
-    return "\n".join([
-        SECTION,
-        "",
-        f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
-        f"{os.getloadavg()[0]:.1f} after (other jobs shared the machine when it was above ~2).",
-        f"Model: random tiny-BERT artifact (`tests.serving_fixtures`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
-        f"training sequences as server-side histories; default `ServeConfig` ({defaults.retrieval.num_candidates} candidates, "
-        f"{defaults.rerank.diversity}, batching {defaults.retrieval.batching.max_batch_size} / "
-        f"{defaults.retrieval.batching.batch_wait_timeout_s * 1000:g} ms, colocated user lookups "
-        f"{defaults.state.lookup_batching.max_batch_size} / {defaults.state.lookup_batching.batch_wait_timeout_s * 1000:g} ms, "
-        "default autoscaling), as the split graph, then redeployed as the colocated graph (`ServeConfig`'s default). Bare: one deployment returning a constant, same proxy. Each level: at most "
-        f"{args.max_requests:,} requests or {args.max_seconds:.0f} s per target, in {args.rounds} turns alternating bare and "
-        "recommend; the load generator runs on the same 2 cores.",
-        "",
-        "| graph | concurrency | requests | failures | req/s | p50 ms | p99 ms | bare req/s | bare p99 ms | share of bare req/s | p99 ÷ bare p99 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        *[f"- {line}" for line in verdicts],
-        *[f"- {line}" for line in notes],
-        f"- feedback ingestion ({service.config.graph} graph): {events_per_s:,.0f} events/s in batches of {batch} at concurrency 8 "
-        f"({feedback.requests * batch:,} events, {feedback.failures} failed requests; target ≥ 2,000: "
-        f"{'met' if events_per_s >= 2000 else 'missed'}); each request is acknowledged after its WAL fsync.",
-    ])
+                verdicts.append(
+                    f"{graph}, c={concurrency}: {share:.0%} of bare rps (target ≥ 50%: {'met' if share >= 0.5 else 'missed'}), "
+                    f"p99 {tail:.1f}× bare (target ≤ 2.5×: {'met' if tail <= 2.5 else 'missed'})"
+                )
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"Machine: {machine('ray', 'torch', 'httpx')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
+            f"{os.getloadavg()[0]:.1f} after (other jobs shared the machine when it was above ~2).",
+            f"Model: random tiny-BERT artifact (`tests.serving_fixtures`, width 32) over MovieLens-100K ({NUM_USERS} users, 1,682 items), "
+            f"training sequences as server-side histories; default `ServeConfig` ({defaults.retrieval.num_candidates} candidates, "
+            f"{defaults.rerank.diversity}, batching {defaults.retrieval.batching.max_batch_size} / "
+            f"{defaults.retrieval.batching.batch_wait_timeout_s * 1000:g} ms, colocated user lookups "
+            f"{defaults.state.lookup_batching.max_batch_size} / {defaults.state.lookup_batching.batch_wait_timeout_s * 1000:g} ms, "
+            "default autoscaling), as the split graph, then redeployed as the colocated graph (`ServeConfig`'s default). "
+            "Bare: one deployment returning a constant, same proxy. Each level: at most "
+            f"{args.max_requests:,} requests or {args.max_seconds:.0f} s per target, in {args.rounds} turns alternating bare and "
+            "recommend; the load generator runs on the same 2 cores.",
+            "",
+            "| graph | concurrency | requests | failures | req/s | p50 ms | p99 ms | bare req/s | bare p99 ms | share of bare req/s | p99 ÷ bare p99 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            *[f"- {line}" for line in verdicts],
+            *[f"- {line}" for line in notes],
+            f"- feedback ingestion ({service.config.graph} graph): {events_per_s:,.0f} events/s in batches of {batch} at concurrency 8 "
+            f"({feedback.requests * batch:,} events, {feedback.failures} failed requests; target ≥ 2,000: "
+            f"{'met' if events_per_s >= 2000 else 'missed'}); each request is acknowledged after its WAL fsync.",
+        ]
+    )
 
 
 if __name__ == "__main__":

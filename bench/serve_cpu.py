@@ -109,8 +109,7 @@ def measure_setting(flags: bool, args: argparse.Namespace, root: Path) -> dict[s
         serve.shutdown()
     finally:
         ray.shutdown()
-    return {name: {"rps": requests[name] / seconds[name], **{role: used / requests[name] * 1000 for role, used in cpu[name].items()}}
-            for name in targets}
+    return {name: {"rps": requests[name] / seconds[name], **{role: used / requests[name] * 1000 for role, used in cpu[name].items()}} for name in targets}
 
 
 def main() -> None:
@@ -127,37 +126,50 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve-cpu-") as scratch:
         results = {flags: measure_setting(flags, args, Path(scratch)) for flags in (True, False)}
 
-    roles = sorted({role for setting in results.values() for target in setting.values() for role in target if role != "rps"},
-                   key=lambda role: -results[True]["recommend"].get(role, 0.0))
+    roles = sorted(
+        {role for setting in results.values() for target in setting.values() for role in target if role != "rps"},
+        key=lambda role: -results[True]["recommend"].get(role, 0.0),
+    )
     header = " | ".join(f"{'flags on' if flags else 'flags off'}: {target}" for flags in results for target in ("bare", "recommend"))
-    rows = [f"| CPU ms per request: {role} | " + " | ".join(f"{results[flags][target].get(role, 0.0):.2f}" for flags in results for target in ("bare", "recommend")) + " |"
-            for role in roles]
-    totals = "| **CPU ms per request, all processes** | " + " | ".join(
-        f"**{sum(v for k, v in results[flags][target].items() if k != 'rps'):.1f}**" for flags in results for target in ("bare", "recommend")) + " |"
+    rows = [
+        f"| CPU ms per request: {role} | "
+        + " | ".join(f"{results[flags][target].get(role, 0.0):.2f}" for flags in results for target in ("bare", "recommend"))
+        + " |"
+        for role in roles
+    ]
+    totals = (
+        "| **CPU ms per request, all processes** | "
+        + " | ".join(f"**{sum(v for k, v in results[flags][target].items() if k != 'rps'):.1f}**" for flags in results for target in ("bare", "recommend"))
+        + " |"
+    )
     rps = "| req/s | " + " | ".join(f"{results[flags][target]['rps']:.1f}" for flags in results for target in ("bare", "recommend")) + " |"
-    shares = "; ".join(f"flags {'on' if flags else 'off'}: /v1/recommend at {results[flags]['recommend']['rps'] / results[flags]['bare']['rps']:.0%} of bare req/s"
-                       for flags in results)
-    section = "\n".join([
-        SECTION,
-        "",
-        f"Machine: {machine('ray', 'torch')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
-        f"{os.getloadavg()[0]:.1f} after. `.venv/bin/python bench/serve_cpu.py --graph {args.graph} --concurrency {args.concurrency} "
-        f"--seconds {args.seconds:g} --rounds {args.rounds}`: the {args.graph} graph and the bare endpoint of bench/serve_bench.py, "
-        f"driven at concurrency {args.concurrency} in {args.rounds} alternating turns of {args.seconds:g} s each; each process's CPU "
-        "time (user + system) over a target's turns divided by the requests it answered. Flags: Ray Serve's "
-        f"{' and '.join(f'`{name}=0`' for name in SERVE_THROUGHPUT_ENV)} in every process of a fresh Ray instance, or both at "
-        "Ray's default (1).",
-        "",
-        f"| | {header} |",
-        "|---|---:|---:|---:|---:|",
-        rps,
-        totals,
-        *rows,
-        "",
-        f"- {shares}.",
-        "- The bare endpoint's replica shows what one Serve hop costs the receiving process; a recommendation adds the "
-        "UserStateStore and FeedbackLogger calls (batched) and the model work in its replica.",
-    ])
+    shares = "; ".join(
+        f"flags {'on' if flags else 'off'}: /v1/recommend at {results[flags]['recommend']['rps'] / results[flags]['bare']['rps']:.0%} of bare req/s"
+        for flags in results
+    )
+    section = "\n".join(
+        [
+            SECTION,
+            "",
+            f"Machine: {machine('ray', 'torch')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
+            f"{os.getloadavg()[0]:.1f} after. `.venv/bin/python bench/serve_cpu.py --graph {args.graph} --concurrency {args.concurrency} "
+            f"--seconds {args.seconds:g} --rounds {args.rounds}`: the {args.graph} graph and the bare endpoint of bench/serve_bench.py, "
+            f"driven at concurrency {args.concurrency} in {args.rounds} alternating turns of {args.seconds:g} s each; each process's CPU "
+            "time (user + system) over a target's turns divided by the requests it answered. Flags: Ray Serve's "
+            f"{' and '.join(f'`{name}=0`' for name in SERVE_THROUGHPUT_ENV)} in every process of a fresh Ray instance, or both at "
+            "Ray's default (1).",
+            "",
+            f"| | {header} |",
+            "|---|---:|---:|---:|---:|",
+            rps,
+            totals,
+            *rows,
+            "",
+            f"- {shares}.",
+            "- The bare endpoint's replica shows what one Serve hop costs the receiving process; a recommendation adds the "
+            "UserStateStore and FeedbackLogger calls (batched) and the model work in its replica.",
+        ]
+    )
     publish(SECTION, section, write=not args.no_write)
 
 

@@ -37,9 +37,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from train.evaluate import evaluate_artifact
 
-    metrics = evaluate_artifact(
-        args.model, args.data, split=args.split, output=args.output, use_ray_data=args.ray_data
-    )
+    metrics = evaluate_artifact(args.model, args.data, split=args.split, output=args.output, use_ray_data=args.ray_data)
     for model_name, values in metrics.items():
         print(model_name, {k: round(v, 4) for k, v in values.items() if "@" in k})
 
@@ -89,9 +87,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _retrain(args: argparse.Namespace) -> None:
     from cluster.retrain import RetrainConfig, run_retrain
 
-    config = RetrainConfig.from_yaml(
-        args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output
-    )
+    config = RetrainConfig.from_yaml(args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output)
     if args.ray_address:
         config.preprocess.ray.address = config.train.ray.address = config.serving.ray.address = args.ray_address
     if args.serving:

@@ -90,8 +90,9 @@ def _describe(criterion: _Criterion, check: GateCheck) -> str:
         lacking = " and ".join(version for version, value in (("serving", check.serving), ("candidate", check.candidate)) if value is None)
         return f"{check.metric} skipped (the {lacking} version has none)"
     allowed = "drop" if criterion.higher_is_better else "rise"
-    return (f"{check.metric} serving {check.serving:.4f}, candidate {check.candidate:.4f} "
-            f"(may {allowed} {check.tolerance:g}): {'pass' if check.passed else 'FAIL'}")
+    return (
+        f"{check.metric} serving {check.serving:.4f}, candidate {check.candidate:.4f} (may {allowed} {check.tolerance:g}): {'pass' if check.passed else 'FAIL'}"
+    )
 
 
 def decide(serving: Mapping[str, float], candidate: Mapping[str, float], config: GateConfig) -> GateDecision:

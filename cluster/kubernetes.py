@@ -122,8 +122,14 @@ class RayServiceTarget:
                 "spec": {"serveConfigV2": yaml.safe_dump(updated, **YAML_DUMP_OPTIONS)},
             }
             try:
-                self._call("patch", self.api.patch_namespaced_custom_object, body=patch, field_validation="Strict",
-                           field_manager=FIELD_MANAGER, _content_type="application/merge-patch+json")
+                self._call(
+                    "patch",
+                    self.api.patch_namespaced_custom_object,
+                    body=patch,
+                    field_validation="Strict",
+                    field_manager=FIELD_MANAGER,
+                    _content_type="application/merge-patch+json",
+                )
                 return
             except _Conflict:
                 continue

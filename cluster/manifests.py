@@ -151,9 +151,7 @@ class _LiteralStrings(yaml.SafeDumper):
 
 _LiteralStrings.add_representer(
     str,
-    lambda dumper, value: dumper.represent_scalar(
-        "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None
-    ),
+    lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None),
 )
 
 
@@ -248,8 +246,23 @@ def strict_schema(schema: Any) -> Any:
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 RBAC_API_GROUP = RBAC_API_VERSION.split("/")[0]
 #: The API server takes any string as a verb, but a misspelt one silently grants nothing.
-RBAC_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
-              "bind", "escalate", "impersonate", "use", "approve", "sign", "*"]
+RBAC_VERBS = [
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "bind",
+    "escalate",
+    "impersonate",
+    "use",
+    "approve",
+    "sign",
+    "*",
+]
 _NON_EMPTY_STRINGS: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "string"}}
 _OBJECT_META: dict[str, Any] = {
     "type": "object",
@@ -307,13 +320,17 @@ def _core_schema(api_version: str, kind: str, properties: dict[str, Any], requir
 
 
 CORE_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
-    ("v1", "ServiceAccount"): _core_schema("v1", "ServiceAccount", {
-        "automountServiceAccountToken": {"type": "boolean"},
-        "imagePullSecrets": {
-            "type": "array",
-            "items": {"type": "object", "additionalProperties": False, "properties": {"name": {"type": "string"}}},
+    ("v1", "ServiceAccount"): _core_schema(
+        "v1",
+        "ServiceAccount",
+        {
+            "automountServiceAccountToken": {"type": "boolean"},
+            "imagePullSecrets": {
+                "type": "array",
+                "items": {"type": "object", "additionalProperties": False, "properties": {"name": {"type": "string"}}},
+            },
         },
-    }),
+    ),
     (RBAC_API_VERSION, "Role"): _core_schema(RBAC_API_VERSION, "Role", {"rules": {"type": "array", "items": _POLICY_RULE}}),
     (RBAC_API_VERSION, "RoleBinding"): _core_schema(
         RBAC_API_VERSION, "RoleBinding", {"roleRef": _ROLE_REF, "subjects": {"type": "array", "items": _SUBJECT}}, required=["roleRef"]
@@ -379,7 +396,8 @@ def _granted_verbs(documents: Sequence[dict], account: str, api_group: str, reso
     roles = {
         _dig(binding, "roleRef", "name")
         for binding in documents
-        if binding.get("kind") == "RoleBinding" and _dig(binding, "roleRef", "kind") == "Role"
+        if binding.get("kind") == "RoleBinding"
+        and _dig(binding, "roleRef", "kind") == "Role"
         and any(_is_local_service_account(s) and s.get("name") == account for s in binding.get("subjects") or [])
     }
     verbs: set[str] = set()

@@ -21,11 +21,11 @@ import ray
 
 from cluster.retrain import RetrainConfig, run_retrain
 from cluster.simulate import replay
-from data import schema
-from data.config import ColumnMapping, PreprocessConfig, SourceConfig
 from common.config import RayConfig
 from common.errors import InputError
 from common.ray_connect import connect
+from data import schema
+from data.config import ColumnMapping, PreprocessConfig, SourceConfig
 from data.manifest import format_report
 from data.pipeline import run_preprocess
 from data.readers import read_source
@@ -107,8 +107,7 @@ def run_pipeline(
 
     started = time.perf_counter()
     # The service loads the histories of the data the model was trained on (training_data: artifact).
-    serve_config = _stage_config(ServeConfig, "serve", model=before.artifact, feedback_log=str(root / "feedback"),
-                                 state_dir=str(root / "serve"), port=port)
+    serve_config = _stage_config(ServeConfig, "serve", model=before.artifact, feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
     service = run_service(serve_config, blocking=False)
     timed("serve (start)", started)
 
@@ -122,8 +121,7 @@ def run_pipeline(
     before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users)
 
     started = time.perf_counter()
-    retrain = _stage_config(RetrainConfig, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"),
-                            serve_state_dir=str(root / "serve"))
+    retrain = _stage_config(RetrainConfig, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve"))
     retrain.preprocess, retrain.train = preprocess, train
     after = run_retrain(retrain)
     timed("retrain + hot swap", started)
@@ -175,15 +173,21 @@ def _write_report(root: Path, manifest, before, after, online: dict, held_out: d
         "",
         "| metric | v1 (serving) | v2 (candidate) | allowed change for the worse | |",
         "|---|---:|---:|---:|---|",
-        *[f"| {check.metric} | {_figure(check.serving)} | {_figure(check.candidate)} | {check.tolerance} | "
-          f"{'skipped' if check.skipped else 'pass' if check.passed else 'FAIL'} |" for check in after.gate.checks],
+        *[
+            f"| {check.metric} | {_figure(check.serving)} | {_figure(check.candidate)} | {check.tolerance} | "
+            f"{'skipped' if check.skipped else 'pass' if check.passed else 'FAIL'} |"
+            for check in after.gate.checks
+        ],
         "",
         f"The {held_out['before']['requests']} interactions after the replayed ones, asked about (no feedback) before and after the gate:",
         "",
         "| | served by | HR@10 | known users with a `because` | errors | p50 ms |",
         "|---|---|---:|---:|---:|---:|",
-        *[f"| {when} the gate | `{', '.join(run['model_versions'])}` | {run['hit_rate']:.4f} | {run['explained_share']:.1%} | "
-          f"{run['errors']} | {run['p50_ms']:.1f} |" for when, run in held_out.items()],
+        *[
+            f"| {when} the gate | `{', '.join(run['model_versions'])}` | {run['hit_rate']:.4f} | {run['explained_share']:.1%} | "
+            f"{run['errors']} | {run['p50_ms']:.1f} |"
+            for when, run in held_out.items()
+        ],
         "",
         "## Wall time (this machine)",
         "",

@@ -25,12 +25,13 @@ from pydantic import Field
 
 from cluster.gate import GateConfig, GateDecision, decide
 from common.config import RayConfig, StageConfig
-from data.config import PreprocessConfig, SourceConfig
 from common.errors import InputError
+from data.config import PreprocessConfig, SourceConfig
 from data.feedback_log import REGISTRY_FILE
 from data.pipeline import run_preprocess
 from serve.versions import VersionHistory
 from train.config import TrainConfig
+
 
 class ServingConfig(StageConfig):
     """Where the version in service runs, to read it and to promote into it."""
@@ -133,8 +134,9 @@ def run_retrain(config: RetrainConfig) -> RetrainResult:
     train.data, train.output, train.warm_start_from = preprocess.output, str(run_dir / "model"), current
     result = run_training(train)
 
-    decision = decide(evaluate_on(current, preprocess.output, split="validation"),
-                      evaluate_on(result.artifact, preprocess.output, split="validation"), config.gate)
+    decision = decide(
+        evaluate_on(current, preprocess.output, split="validation"), evaluate_on(result.artifact, preprocess.output, split="validation"), config.gate
+    )
     swapped, reason = False, decision.reason
     if not decision.promoted:
         service.history().record_rejected(result.artifact, asdict(decision))

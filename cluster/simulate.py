@@ -19,8 +19,9 @@ import pyarrow as pa
 FEEDBACK_BATCH = 200
 
 
-def replay(url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 4, send_feedback: bool = True,
-           known_users: Collection[str] = ()) -> dict[str, Any]:
+def replay(
+    url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 4, send_feedback: bool = True, known_users: Collection[str] = ()
+) -> dict[str, Any]:
     """Replay ``interactions`` (the canonical INTERACTIONS schema) against the service at ``url``.
     ``explained_share``: of the answers to ``known_users`` (users with a server-side history), the share
     with a non-empty ``because`` on some item: a personal answer, not the popularity fallback."""

@@ -56,8 +56,7 @@ WORKING_DIR_EXCLUDES = (
 )
 
 AUTH_SETUP_HINT = (
-    "set RAY_AUTH_MODE=token and give the cluster's token in a file named by RAY_AUTH_TOKEN_PATH "
-    "(or ~/.ray/auth_token, or the RAY_AUTH_TOKEN variable)"
+    "set RAY_AUTH_MODE=token and give the cluster's token in a file named by RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token, or the RAY_AUTH_TOKEN variable)"
 )
 REDACTED = "[ray-auth-token]"
 
@@ -121,9 +120,7 @@ def submit_command(
     """Submit any shell command as a Ray job with polyrec's working_dir; return its submission id."""
     env = runtime_env(working_dir, extra_pip)
     with _cluster_errors(address) as client:
-        return client.submit_job(
-            entrypoint=entrypoint, runtime_env=env, submission_id=submission_id, metadata=metadata
-        )
+        return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id, metadata=metadata)
 
 
 def follow_job(job_id: str, *, address: str | None = None, out: TextIO = sys.stdout) -> JobStatus:
@@ -206,10 +203,7 @@ def _cluster_errors(address: str | None, job_id: str | None = None) -> Iterator[
     try:
         yield JobSubmissionClient(address, headers=headers)
     except (ConnectionError, requests.exceptions.ConnectionError):
-        raise InputError(
-            f"cannot reach the Ray dashboard at {address}: is the cluster up and its dashboard "
-            "(default port 8265) reachable from here?"
-        ) from None
+        raise InputError(f"cannot reach the Ray dashboard at {address}: is the cluster up and its dashboard (default port 8265) reachable from here?") from None
     except AuthenticationError as err:
         verdict = "rejected the token" if "Forbidden" in str(err) else "requires token authentication"
         raise InputError(f"the Ray cluster at {address} {verdict}: {AUTH_SETUP_HINT}") from None

@@ -34,9 +34,7 @@ class StageConfig(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as err:
             where = path or "config"
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
             raise InputError(f"{where}: {problems}") from None
 
     def to_yaml(self) -> str:

@@ -79,11 +79,7 @@ def read_table(location: Location, relative: str) -> pa.Table:
         raise InputError(f"{location.uri}: {relative} is missing")
     if info.type == pafs.FileType.File:
         return pq.read_table(path, filesystem=location.filesystem)
-    files = sorted(
-        f.path
-        for f in location.filesystem.get_file_info(pafs.FileSelector(path))
-        if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-    )
+    files = sorted(f.path for f in location.filesystem.get_file_info(pafs.FileSelector(path)) if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
     return pa.concat_tables([pq.read_table(f, filesystem=location.filesystem) for f in files])
 
 

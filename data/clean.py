@@ -188,16 +188,12 @@ def drop_sparse(block: pa.Table, *, sparse_items: pa.Array, config: CleanConfig)
     """
     if len(sparse_items):
         of_sparse_item = pc.is_in(block["item_id"], value_set=sparse_items).to_numpy(zero_copy_only=False)
-        block = _drop(
-            block, of_sparse_item, "kcore", f"item has fewer than {config.min_item_interactions} interactions (k-core)"
-        )
+        block = _drop(block, of_sparse_item, "kcore", f"item has fewer than {config.min_item_interactions} interactions (k-core)")
     counts = kept_interactions(block, ("user_id",)).group_by("user_id").aggregate([("user_id", "count")])
     sparse_users = counts.filter(pc.less(counts["user_id_count"], config.min_user_interactions))["user_id"]
     if len(sparse_users):
         of_sparse_user = pc.is_in(block["user_id"], value_set=sparse_users).to_numpy(zero_copy_only=False)
-        block = _drop(
-            block, of_sparse_user, "kcore", f"user has fewer than {config.min_user_interactions} interactions (k-core)"
-        )
+        block = _drop(block, of_sparse_user, "kcore", f"user has fewer than {config.min_user_interactions} interactions (k-core)")
     return block
 
 

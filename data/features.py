@@ -127,10 +127,7 @@ def rating_normalisation(features: FeatureConfig, clean: CleanConfig) -> RatingN
     if kind != "minmax":
         return RatingNormalisation(kind=kind)
     if clean.min_value is None or clean.max_value is None or clean.max_value <= clean.min_value:
-        raise InputError(
-            "features.rating_normalisation: minmax needs clean.min_value < clean.max_value "
-            f"(got {clean.min_value}, {clean.max_value})"
-        )
+        raise InputError(f"features.rating_normalisation: minmax needs clean.min_value < clean.max_value (got {clean.min_value}, {clean.max_value})")
     return RatingNormalisation(kind=kind, shift=clean.min_value, scale=clean.max_value - clean.min_value)
 
 
@@ -171,10 +168,7 @@ def template_fields(template: str) -> list[str]:
         raise InputError(f"features.text_template: {err}") from None
     unknown = [name for name in fields if name not in ITEMS_BASE.names]
     if unknown or "" in fields:
-        raise InputError(
-            f"features.text_template: unknown item field(s) {unknown or ['{}']}; "
-            f"available: {', '.join(ITEMS_BASE.names)}"
-        )
+        raise InputError(f"features.text_template: unknown item field(s) {unknown or ['{}']}; available: {', '.join(ITEMS_BASE.names)}")
     return fields
 
 
@@ -227,6 +221,4 @@ class ItemTextEncoder:
         rows = items.select(self._fields).to_pylist()
         texts = [item["full_text"] if item["full_text"] is not None else render_item_text(item, self._template) for item in rows]
         input_ids = self._tokenizer(texts, truncation=True, max_length=self._max_tokens)["input_ids"]
-        return items.append_column("text", pa.array(texts, pa.string())).append_column(
-            "input_ids", pa.array(input_ids, pa.list_(pa.int32()))
-        )
+        return items.append_column("text", pa.array(texts, pa.string())).append_column("input_ids", pa.array(input_ids, pa.list_(pa.int32())))

@@ -98,17 +98,14 @@ def format_report(manifest: Manifest) -> str:
     ]
     lines += [f"{s.step:<16}{s.before:>12,}{s.after:>12,}{s.dropped:>12,}" for s in manifest.steps]
     lines.append(
-        f"k-core: {manifest.kcore_iterations} iteration(s), "
-        + ("converged" if manifest.kcore_converged else "NOT converged (max_kcore_iterations reached)")
+        f"k-core: {manifest.kcore_iterations} iteration(s), " + ("converged" if manifest.kcore_converged else "NOT converged (max_kcore_iterations reached)")
     )
     lines += ["", "quarantine:" if manifest.quarantine else "quarantine: empty"]
     lines += [f"  {q.count:>10,}  {q.stage:<20} {q.reason}" for q in manifest.quarantine]
     lines += ["", f"{'split':<16}{'rows':>12}{'interactions':>14}"]
     lines += [f"{name:<16}{size.rows:>12,}{size.interactions:>14,}" for name, size in manifest.splits.items()]
     if manifest.num_cold_items:
-        lines.append(
-            f"cold items: {manifest.num_cold_items:,} ({manifest.cold_withheld_interactions:,} training interactions withheld)"
-        )
+        lines.append(f"cold items: {manifest.num_cold_items:,} ({manifest.cold_withheld_interactions:,} training interactions withheld)")
     if manifest.temporal_cutoffs:
         lines.append(f"temporal cut points: {manifest.temporal_cutoffs[0]} (validation), {manifest.temporal_cutoffs[1]} (test)")
     lines += [

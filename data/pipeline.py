@@ -227,9 +227,7 @@ def _release_freed_memory() -> None:
 def _map(ds: ray.data.Dataset, fn: Callable[..., pa.Table], **shared: Any) -> ray.data.Dataset:
     """``fn(block, **shared)`` on every whole block; shared values go through the object store once."""
     refs = {name: value if isinstance(value, ray.ObjectRef) else ray.put(value) for name, value in shared.items()}
-    return ds.map_batches(
-        _resolved_call, fn_args=(fn,), fn_kwargs=refs, batch_format="pyarrow", batch_size=None, zero_copy_batch=True
-    )
+    return ds.map_batches(_resolved_call, fn_args=(fn,), fn_kwargs=refs, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
 def _gather(ds: ray.data.Dataset, fn: Callable[..., pa.Table], schema: pa.Schema, **shared: Any) -> pa.Table:
@@ -245,13 +243,11 @@ def _sum_by(table: pa.Table, keys: list[str]) -> pa.Table:
 
 def _empty_step_message(step: str, config: CleanConfig) -> str:
     what = {
-        "range": f"range check (value in [{config.min_value}, {config.max_value}], "
-        f"timestamp in [{config.min_timestamp}, {config.max_timestamp}])",
+        "range": f"range check (value in [{config.min_value}, {config.max_value}], timestamp in [{config.min_timestamp}, {config.max_timestamp}])",
         "item_metadata": "item metadata check (require_item_metadata=true: no interaction's item_id is in the items table)",
         "duplicates": "duplicate removal",
         "bot_filter": f"bot filter (max_events_per_user_per_day={config.max_events_per_user_per_day})",
-        "kcore": f"k-core (min_user_interactions={config.min_user_interactions}, "
-        f"min_item_interactions={config.min_item_interactions})",
+        "kcore": f"k-core (min_user_interactions={config.min_user_interactions}, min_item_interactions={config.min_item_interactions})",
     }[step]
     return f"{what} left no interactions"
 
@@ -352,9 +348,7 @@ class _Run:
     def _accounting(self, ds: ray.data.Dataset) -> tuple[list[StepCount], list[QuarantineCount]]:
         """Before/after counts of each step from the drop markers; InputError at the step that empties the data."""
         dropped = _sum_by(_gather(ds, clean.count_dropped, clean.DROPPED_COUNTS), ["stage", "reason"])
-        read = self.sources.quarantine.select(["stage", "reason"]).append_column(
-            "count", pa.array([1] * self.sources.quarantine.num_rows, pa.int64())
-        )
+        read = self.sources.quarantine.select(["stage", "reason"]).append_column("count", pa.array([1] * self.sources.quarantine.num_rows, pa.int64()))
         quarantine = [QuarantineCount(**row) for row in _sum_by(read, ["stage", "reason"]).to_pylist()]
         quarantine += [QuarantineCount(**row) for row in dropped.to_pylist()]
         steps, before = [], self.num_input_interactions

@@ -79,9 +79,7 @@ def second_counts(block: pa.Table, days: list[int]) -> pa.Table:
     timestamp = kept_interactions(block, ("timestamp",))["timestamp"].to_numpy()
     chosen = pa.table({"timestamp": timestamp[np.isin(np.floor_divide(timestamp, SECONDS_PER_DAY), days)]})
     counts = chosen.group_by("timestamp").aggregate([("timestamp", "count")])
-    return pa.table(
-        {"timestamp": counts["timestamp"], "count": pc.cast(counts["timestamp_count"], pa.int64())}, schema=SECOND_COUNTS
-    )
+    return pa.table({"timestamp": counts["timestamp"], "count": pc.cast(counts["timestamp_count"], pa.int64())}, schema=SECOND_COUNTS)
 
 
 def _value_at_rank(counts: pa.Table, key: str, rank: int) -> tuple[int, int]:
@@ -93,18 +91,13 @@ def _value_at_rank(counts: pa.Table, key: str, rank: int) -> tuple[int, int]:
     return int(counts[key][position].as_py()), before
 
 
-def timestamps_at_ranks(
-    ranks: tuple[int, ...], days: pa.Table, seconds_on: Callable[[list[int]], pa.Table]
-) -> tuple[int, ...]:
+def timestamps_at_ranks(ranks: tuple[int, ...], days: pa.Table, seconds_on: Callable[[list[int]], pa.Table]) -> tuple[int, ...]:
     """Exact timestamps of events at these time-order ranks, from per-day counts plus per-second
     counts of the few days that hold the ranks (so no pass needs all timestamps at once)."""
     located = [_value_at_rank(days, "day", rank) for rank in ranks]
     seconds = seconds_on(sorted({day for day, _ in located}))
     day_of_second = np.floor_divide(seconds["timestamp"].to_numpy(), SECONDS_PER_DAY)
-    return tuple(
-        _value_at_rank(seconds.filter(pa.array(day_of_second == day)), "timestamp", rank - before)[0]
-        for rank, (day, before) in zip(ranks, located)
-    )
+    return tuple(_value_at_rank(seconds.filter(pa.array(day_of_second == day)), "timestamp", rank - before)[0] for rank, (day, before) in zip(ranks, located))
 
 
 # --- Per partition ----------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ MAX_TEXT_CHARS = 4000
 MAX_FEEDBACK_EVENTS = 5000
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 
+
 def _not_a_boolean(value: Any) -> Any:
     """JSON Schema's integers and numbers (2807.0 is an integer there) are no booleans, though Python's bool is an int."""
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
     return value
+
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 EventId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -37,10 +39,15 @@ class Body(BaseModel):
 
 
 class RecommendRequest(Body):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"user_id": "196", "k": 10},
-        {"user_id": "new-visitor", "k": 5, "interests": "Space adventures with robots", "history": ["50"], "exclude": ["181"]},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "196", "k": 10},
+                {"user_id": "new-visitor", "k": 5, "interests": "Space adventures with robots", "history": ["50"], "exclude": ["181"]},
+            ]
+        },
+    )
 
     user_id: Id
     k: int = Field(10, ge=1, le=MAX_K)
@@ -75,10 +82,15 @@ class FeedbackEvent(Body):
     """An interaction. ``value``: a ``rate`` event's rating, within the service's ``rating_range`` (required
     there); for other events an optional weight."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"event_id": "3f1c9b7e-rate-1", "user_id": "196", "item_id": "50", "event": "rate", "value": 4.0},
-        {"user_id": "196", "item_id": "181", "event": "click"},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"event_id": "3f1c9b7e-rate-1", "user_id": "196", "item_id": "50", "event": "rate", "value": 4.0},
+                {"user_id": "196", "item_id": "181", "event": "click"},
+            ]
+        },
+    )
 
     event_id: EventId | None = None  # a uuid4 is assigned when absent; retries should resend the same id
     user_id: Id
@@ -111,9 +123,14 @@ class FeedbackResponse(BaseModel):
 
 
 class NewItem(Body):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"item_id": "robot-musical", "title": "Robots Sing", "text": "Robots Sing in Space. Genres: Musical, Sci-Fi."},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"item_id": "robot-musical", "title": "Robots Sing", "text": "Robots Sing in Space. Genres: Musical, Sci-Fi."},
+            ]
+        },
+    )
 
     item_id: Id
     title: Annotated[str, StringConstraints(max_length=500)] | None = None
@@ -154,8 +171,8 @@ STATUSES: dict[int, str] = {
     413: "The body is larger than the service's max_body_bytes.",
     422: "A field breaks the contract; `detail` names it (`loc`).",
     503: "Nothing was done: the service is past capacity, a part of it did not answer within its deadline, or the "
-         "feedback log could not make the write durable. Retry after the Retry-After header's seconds (with the same "
-         "event_ids, for feedback).",
+    "feedback log could not make the write durable. Retry after the Retry-After header's seconds (with the same "
+    "event_ids, for feedback).",
 }
 
 
@@ -180,10 +197,12 @@ def contract(app: Any, *, accepted_events: list[str], rating_range: tuple[float,
     event = document["components"]["schemas"]["FeedbackEvent"]
     event["properties"]["event"] = {"type": "string", "enum": list(accepted_events), "title": "Event"}
     low, high = rating_range
-    event["allOf"] = [{
-        "if": {"properties": {"event": {"const": "rate"}}, "required": ["event"]},
-        "then": {"properties": {"value": {"type": "number", "minimum": low, "maximum": high}}, "required": ["value"]},
-    }]
+    event["allOf"] = [
+        {
+            "if": {"properties": {"event": {"const": "rate"}}, "required": ["event"]},
+            "then": {"properties": {"value": {"type": "number", "minimum": low, "maximum": high}}, "required": ["value"]},
+        }
+    ]
     if protect_reads:
         for path, operations in document["paths"].items():
             for method, operation in operations.items():

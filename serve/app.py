@@ -37,9 +37,7 @@ def build_graph(config: ServeConfig) -> Application:
     """``config.graph``'s deployments, each with its options and first ``user_config``, bound to the ingress."""
     options = _deployment_options(config)
     store = UserStateStore.options(**options["UserStateStore"]).bind(config)
-    feedback_logger = FeedbackLogger.options(
-        **options["FeedbackLogger"], graceful_shutdown_timeout_s=FEEDBACK_SHUTDOWN_TIMEOUT_S
-    ).bind(config)
+    feedback_logger = FeedbackLogger.options(**options["FeedbackLogger"], graceful_shutdown_timeout_s=FEEDBACK_SHUTDOWN_TIMEOUT_S).bind(config)
     if config.graph == "split":
         stages = (
             Retriever.options(**options["Retriever"]).bind(config, store),

@@ -94,10 +94,8 @@ def _default_deployments() -> dict[str, DeploymentOptions]:
         "Retriever": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4, max_queued_requests=128),
         "Ranker": DeploymentOptions(num_cpus=0.3, max_replicas=4, target_ongoing_requests=4, max_queued_requests=128),
         "ReRanker": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=8, max_queued_requests=128),
-        "Recommender": DeploymentOptions(num_cpus=1.0, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=256,
-                                         max_queued_requests=256),
-        "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256,
-                                            max_queued_requests=512),
+        "Recommender": DeploymentOptions(num_cpus=1.0, max_replicas=4, target_ongoing_requests=8, max_ongoing_requests=256, max_queued_requests=256),
+        "FeedbackLogger": DeploymentOptions(num_cpus=0.1, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=256, max_queued_requests=512),
     }
 
 
@@ -134,9 +132,7 @@ class RetrievalConfig(StageConfig):
 class RankingConfig(StageConfig):
     """final score = retrieval · retrieval logit + like · p(like) + rating · predicted rating (raw scale)."""
 
-    weights: dict[Literal["retrieval", "like", "rating"], float] = Field(
-        default_factory=lambda: {"retrieval": 1.0, "like": 1.0, "rating": 0.2}
-    )
+    weights: dict[Literal["retrieval", "like", "rating"], float] = Field(default_factory=lambda: {"retrieval": 1.0, "like": 1.0, "rating": 0.2})
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
 
 
@@ -219,9 +215,7 @@ class ServeConfig(StageConfig):
     #: Set by the runner (and the cluster config) when the service listens beyond loopback: the ingress
     #: then refuses to start without a key, unless ``insecure``.
     api_key_required: bool = False
-    accepted_events: list[str] = Field(
-        default_factory=lambda: ["click", "like", "dislike", "rate", "purchase", "view", "skip"]
-    )
+    accepted_events: list[str] = Field(default_factory=lambda: ["click", "like", "dislike", "rate", "purchase", "view", "skip"])
     #: A ``rate`` event's value must lie in this range (the data's rating scale); other events' values are weights.
     rating_range: tuple[float, float] = (1.0, 5.0)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)

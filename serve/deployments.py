@@ -95,9 +95,7 @@ class Ingress:
     def __init__(self, config: ServeConfig, store: DeploymentHandle, feedback_logger: DeploymentHandle, *stage_deployments: DeploymentHandle):
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
-        self.stages: HandleStages | ColocatedStages = (
-            HandleStages(store, *stage_deployments) if stage_deployments else ColocatedStages(config, store)
-        )
+        self.stages: HandleStages | ColocatedStages = HandleStages(store, *stage_deployments) if stage_deployments else ColocatedStages(config, store)
         self.model = config.model
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
         configure(app, config, self.metrics)
@@ -123,8 +121,7 @@ class Ingress:
         except TimeoutError:
             raise ServiceUnavailable(f"not answered within {timeout_s:g}s; try again later") from None
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)],
-              responses=responses(400, 401, 413, 422, 503))
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)], responses=responses(400, 401, 413, 422, 503))
     async def recommend(self, body: RecommendRequest) -> RecommendResponse:
         request_id = uuid.uuid4().hex
         query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
@@ -135,10 +132,16 @@ class Ingress:
         if body.context:
             logger.info("request %s context %s", request_id, body.context)
         items = recommendation.items
-        self._log_impressions(impression_rows(request_id=request_id, user_id=body.user_id, items=[(item.item_id, item.score) for item in items],
-                                              model_version=recommendation.model_version, ts=now_ms()))
-        return RecommendResponse(request_id=request_id, model_version=recommendation.model_version, items=items,
-                                 ignored_history=recommendation.ignored_history)
+        self._log_impressions(
+            impression_rows(
+                request_id=request_id,
+                user_id=body.user_id,
+                items=[(item.item_id, item.score) for item in items],
+                model_version=recommendation.model_version,
+                ts=now_ms(),
+            )
+        )
+        return RecommendResponse(request_id=request_id, model_version=recommendation.model_version, items=items, ignored_history=recommendation.ignored_history)
 
     def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
         """Queue impression rows; they reach the log in one call per ``impression_batch_s``.
@@ -173,8 +176,7 @@ class Ingress:
 
     # --- feedback ----------------------------------------------------------------------------
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_api_key)],
-              responses=responses(400, 401, 413, 422, 503))
+    @app.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_api_key)], responses=responses(400, 401, 413, 422, 503))
     async def feedback(self, body: FeedbackBody) -> FeedbackResponse:
         """One event, or ``{"events": [...]}``; answered once every event is durable in the log. A retry must
         resend the same ``event_id``s: an id applied before changes nothing, here or in retraining."""
@@ -189,8 +191,7 @@ class Ingress:
                 raise invalid_field((*where, "value"), f"a rate event's value is a rating in [{low:g}, {high:g}]", event.value)
         received = now_ms()
         rows = [
-            {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received}
-            for event in events
+            {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received} for event in events
         ]
         async with self._deadline():
             try:
@@ -201,8 +202,11 @@ class Ingress:
                 raise
         for row in rows:
             self.metrics.feedback_events.inc(tags={"event": row["event"]})
-        interactions = [(row["event_id"], row["user_id"], row["item_id"], row["ts"], row["value"] if row["event"] == "rate" else None)
-                        for row in rows if row["event"] in self.history_events]
+        interactions = [
+            (row["event_id"], row["user_id"], row["item_id"], row["ts"], row["value"] if row["event"] == "rate" else None)
+            for row in rows
+            if row["event"] in self.history_events
+        ]
         if interactions:
             try:
                 await self.metrics.stage_latency.timed("state", self.store.record.remote(interactions))
@@ -214,8 +218,7 @@ class Ingress:
 
     # --- items and model ---------------------------------------------------------------------
 
-    @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)],
-              responses=responses(400, 401, 409, 413, 422, 503))
+    @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)], responses=responses(400, 401, 409, 413, 422, 503))
     async def register_item(self, body: NewItem) -> ItemInfo:
         """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
         timed = self.metrics.stage_latency.timed
@@ -227,8 +230,7 @@ class Ingress:
             raise HTTPException(409, str(_cause(error))) from None
         return ItemInfo(item_id=item.item_id, title=item.title, registered=True, attributes=[])
 
-    @app.get("/v1/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(require_read_key)],
-             responses=responses(401, 404, 422, 503))
+    @app.get("/v1/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(require_read_key)], responses=responses(401, 404, 422, 503))
     async def get_item(self, item_id: Annotated[str, PathParam(min_length=1, max_length=256)]) -> ItemInfo:
         async with self._deadline():
             found = await self.metrics.stage_latency.timed("retrieve", self.stages.describe_item(self.model, item_id))
@@ -255,13 +257,18 @@ class UserStateStore:
 
     def __init__(self, config: ServeConfig):
         self.training_data = config.training_data
-        self.state = ServerState.rebuild(config.state, config.state_dir, training_data=config.training_data,
-                                         feedback_log=config.feedback.path, wal_dir=config.feedback_wal_dir())
+        self.state = ServerState.rebuild(
+            config.state, config.state_dir, training_data=config.training_data, feedback_log=config.feedback.path, wal_dir=config.feedback_wal_dir()
+        )
 
     async def summary(self) -> dict[str, Any]:
         """What the state holds: users with a history, their interactions, registered items."""
-        return {"training_data": self.training_data, "users": len(self.state.histories),
-                "interactions": sum(self.state.popularity.values()), "registered_items": len(self.state.registered)}
+        return {
+            "training_data": self.training_data,
+            "users": len(self.state.histories),
+            "interactions": sum(self.state.popularity.values()),
+            "registered_items": len(self.state.registered),
+        }
 
     async def context(self, user_id: str) -> UserContext:
         return self.state.context(user_id)
@@ -296,8 +303,9 @@ class FeedbackLogger:
 
     def __init__(self, config: ServeConfig):
         settings = config.feedback
-        self.log = FeedbackLog(settings.path, config.feedback_wal_dir(), writer=serve.get_replica_context().replica_tag,
-                               flush_max_events=settings.flush_max_events)
+        self.log = FeedbackLog(
+            settings.path, config.feedback_wal_dir(), writer=serve.get_replica_context().replica_tag, flush_max_events=settings.flush_max_events
+        )
         self.log.flush()
         self.flush_interval_s = settings.flush_interval_s
         self.rows_written = Counter("polyrec_feedback_rows", "Feedback-log rows made durable, by where", tag_keys=("where",))

@@ -33,9 +33,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.storage import resolve
 from data.feedback_log import LOCK_SUFFIX, PART_PREFIX, PART_SUFFIX, WAL_SUFFIX, read_wal_segment, rows_to_table
 from data.schema import FEEDBACK_LOG
-from common.storage import resolve
 from serve.errors import FeedbackLogUnavailable
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def impression_rows(
-    *, request_id: str, user_id: str, items: Sequence[tuple[str, float]], model_version: str, ts: int
-) -> list[dict[str, Any]]:
+def impression_rows(*, request_id: str, user_id: str, items: Sequence[tuple[str, float]], model_version: str, ts: int) -> list[dict[str, Any]]:
     """One ``impression`` row per recommended (item_id, score), ``position`` counting from 1."""
     return [
         {

@@ -45,8 +45,7 @@ class IngressMetrics:
     def __init__(self, call_timeout_s: float) -> None:
         self.errors = Counter("polyrec_errors", "5xx answers and failed background work by route", tag_keys=("route",))
         self.stage_latency = StageLatency(call_timeout_s)
-        self.impressions = Counter("polyrec_impressions", "Impression rows logged, sent again after a failure, or dropped",
-                                   tag_keys=("outcome",))
+        self.impressions = Counter("polyrec_impressions", "Impression rows logged, sent again after a failure, or dropped", tag_keys=("outcome",))
         self.feedback_events = Counter("polyrec_feedback_events", "Feedback events acknowledged, by event type", tag_keys=("event",))
         self.cold_starts = Counter("polyrec_cold_starts", "Recommendations without a usable history, by mode", tag_keys=("mode",))
 
@@ -60,13 +59,14 @@ def configure(served: FastAPI, config: ServeConfig, metrics: IngressMetrics) -> 
     served.max_body_size = config.max_body_bytes
     served.state.api_key = api_key(config)
     if served.state.api_key is None and config.api_key_required and not config.insecure:
-        raise RuntimeError(f"the service listens beyond loopback and has no API key: set ${config.api_key_env} or api_key_file "
-                           "in the replicas' environment, or insecure: true to run with open write endpoints")
+        raise RuntimeError(
+            f"the service listens beyond loopback and has no API key: set ${config.api_key_env} or api_key_file "
+            "in the replicas' environment, or insecure: true to run with open write endpoints"
+        )
     served.state.protect_reads = config.protect_reads
     served.state.retry_after_s = config.admission.retry_after_s
     served.state.max_in_progress = config.admission.max_in_progress
-    served.openapi = lambda: contract(served, accepted_events=config.accepted_events, rating_range=config.rating_range,
-                                      protect_reads=config.protect_reads)
+    served.openapi = lambda: contract(served, accepted_events=config.accepted_events, rating_range=config.rating_range, protect_reads=config.protect_reads)
 
 
 # --- admission and error answers -------------------------------------------------------------

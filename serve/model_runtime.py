@@ -28,10 +28,11 @@ from transformers.utils import logging as transformers_logging
 from common.errors import InputError
 from data.features import RatingNormalisation, rating_offsets_by_index
 from data.schema import PAD_INDEX
-from train.artifact import load_artifact
-from train.batching import left_pad
 from serve.messages import Candidates, Mode, Ranked, RetrievalRequest
 from serve.state import RegisteredItem
+from train.artifact import load_artifact
+from train.batching import left_pad
+
 
 def limit_threads(threads: int) -> None:
     """Replicas hold fractions of a few cores; more threads than that only contend."""
@@ -130,8 +131,9 @@ class ServingModel:
         """Catalogue indices of the last ``length`` usable items, the ids the model does not know, and
         the usable items' raw ratings (NaN where none). Registered items are known but have no learned
         position in the user model, so they only count as seen."""
-        usable = [(self.item_index[item_id], rating) for item_id, rating in zip(request.history, request.history_ratings)
-                  if item_id in self.item_index][-length:]
+        usable = [(self.item_index[item_id], rating) for item_id, rating in zip(request.history, request.history_ratings) if item_id in self.item_index][
+            -length:
+        ]
         ignored = [item_id for item_id in dict.fromkeys(request.history) if not self.knows(item_id)]
         return [idx for idx, _ in usable], ignored, [rating for _, rating in usable]
 
@@ -158,8 +160,12 @@ class ServingModel:
             # One user-model pass for the whole batch: ranking reuses its task queries and attention.
             width = max([1, *(len(history) for history, *_ in resolved)])
             inputs = left_pad([history for history, *_ in resolved], width)
-            ratings = left_pad([self.rating.apply(np.array(raw, dtype=np.float64), self._rating_offset(user))
-                                for (*_, raw), user in zip(resolved, user_idx)], width, pad_value=float("nan"), dtype=torch.float32)
+            ratings = left_pad(
+                [self.rating.apply(np.array(raw, dtype=np.float64), self._rating_offset(user)) for (*_, raw), user in zip(resolved, user_idx)],
+                width,
+                pad_value=float("nan"),
+                dtype=torch.float32,
+            )
             task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx), ratings)
             queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
             queries[personal] = retrieval_task.query_embedding(task_queries["retrieval"][personal]).float().numpy()
@@ -183,22 +189,31 @@ class ServingModel:
                 idx, logits = found[row][keep][: request.num_candidates], scores[row][keep][: request.num_candidates]
             elif modes[i] == "popular":
                 skip = set(request.exclude)
-                chosen = [(self._index_of(item_id), count) for item_id, count in request.popular or ()
-                          if self.knows(item_id) and item_id not in skip][: request.num_candidates]
+                chosen = [(self._index_of(item_id), count) for item_id, count in request.popular or () if self.knows(item_id) and item_id not in skip][
+                    : request.num_candidates
+                ]
                 idx = np.array([idx for idx, _ in chosen], dtype=np.int64)
                 counts = np.array([count for _, count in chosen], dtype=np.float32)
                 logits = counts / max(1.0, float(counts.max(initial=0)))
             else:
                 idx, logits = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-            pass_of_request = ({name: query[i] for name, query in task_queries.items()}, contributions[i, inputs.shape[1] - len(resolved[i][0]):])
+            pass_of_request = ({name: query[i] for name, query in task_queries.items()}, contributions[i, inputs.shape[1] - len(resolved[i][0]) :])
             answers.append(self._candidates(request, modes[i], user_idx[i], resolved[i], idx, logits, pass_of_request))
         return answers
 
     def _index_of(self, item_id: str) -> int:
         return self.item_index.get(item_id) or self.registered_index[item_id]
 
-    def _candidates(self, request: RetrievalRequest, mode: Mode | None, user: int, resolved: tuple[list[int], list[str], list[float]],
-                    idx: np.ndarray, logits: np.ndarray, user_pass: tuple[dict[str, np.ndarray], np.ndarray]) -> Candidates:
+    def _candidates(
+        self,
+        request: RetrievalRequest,
+        mode: Mode | None,
+        user: int,
+        resolved: tuple[list[int], list[str], list[float]],
+        idx: np.ndarray,
+        logits: np.ndarray,
+        user_pass: tuple[dict[str, np.ndarray], np.ndarray],
+    ) -> Candidates:
         registered = idx > self.num_items
         registration = idx[registered] - self.num_items - 1  # rows of registered_vectors
         local_idx = idx.copy()
@@ -251,20 +266,22 @@ class ServingModel:
                 final = weights.get("retrieval", 0.0) * c.retrieval
                 final = final + (weights.get("like", 0.0) * p_like if p_like is not None else 0.0)
                 final = final + (weights.get("rating", 0.0) * rating if rating is not None else 0.0)
-            ranked.append(Ranked(
-                model_version=self.version,
-                mode=c.mode,
-                item_ids=c.item_ids,
-                titles=c.titles,
-                score=np.asarray(final, dtype=np.float32),
-                p_like=p_like,
-                rating=rating,
-                keys=keys,
-                groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
-                history_ids=[self.item_ids[i] for i in c.history],
-                history_keys=self.keys[c.history],
-                contributions=c.contributions,
-            ))
+            ranked.append(
+                Ranked(
+                    model_version=self.version,
+                    mode=c.mode,
+                    item_ids=c.item_ids,
+                    titles=c.titles,
+                    score=np.asarray(final, dtype=np.float32),
+                    p_like=p_like,
+                    rating=rating,
+                    keys=keys,
+                    groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
+                    history_ids=[self.item_ids[i] for i in c.history],
+                    history_keys=self.keys[c.history],
+                    contributions=c.contributions,
+                )
+            )
         return ranked
 
     def describe(self) -> dict:

@@ -211,8 +211,7 @@ class RetrievalStage(_ModelHolder):
         for path in {request.model for request in requests}:
             await self._synced(path, max(r.registry_version for r in requests if r.model == path))
         retrieval = self.config.retrieval
-        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(
-            group, self.config.state.history_length, retrieval.interests_weight))
+        return _grouped(requests, lambda path, group: self.models.get(path).retrieve(group, self.config.state.history_length, retrieval.interests_weight))
 
     async def check_new_item(self, path: str, item_id: str, text: str) -> None:
         """ItemExists if the catalogue has ``item_id``; the text must encode."""

@@ -258,14 +258,19 @@ def serve_config_document(config: ServeConfig, args: dict[str, Any]) -> dict[str
     """A whole Serve config file (``serve run``/``serve deploy``, KubeRay ``serveConfigV2``) whose
     deployments, those of ``config``'s graph, carry its resources; ``serve/serve_config.yaml`` is
     this for the defaults."""
-    deployments = [{"name": name, **config.deployments[name].serve_options(config.admission.retry_after_s)}
-                   for name in config.graph_deployments()]
+    deployments = [{"name": name, **config.deployments[name].serve_options(config.admission.retry_after_s)} for name in config.graph_deployments()]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": config.port, "request_timeout_s": proxy_timeout_s(config)},
         "applications": [
-            {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args,
-             "runtime_env": {"env_vars": SERVE_THROUGHPUT_ENV}, "deployments": deployments}
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": args,
+                "runtime_env": {"env_vars": SERVE_THROUGHPUT_ENV},
+                "deployments": deployments,
+            }
         ],
     }
 
@@ -310,8 +315,10 @@ def _with_training_data(config: ServeConfig, model: str) -> ServeConfig:
 def _state_summary() -> str:
     summary = call_deployment("UserStateStore", "summary")
     source = summary["training_data"] or "no training data (training_data: null)"
-    return (f"histories of {summary['users']:,} users ({summary['interactions']:,} interactions) loaded from {source} "
-            f"and the feedback log; {summary['registered_items']:,} registered items")
+    return (
+        f"histories of {summary['users']:,} users ({summary['interactions']:,} interactions) loaded from {source} "
+        f"and the feedback log; {summary['registered_items']:,} registered items"
+    )
 
 
 def _running() -> bool:
@@ -341,10 +348,12 @@ def _absolute_path(path: str) -> str:
 
 def _absolute(config: ServeConfig, *, port: int | None = None, feedback_log: str | None = None) -> ServeConfig:
     """Paths made absolute here: replicas and the controller's build task have other working folders."""
-    feedback = config.feedback.model_copy(update={
-        "path": _absolute_path(feedback_log or config.feedback.path),
-        "wal_dir": _absolute_path(config.feedback.wal_dir) if config.feedback.wal_dir else None,
-    })
+    feedback = config.feedback.model_copy(
+        update={
+            "path": _absolute_path(feedback_log or config.feedback.path),
+            "wal_dir": _absolute_path(config.feedback.wal_dir) if config.feedback.wal_dir else None,
+        }
+    )
     update: dict[str, Any] = {
         "model": _absolute_path(config.model),
         "state_dir": _absolute_path(config.state_dir),
@@ -370,10 +379,13 @@ def _secured(config: ServeConfig) -> ServeConfig:
     if loopback or config.insecure:
         return config
     if api_key(config) is None:
-        where = " or ".join(filter(None, [f"${config.api_key_env}" if config.api_key_env else None,
-                                          f"api_key_file ({config.api_key_file})" if config.api_key_file else "api_key_file"]))
-        raise InputError(f"serve: listening on {config.host} needs an API key for the write endpoints: set {where}, "
-                         "or insecure: true to run open")
+        where = " or ".join(
+            filter(
+                None,
+                [f"${config.api_key_env}" if config.api_key_env else None, f"api_key_file ({config.api_key_file})" if config.api_key_file else "api_key_file"],
+            )
+        )
+        raise InputError(f"serve: listening on {config.host} needs an API key for the write endpoints: set {where}, or insecure: true to run open")
     return config.model_copy(update={"api_key_required": True})
 
 

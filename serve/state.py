@@ -60,15 +60,23 @@ class ServerState:
     # --- start ---------------------------------------------------------------------------------
 
     @classmethod
-    def rebuild(cls, config: StateConfig, state_dir: str | Path, *, training_data: str | None,
-                feedback_log: str, wal_dir: str | Path) -> ServerState:
+    def rebuild(cls, config: StateConfig, state_dir: str | Path, *, training_data: str | None, feedback_log: str, wal_dir: str | Path) -> ServerState:
         state = cls(config, Path(state_dir) / REGISTRY_FILE)
         events = [read_user_histories(training_data)] if training_data else []
         logged = read_feedback_log(feedback_log, wal_dir)
         logged = logged.filter(pc.is_in(logged["event"], pa.array(config.history_events)))
         rated = pc.equal(logged["event"], "rate")
-        events.append(pa.table({"event_id": logged["event_id"], "user_id": logged["user_id"], "item_id": logged["item_id"],
-                                "ts": logged["ts"], "rating": pc.if_else(rated, logged["value"], pa.scalar(None, pa.float64()))}))
+        events.append(
+            pa.table(
+                {
+                    "event_id": logged["event_id"],
+                    "user_id": logged["user_id"],
+                    "item_id": logged["item_id"],
+                    "ts": logged["ts"],
+                    "rating": pc.if_else(rated, logged["value"], pa.scalar(None, pa.float64())),
+                }
+            )
+        )
         state.record_many(pa.concat_tables(events, promote_options="permissive").sort_by("ts"))
         state.load_registry()
         return state
@@ -116,8 +124,13 @@ class ServerState:
     def context(self, user_id: str) -> UserContext:
         remembered = self.histories.get(user_id, ())
         recent = list(remembered)[-self.config.history_length :]
-        return UserContext(user_id, [item for _, item, _ in recent], [rating for _, _, rating in recent],
-                           list(dict.fromkeys(item for _, item, _ in remembered)), len(self.registered))
+        return UserContext(
+            user_id,
+            [item for _, item, _ in recent],
+            [rating for _, _, rating in recent],
+            list(dict.fromkeys(item for _, item, _ in remembered)),
+            len(self.registered),
+        )
 
     def popular(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` most interacted-with items and their counts, most popular first (ties by id)."""

@@ -60,26 +60,29 @@ def movielens_tables(num_users: int) -> tuple[pa.Table, pa.Table, pd.DataFrame]:
     texts = [f"{title}. Genres: {', '.join(names)}." for title, names in zip(titles, genres)]
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)
     input_ids = tokenizer(texts, max_length=MAX_TEXT_TOKENS, truncation=True)["input_ids"]
-    items = pa.table({
-        "item_idx": pa.array(range(1, len(titles) + 1), pa.int32()),
-        "item_id": pa.array([str(item) for item in movies[0]]),
-        "title": pa.array(titles),
-        "text": pa.array(texts),
-        "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-        # attribute_idx = genre number + 1 (index 0 is unused)
-        "attributes": pa.array([(np.flatnonzero(flags) + 1).tolist() for flags in genre_flags], pa.list_(pa.int32())),
-        "is_cold": pa.array([False] * len(titles)),
-    })
-    users = pa.table({
-        "user_id": pa.array([str(user) for user in user_idx]),
-        "user_idx": pa.array(list(user_idx.values()), pa.int32()),
-        "rating_offset": pa.array([0.0] * len(user_idx), pa.float32()),
-    })
+    items = pa.table(
+        {
+            "item_idx": pa.array(range(1, len(titles) + 1), pa.int32()),
+            "item_id": pa.array([str(item) for item in movies[0]]),
+            "title": pa.array(titles),
+            "text": pa.array(texts),
+            "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
+            # attribute_idx = genre number + 1 (index 0 is unused)
+            "attributes": pa.array([(np.flatnonzero(flags) + 1).tolist() for flags in genre_flags], pa.list_(pa.int32())),
+            "is_cold": pa.array([False] * len(titles)),
+        }
+    )
+    users = pa.table(
+        {
+            "user_id": pa.array([str(user) for user in user_idx]),
+            "user_idx": pa.array(list(user_idx.values()), pa.int32()),
+            "rating_offset": pa.array([0.0] * len(user_idx), pa.float32()),
+        }
+    )
     return items, users, ratings
 
 
-def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int = 0, model_version: str | None = None,
-                          rating: dict | None = None) -> Path:
+def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int = 0, model_version: str | None = None, rating: dict | None = None) -> Path:
     """A saved artifact of a random model over the first ``num_users`` users' items; ``rating`` is the
     rating normalisation recorded in it (default: none)."""
     items, users, ratings = movielens_tables(num_users)
@@ -91,8 +94,9 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)
     catalog = CatalogFeatures.from_items_table(items, MAX_TEXT_TOKENS, tokenizer.pad_token_id, num_attributes=len(GENRES))
     torch.manual_seed(seed)
-    model = PolyrecModel(config, num_users=users.num_rows, num_items=items.num_rows, num_attributes=len(GENRES),
-                         catalog=catalog, rating_mean=float(ratings["rating"].mean()))
+    model = PolyrecModel(
+        config, num_users=users.num_rows, num_items=items.num_rows, num_attributes=len(GENRES), catalog=catalog, rating_mean=float(ratings["rating"].mean())
+    )
     with torch.no_grad():  # zero at the start of training; random here, so that a history's ratings change the answers
         model.user_model.rating_direction.normal_(std=0.5)
         model.user_model.rated_embedding.normal_(std=0.5)
@@ -119,32 +123,53 @@ def build_training_data(out_dir: str | Path, *, num_users: int = 40) -> str:
     pq.write_table(users, out_dir / schema.USER_VOCAB_PATH)
     pq.write_table(items.select(["item_id", "item_idx"]), out_dir / schema.ITEM_VOCAB_PATH)
     grouped = ratings.groupby("user_idx", sort=True)
-    sequences = pa.table({
-        "user_idx": pa.array(list(grouped.groups), pa.int32()),
-        "items": pa.array([g["item_idx"].tolist() for _, g in grouped], pa.list_(pa.int32())),
-        "ratings": pa.array([g["rating"].astype("float32").tolist() for _, g in grouped], pa.list_(pa.float32())),
-        "likes": pa.array([(g["rating"] >= 4).astype("int8").tolist() for _, g in grouped], pa.list_(pa.int8())),
-        "timestamps": pa.array([g["ts"].tolist() for _, g in grouped], pa.list_(pa.int64())),
-        "history": pa.array([[]] * len(grouped), pa.list_(pa.int32())),  # one row per user: nothing before it
-        "history_ratings": pa.array([[]] * len(grouped), pa.list_(pa.float32())),
-    }, schema=schema.TRAIN_SEQUENCE)
+    sequences = pa.table(
+        {
+            "user_idx": pa.array(list(grouped.groups), pa.int32()),
+            "items": pa.array([g["item_idx"].tolist() for _, g in grouped], pa.list_(pa.int32())),
+            "ratings": pa.array([g["rating"].astype("float32").tolist() for _, g in grouped], pa.list_(pa.float32())),
+            "likes": pa.array([(g["rating"] >= 4).astype("int8").tolist() for _, g in grouped], pa.list_(pa.int8())),
+            "timestamps": pa.array([g["ts"].tolist() for _, g in grouped], pa.list_(pa.int64())),
+            "history": pa.array([[]] * len(grouped), pa.list_(pa.int32())),  # one row per user: nothing before it
+            "history_ratings": pa.array([[]] * len(grouped), pa.list_(pa.float32())),
+        },
+        schema=schema.TRAIN_SEQUENCE,
+    )
     pq.write_table(sequences, out_dir / schema.SEQUENCES_DIR / "train" / "part-0.parquet")
-    histories = pd.DataFrame({"user_id": ratings["user"].astype(str), "item_id": ratings["item"].astype(str),
-                              "ts": ratings["ts"] * 1000, "rating": ratings["rating"].astype(float)})
+    histories = pd.DataFrame(
+        {"user_id": ratings["user"].astype(str), "item_id": ratings["item"].astype(str), "ts": ratings["ts"] * 1000, "rating": ratings["rating"].astype(float)}
+    )
     (out_dir / schema.USER_HISTORIES_DIR).mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(histories, schema=schema.USER_HISTORIES, preserve_index=False),
-                   out_dir / schema.USER_HISTORIES_DIR / "part-0.parquet")
+    pq.write_table(pa.Table.from_pandas(histories, schema=schema.USER_HISTORIES, preserve_index=False), out_dir / schema.USER_HISTORIES_DIR / "part-0.parquet")
     tokenizer = AutoTokenizer.from_pretrained(default_backbone_path(), local_files_only=True)
     manifest = Manifest(
-        schema_version=schema.SCHEMA_VERSION, created_at=pd.Timestamp.now("UTC").isoformat(), config={}, input_files=[],
-        input_hash=f"movielens-100k-first-{num_users}-users", content_hash=f"movielens-100k-first-{num_users}-users",
-        num_input_interactions=len(ratings), steps=[], kcore_iterations=0, kcore_converged=True, quarantine=[],
-        num_interactions=len(ratings), num_users=users.num_rows, num_items=items.num_rows, num_attributes=len(GENRES),
-        num_cold_items=0, cold_withheld_interactions=0, temporal_cutoffs=None,
+        schema_version=schema.SCHEMA_VERSION,
+        created_at=pd.Timestamp.now("UTC").isoformat(),
+        config={},
+        input_files=[],
+        input_hash=f"movielens-100k-first-{num_users}-users",
+        content_hash=f"movielens-100k-first-{num_users}-users",
+        num_input_interactions=len(ratings),
+        steps=[],
+        kcore_iterations=0,
+        kcore_converged=True,
+        quarantine=[],
+        num_interactions=len(ratings),
+        num_users=users.num_rows,
+        num_items=items.num_rows,
+        num_attributes=len(GENRES),
+        num_cold_items=0,
+        cold_withheld_interactions=0,
+        temporal_cutoffs=None,
         splits={"train": SplitSize(rows=sequences.num_rows, interactions=len(ratings))},
         rating=RatingNormalisation(kind="none"),
-        tokenizer=TokenizerInfo(path=str(default_backbone_path()), class_name=type(tokenizer).__name__, vocab_size=tokenizer.vocab_size,
-                                pad_token_id=tokenizer.pad_token_id, max_text_tokens=MAX_TEXT_TOKENS),
+        tokenizer=TokenizerInfo(
+            path=str(default_backbone_path()),
+            class_name=type(tokenizer).__name__,
+            vocab_size=tokenizer.vocab_size,
+            pad_token_id=tokenizer.pad_token_id,
+            max_text_tokens=MAX_TEXT_TOKENS,
+        ),
     )
     (out_dir / schema.MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return str(out_dir)

@@ -21,8 +21,15 @@ from train.model import CatalogFeatures, PolyrecModel
 
 NUM_ITEMS, NUM_USERS, NUM_ATTRIBUTES = 12, 5, 3
 TITLES = ["Alien", "Heat", "Fargo", "Brazil", "Clue", "Big", "Jaws", "Rocky", "Tron", "Speed", "Ran", "Up"]
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,21 +41,25 @@ def tokenizer():
 
 
 def tables(token_ids: list[list[int]]) -> tuple[pa.Table, pa.Table]:
-    items = pa.table({
-        "item_idx": pa.array(range(1, NUM_ITEMS + 1), pa.int32()),
-        "item_id": [f"m{i}" for i in range(1, NUM_ITEMS + 1)],
-        "title": TITLES,
-        "text": [f"{title}. A film." for title in TITLES],
-        "input_ids": pa.array(token_ids, pa.list_(pa.int32())),
-        "attributes": pa.array([[i % NUM_ATTRIBUTES + 1] for i in range(NUM_ITEMS)], pa.list_(pa.int32())),
-        "is_cold": [i == NUM_ITEMS for i in range(1, NUM_ITEMS + 1)],
-        "year": pa.array([1990] * NUM_ITEMS, pa.int32()),
-    })
-    users = pa.table({
-        "user_id": [f"u{i}" for i in range(1, NUM_USERS + 1)],
-        "user_idx": pa.array(range(1, NUM_USERS + 1), pa.int32()),
-        "rating_offset": pa.array([0.0] * NUM_USERS, pa.float32()),
-    })
+    items = pa.table(
+        {
+            "item_idx": pa.array(range(1, NUM_ITEMS + 1), pa.int32()),
+            "item_id": [f"m{i}" for i in range(1, NUM_ITEMS + 1)],
+            "title": TITLES,
+            "text": [f"{title}. A film." for title in TITLES],
+            "input_ids": pa.array(token_ids, pa.list_(pa.int32())),
+            "attributes": pa.array([[i % NUM_ATTRIBUTES + 1] for i in range(NUM_ITEMS)], pa.list_(pa.int32())),
+            "is_cold": [i == NUM_ITEMS for i in range(1, NUM_ITEMS + 1)],
+            "year": pa.array([1990] * NUM_ITEMS, pa.int32()),
+        }
+    )
+    users = pa.table(
+        {
+            "user_id": [f"u{i}" for i in range(1, NUM_USERS + 1)],
+            "user_idx": pa.array(range(1, NUM_USERS + 1), pa.int32()),
+            "rating_offset": pa.array([0.0] * NUM_USERS, pa.float32()),
+        }
+    )
     return items, users
 
 
@@ -58,8 +69,13 @@ def trained_model(config: ModelConfig, items: pa.Table, pad_token_id: int) -> Po
     model = PolyrecModel(config, NUM_USERS, NUM_ITEMS, NUM_ATTRIBUTES, catalog, rating_mean=0.1)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     inputs = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [0, 0, 8, 9]])
-    batch = {"input_items": inputs, "target_items": inputs % (NUM_ITEMS - 1) + 1, "user_idx": torch.tensor([1, 2, 3]),
-             "target_ratings": torch.randn(3, 4), "target_likes": torch.randint(0, 2, (3, 4))}
+    batch = {
+        "input_items": inputs,
+        "target_items": inputs % (NUM_ITEMS - 1) + 1,
+        "user_idx": torch.tensor([1, 2, 3]),
+        "target_ratings": torch.randn(3, 4),
+        "target_likes": torch.randint(0, 2, (3, 4)),
+    }
     for _ in range(5):
         optimizer.zero_grad()
         sum(model.calculate_loss(batch).values()).backward()
@@ -81,8 +97,16 @@ def all_scores(model: PolyrecModel) -> dict[str, torch.Tensor]:
 
 
 def save(model: PolyrecModel, items: pa.Table, users: pa.Table, out_dir: Path) -> Path:
-    return save_artifact(model, out_dir, items=items, users=users, model_version="v7", data_manifest_hash="abc123",
-                         metrics={"test": {"recall@10": 0.5}}, rating={"shift": 3.0, "scale": 1.0})
+    return save_artifact(
+        model,
+        out_dir,
+        items=items,
+        users=users,
+        model_version="v7",
+        data_manifest_hash="abc123",
+        metrics={"test": {"recall@10": 0.5}},
+        rating={"shift": 3.0, "scale": 1.0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +132,10 @@ def test_frozen_artifact_round_trip(frozen_artifact, tokenizer):
     assert loaded.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     encoded = loaded.tokenizer([text], return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model.encode_item_text(encoded["input_ids"], encoded["attention_mask"])[0],
-                                   loaded.model.item_encoder.projection(loaded.model.item_encoder.text_embeddings[1]))
+        torch.testing.assert_close(
+            loaded.model.encode_item_text(encoded["input_ids"], encoded["attention_mask"])[0],
+            loaded.model.item_encoder.projection(loaded.model.item_encoder.text_embeddings[1]),
+        )
 
     metadata = json.loads((path / "artifact.json").read_text())
     assert metadata["format_version"] == 1 and metadata["model_version"] == loaded.model_version == "v7"
@@ -134,11 +160,14 @@ def test_frozen_artifact_keeps_the_backbone_beside_the_state(frozen_artifact):
 
 def test_lora_artifact_round_trip_and_merged_backbone(tmp_path):
     items, users = tables([[1, 20 + i, 40 + i % 3, 60 + i] for i in range(1, NUM_ITEMS + 1)])
-    config = ModelConfig.model_validate({
-        "backbone": {"random_init_config": TINY_LLAMA, "mode": "lora", "pooling": "last", "lora_r": 4},
-        "user_model": {"hidden_size": 32, "num_layers": 1}, "towers": {"expert_hidden": 16},
-        "tasks": {"num_sampled_negatives": 4},
-    })
+    config = ModelConfig.model_validate(
+        {
+            "backbone": {"random_init_config": TINY_LLAMA, "mode": "lora", "pooling": "last", "lora_r": 4},
+            "user_model": {"hidden_size": 32, "num_layers": 1},
+            "towers": {"expert_hidden": 16},
+            "tasks": {"num_sampled_negatives": 4},
+        }
+    )
     model = trained_model(config, items, pad_token_id=0)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for name, parameter in model.named_parameters():
@@ -156,10 +185,8 @@ def test_lora_artifact_round_trip_and_merged_backbone(tmp_path):
     plain = AutoModel.from_pretrained(path / "backbone", local_files_only=True).eval()
     encoder = model.item_encoder
     with torch.no_grad():
-        merged = pool(plain(input_ids=encoder.input_ids[1:], attention_mask=encoder.attention_mask[1:]).last_hidden_state,
-                      encoder.attention_mask[1:], "last")
-        torch.testing.assert_close(merged, encoder.pooled_text(encoder.input_ids[1:], encoder.attention_mask[1:]),
-                                   rtol=0, atol=1e-5)
+        merged = pool(plain(input_ids=encoder.input_ids[1:], attention_mask=encoder.attention_mask[1:]).last_hidden_state, encoder.attention_mask[1:], "last")
+        torch.testing.assert_close(merged, encoder.pooled_text(encoder.input_ids[1:], encoder.attention_mask[1:]), rtol=0, atol=1e-5)
 
 
 @pytest.fixture

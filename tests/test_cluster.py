@@ -76,10 +76,8 @@ def _wait_for_jobs_api(url: str, process: subprocess.Popen, log: Path, timeout_s
 
 def _stop(process: subprocess.Popen, root: Path) -> None:
     process.terminate()  # `ray start --block` shuts down what it started on SIGTERM
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # our own session: whatever is left of it
     for leftover in psutil.process_iter(["cmdline"]):
@@ -100,7 +98,9 @@ def cluster() -> Iterator[LocalCluster]:
     # HOME is private so that no ~/.ray/auth_token of this machine is read or written. The venv
     # comes first on PATH, as polyrec's environment does on a cluster node: jobs run `python`.
     env.update(
-        HOME=str(root / "home"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+        HOME=str(root / "home"),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
         PATH=f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}",
     )
     log = root / "ray-start.log"

@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def events(n: int, *, start: int = 0, event: str = "click") -> list[dict]:
     return [
-        {"event_id": f"e{i}", "ts": 1_700_000_000_000 + i, "user_id": f"u{i % 3}", "item_id": f"i{i % 5}", "event": event,
-         "value": float(i) if event == "rate" else None}
+        {
+            "event_id": f"e{i}",
+            "ts": 1_700_000_000_000 + i,
+            "user_id": f"u{i % 3}",
+            "item_id": f"i{i % 5}",
+            "event": event,
+            "value": float(i) if event == "rate" else None,
+        }
         for i in range(start, start + n)
     ]
 

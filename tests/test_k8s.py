@@ -81,31 +81,27 @@ def test_the_validator_rejects_unknown_fields_wrong_types_and_bad_names(rendered
     typo_in_pod["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     problems = manifests.document_problems(typo_in_pod)
     assert problems == [
-        "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0: "
-        "Additional properties are not allowed ('imagePullPolicyy' was unexpected)"
+        "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0: Additional properties are not allowed ('imagePullPolicyy' was unexpected)"
     ]
 
     wrong_type = copy.deepcopy(rayjob)
     wrong_type["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
-    assert manifests.document_problems(wrong_type) == [
-        "spec.rayClusterSpec.workerGroupSpecs.0.maxReplicas: 'eight' is not of type 'integer'"
-    ]
+    assert manifests.document_problems(wrong_type) == ["spec.rayClusterSpec.workerGroupSpecs.0.maxReplicas: 'eight' is not of type 'integer'"]
 
     # Quantities are int-or-string: 2 and "2" both pass; a list does not.
     resources = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
     for cpu, valid in [(2, True), ("2", True), ([2], False)]:
         quantity = copy.deepcopy(rayjob)
         quantity["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"] = {
-            **resources, "limits": {**resources["limits"], "cpu": cpu}
+            **resources,
+            "limits": {**resources["limits"], "cpu": cpu},
         }
         assert (manifests.document_problems(quantity) == []) is valid, cpu
 
     for name in ["polyrec-train-" + "x" * 34, "Polyrec-train", "1polyrec"]:  # 48 characters, uppercase, digit first
         bad_name = copy.deepcopy(rayjob)
         bad_name["metadata"]["name"] = name
-        assert manifests.document_problems(bad_name) == [
-            "metadata.name must be a DNS-1035 label of at most 47 characters"
-        ], name
+        assert manifests.document_problems(bad_name) == ["metadata.name must be a DNS-1035 label of at most 47 characters"], name
 
 
 def test_serving_pods_must_carry_serves_throughput_flags(rendered):
@@ -141,27 +137,19 @@ def test_the_validator_holds_rbac_objects_to_the_api_servers_rules(rendered):
     assert problems("ServiceAccount", lambda sa: sa.update(automountToken=False)) == [
         "<root>: Additional properties are not allowed ('automountToken' was unexpected)"
     ]
-    assert problems("Role", lambda role: role["rules"][0].update(verbs=["get", "pach"])) == [
-        f"rules.0.verbs.1: 'pach' is not one of {manifests.RBAC_VERBS}"
-    ]
+    assert problems("Role", lambda role: role["rules"][0].update(verbs=["get", "pach"])) == [f"rules.0.verbs.1: 'pach' is not one of {manifests.RBAC_VERBS}"]
     assert problems("Role", lambda role: role["rules"][0].update(verbs=[])) == ["rules.0.verbs: [] should be non-empty"]
     assert problems("Role", lambda role: role["rules"][0].pop("apiGroups")) == ["rules.0: 'apiGroups' is a required property"]
     assert problems("Role", lambda role: role["rules"][0].update(nonResourceURLs=["/healthz"])) == [
         "rules.0: Additional properties are not allowed ('nonResourceURLs' was unexpected)"
     ]
-    assert problems("RoleBinding", lambda binding: binding["roleRef"].update(apiGroup="rbac")) == [
-        "roleRef.apiGroup: 'rbac.authorization.k8s.io' was expected"
-    ]
+    assert problems("RoleBinding", lambda binding: binding["roleRef"].update(apiGroup="rbac")) == ["roleRef.apiGroup: 'rbac.authorization.k8s.io' was expected"]
     assert problems("RoleBinding", lambda binding: binding.pop("roleRef")) == ["<root>: 'roleRef' is a required property"]
-    assert problems("RoleBinding", lambda binding: binding["subjects"][0].update(apiGroup=manifests.RBAC_API_GROUP)) == [
-        "subjects.0.apiGroup: '' was expected"
-    ]
+    assert problems("RoleBinding", lambda binding: binding["subjects"][0].update(apiGroup=manifests.RBAC_API_GROUP)) == ["subjects.0.apiGroup: '' was expected"]
     assert problems("RoleBinding", lambda binding: binding["subjects"].append({"kind": "User", "name": "ops"})) == [
         "subjects.1: 'apiGroup' is a required property"
     ]
-    assert problems("RoleBinding", lambda binding: binding.update(metadata={"name": "Polyrec_Retrain"})) == [
-        "metadata.name must be a DNS-1123 subdomain"
-    ]
+    assert problems("RoleBinding", lambda binding: binding.update(metadata={"name": "Polyrec_Retrain"})) == ["metadata.name must be a DNS-1123 subdomain"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -175,8 +163,12 @@ def test_the_retraining_promotes_to_the_rayservice_as_a_serviceaccount_allowed_t
     for kind in ("RayJob", "RayService"):
         assert "serviceAccountName" not in yaml.safe_dump(documents[kind]), kind
     (rule,) = documents["Role"]["rules"]
-    assert rule == {"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": [documents["RayService"]["metadata"]["name"]],
-                    "verbs": ["get", "patch"]}
+    assert rule == {
+        "apiGroups": ["ray.io"],
+        "resources": ["rayservices"],
+        "resourceNames": [documents["RayService"]["metadata"]["name"]],
+        "verbs": ["get", "patch"],
+    }
 
 
 def test_cross_references_and_the_promotion_permissions_are_checked(rendered):
@@ -258,9 +250,7 @@ def test_embedded_serve_config_is_serve_config_yaml_with_cluster_paths(rendered,
     assert app["deployments"] == expected_deployments
     rest = lambda config: {k: v for k, v in config.items() if k != "applications"}  # noqa: E731
     assert rest(embedded) == rest(source)
-    assert {k: v for k, v in app.items() if k not in ("args", "deployments")} == {
-        k: v for k, v in source_app.items() if k not in ("args", "deployments")
-    }
+    assert {k: v for k, v in app.items() if k not in ("args", "deployments")} == {k: v for k, v in source_app.items() if k not in ("args", "deployments")}
 
 
 def test_serve_overrides_naming_an_unknown_deployment_are_rejected(tmp_path):

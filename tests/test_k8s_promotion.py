@@ -164,10 +164,14 @@ class FakeKubernetesAPI:
         if not match or (match["namespace"], match["name"]) != (NAMESPACE, name):
             return 404, status_object(404, "NotFound", f'rayservices.ray.io "{match["name"] if match else path}" not found')
         if verb in self.forbidden_verbs:
-            return 403, status_object(403, "Forbidden", (
-                f'rayservices.ray.io "{name}" is forbidden: User "system:serviceaccount:{NAMESPACE}:polyrec-retrain" '
-                f'cannot {verb} resource "rayservices" in API group "ray.io" in the namespace "{NAMESPACE}"'
-            ))
+            return 403, status_object(
+                403,
+                "Forbidden",
+                (
+                    f'rayservices.ray.io "{name}" is forbidden: User "system:serviceaccount:{NAMESPACE}:polyrec-retrain" '
+                    f'cannot {verb} resource "rayservices" in API group "ray.io" in the namespace "{NAMESPACE}"'
+                ),
+            )
         return None
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
@@ -189,10 +193,14 @@ class FakeKubernetesAPI:
             wanted_version = (patch.get("metadata") or {}).get("resourceVersion")
             if wanted_version is not None and wanted_version != metadata["resourceVersion"]:
                 self.conflicts += 1
-                return 409, status_object(409, "Conflict", (
-                    f'Operation cannot be fulfilled on rayservices.ray.io "{metadata["name"]}": the object has been modified; '
-                    "please apply your changes to the latest version and try again"
-                ))
+                return 409, status_object(
+                    409,
+                    "Conflict",
+                    (
+                        f'Operation cannot be fulfilled on rayservices.ray.io "{metadata["name"]}": the object has been modified; '
+                        "please apply your changes to the latest version and try again"
+                    ),
+                )
             candidate = merge_patch(self.rayservice, patch)
             candidate["metadata"].update({key: metadata[key] for key in SERVER_METADATA})
             problems = manifests.document_problems({**candidate, "status": self.status()})
@@ -297,14 +305,18 @@ def test_without_a_graph_in_its_args_the_application_is_colocated(fake_api, cpu_
 def test_outside_a_pod_the_kubeconfig_names_the_api_server_credentials_and_namespace(fake_api, cpu_rayservice, tmp_path, monkeypatch):
     server = fake_api(cpu_rayservice)
     kubeconfig = tmp_path / "config"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "current-context": "laptop",
-        "clusters": [{"name": "kind", "cluster": {"server": server.url}}],
-        "users": [{"name": "me", "user": {"token": "t0ken"}}],
-        "contexts": [{"name": "laptop", "context": {"cluster": "kind", "user": "me", "namespace": NAMESPACE}}],
-    }))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "laptop",
+                "clusters": [{"name": "kind", "cluster": {"server": server.url}}],
+                "users": [{"name": "me", "user": {"token": "t0ken"}}],
+                "contexts": [{"name": "laptop", "context": {"cluster": "kind", "user": "me", "namespace": NAMESPACE}}],
+            }
+        )
+    )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))  # what $KUBECONFIG sets
     target = RayServiceTarget()
@@ -364,9 +376,7 @@ def test_promote_loads_the_new_model_before_the_ingress_switches_and_changes_onl
 
     # Nothing but user_configs changed, so KubeRay reconfigures the running replicas in place.
     assert without_user_configs(server.served_config()) == without_user_configs(yaml.safe_load(before["spec"]["serveConfigV2"]))
-    assert {k: v for k, v in server.rayservice["spec"].items() if k != "serveConfigV2"} == {
-        k: v for k, v in before["spec"].items() if k != "serveConfigV2"
-    }
+    assert {k: v for k, v in server.rayservice["spec"].items() if k != "serveConfigV2"} == {k: v for k, v in before["spec"].items() if k != "serveConfigV2"}
     assert not re.search(r"[&*]id\d+", server.rayservice["spec"]["serveConfigV2"]), "YAML anchors in what kubectl shows"
     changed = {name for name, config in user_configs(server.served_config()).items() if config is not None}
     assert changed == {ingress, *model_deployments}
@@ -449,8 +459,10 @@ def test_the_fake_api_server_refuses_writes_the_crd_schema_refuses(fake_api, cpu
     for bad_patch, problem in [
         ({"spec": {"serveConfigV3": "applications: []"}}, "spec: Additional properties are not allowed ('serveConfigV3' was unexpected)"),
         ({"spec": {"rayClusterConfig": {"enableInTreeAutoscaling": "yes"}}}, "spec.rayClusterConfig.enableInTreeAutoscaling: 'yes' is not of type 'boolean'"),
-        ({"spec": {"serveConfigV2": "applications:\n- name: polyrec\n  import_path: serve.app:build_app\n  replicas: 2\n"}},
-         "spec.serveConfigV2: applications[polyrec].replicas: unknown field"),
+        (
+            {"spec": {"serveConfigV2": "applications:\n- name: polyrec\n  import_path: serve.app:build_app\n  replicas: 2\n"}},
+            "spec.serveConfigV2: applications[polyrec].replicas: unknown field",
+        ),
     ]:
         with pytest.raises(ApiException) as refused:
             api.patch_namespaced_custom_object("ray.io", "v1", NAMESPACE, "rayservices", name, bad_patch, _content_type="application/merge-patch+json")

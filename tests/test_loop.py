@@ -55,8 +55,9 @@ def start(root: Path, model: str, graph: str) -> Service:
     from the data the artifact records."""
     if APP_NAME in serve.status().applications:
         serve.delete(APP_NAME)
-    config = ServeConfig(graph=graph, model=model, state_dir=str(root / graph / "state"), port=PORT,
-                         feedback=FeedbackLogConfig(path=str(root / graph / "feedback")))
+    config = ServeConfig(
+        graph=graph, model=model, state_dir=str(root / graph / "state"), port=PORT, feedback=FeedbackLogConfig(path=str(root / graph / "feedback"))
+    )
     return run_service(config, blocking=False)
 
 
@@ -103,8 +104,9 @@ def swapped(request, cluster, trained_run, tmp_path_factory) -> dict:
     service = start(root, trained_run.artifact, graph)
     users = known_users(trained_run.data)
     clicked = ["181", "174", "172"]
-    response = httpx.post(f"{service.url}/v1/feedback", headers=AUTH, timeout=60,
-                          json={"events": [{"user_id": users[0], "item_id": item, "event": "click"} for item in clicked]})
+    response = httpx.post(
+        f"{service.url}/v1/feedback", headers=AUTH, timeout=60, json={"events": [{"user_id": users[0], "item_id": item, "event": "click"} for item in clicked]}
+    )
     assert response.status_code == 200, response.text
     replicas = replica_names()
 
@@ -119,8 +121,11 @@ def swapped(request, cluster, trained_run, tmp_path_factory) -> dict:
                 outcomes.append((answer.status_code, body.get("model_version"), any(i["because"] for i in body.get("items", []))))
                 time.sleep(0.05)
 
-    config = RetrainConfig(feedback_log=service.config.feedback.path, output=str(root / "retrain"),
-                           train=tiny_config(trained_run.data, root / "unused", epochs=1, model_version=f"v2-{graph}"))
+    config = RetrainConfig(
+        feedback_log=service.config.feedback.path,
+        output=str(root / "retrain"),
+        train=tiny_config(trained_run.data, root / "unused", epochs=1, model_version=f"v2-{graph}"),
+    )
     config.preprocess = config.preprocess.model_validate(load_manifest(trained_run.data).config)
     # Promotion is what this fixture exercises; the gate itself is tested in tests/test_gate.py.
     config.gate = config.gate.model_copy(update={"ndcg_tolerance": 1.0, "rmse_tolerance": 10.0, "like_auc_tolerance": 1.0})
@@ -134,8 +139,17 @@ def swapped(request, cluster, trained_run, tmp_path_factory) -> dict:
         stop.set()
         for thread in threads:
             thread.join()
-    return {"service": service, "outcome": outcome, "outcomes": outcomes, "replicas_before": replicas,
-            "replicas_after": replica_names(), "users": users, "clicked": clicked, "graph": graph, "root": root}
+    return {
+        "service": service,
+        "outcome": outcome,
+        "outcomes": outcomes,
+        "replicas_before": replicas,
+        "replicas_after": replica_names(),
+        "users": users,
+        "clicked": clicked,
+        "graph": graph,
+        "root": root,
+    }
 
 
 def test_retrain_swaps_the_model_in_place_under_load(swapped, trained_run):

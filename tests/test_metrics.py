@@ -137,8 +137,7 @@ def test_regression_errors_by_hand():
 
 def _eval_table(rows: list[dict]) -> pa.Table:
     defaults = {"target_timestamp": 0, "target_rating_raw": None, "is_cold_target": False}
-    return pa.Table.from_pylist([defaults | {"history_ratings": [float("nan")] * len(row["history"])} | row for row in rows],
-                                schema=EVAL_SEQUENCE)
+    return pa.Table.from_pylist([defaults | {"history_ratings": [float("nan")] * len(row["history"])} | row for row in rows], schema=EVAL_SEQUENCE)
 
 
 def test_left_pad_keeps_the_most_recent_items():
@@ -148,12 +147,9 @@ def test_left_pad_keeps_the_most_recent_items():
 def test_eval_batches_collate_rows():
     table = _eval_table(
         [
-            {"user_idx": 1, "history": [5, 6, 7], "seen_items": [5, 6, 7], "target_item": 2,
-             "target_rating": 0.5, "target_like": 1, "is_cold_target": True},
-            {"user_idx": 2, "history": [3], "seen_items": [3], "target_item": 4,
-             "target_rating": None, "target_like": -1},
-            {"user_idx": 3, "history": [1], "seen_items": [9, 1], "target_item": 1,
-             "target_rating": float("nan"), "target_like": 0},
+            {"user_idx": 1, "history": [5, 6, 7], "seen_items": [5, 6, 7], "target_item": 2, "target_rating": 0.5, "target_like": 1, "is_cold_target": True},
+            {"user_idx": 2, "history": [3], "seen_items": [3], "target_item": 4, "target_rating": None, "target_like": -1},
+            {"user_idx": 3, "history": [1], "seen_items": [9, 1], "target_item": 1, "target_rating": float("nan"), "target_like": 0},
         ]
     )
     batches = list(eval_batches(table, max_history=2, batch_size=2))
@@ -172,8 +168,7 @@ def test_eval_batches_collate_rows():
 
 def test_missing_column_names_the_field():
     with pytest.raises(InputError, match="seen_items"):
-        evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval().drop_columns(["seen_items"]),
-                 num_items=5, max_history=3, batch_size=2)
+        evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval().drop_columns(["seen_items"]), num_items=5, max_history=3, batch_size=2)
 
 
 # --- Popularity baseline on a tiny table, worked by hand --------------------------------------
@@ -201,12 +196,26 @@ def _tiny_train() -> pa.Table:
 def _tiny_eval() -> pa.Table:
     return _eval_table(
         [
-            {"user_idx": 1, "history": [1, 2, 3], "seen_items": [1, 2, 3], "target_item": 4,
-             "target_rating": 2.0, "target_rating_raw": 2 * 2.0 + 1, "target_like": 0},
-            {"user_idx": 2, "history": [1, 2], "seen_items": [1, 2], "target_item": 3,
-             "target_rating": None, "target_like": 1},
-            {"user_idx": 3, "history": [1, 4], "seen_items": [1, 4], "target_item": 5,
-             "target_rating": 3.0, "target_rating_raw": 2 * 3.0 + 3, "target_like": -1, "is_cold_target": True},
+            {
+                "user_idx": 1,
+                "history": [1, 2, 3],
+                "seen_items": [1, 2, 3],
+                "target_item": 4,
+                "target_rating": 2.0,
+                "target_rating_raw": 2 * 2.0 + 1,
+                "target_like": 0,
+            },
+            {"user_idx": 2, "history": [1, 2], "seen_items": [1, 2], "target_item": 3, "target_rating": None, "target_like": 1},
+            {
+                "user_idx": 3,
+                "history": [1, 4],
+                "seen_items": [1, 4],
+                "target_item": 5,
+                "target_rating": 3.0,
+                "target_rating_raw": 2 * 3.0 + 3,
+                "target_like": -1,
+                "is_cold_target": True,
+            },
         ]
     )
 
@@ -216,8 +225,7 @@ def _double_plus_user(predictions: np.ndarray, user_idx: np.ndarray) -> np.ndarr
 
 
 def test_popularity_baseline_by_hand():
-    metrics = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), ks=(1, 2), num_items=5,
-                       max_history=3, batch_size=2)
+    metrics = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), ks=(1, 2), num_items=5, max_history=3, batch_size=2)
     assert metrics["num_rows"] == 3
     assert metrics["HR@1"] == pytest.approx(1 / 3)
     assert metrics["HR@2"] == pytest.approx(2 / 3)
@@ -235,8 +243,7 @@ def test_popularity_baseline_by_hand():
     assert metrics["like/auc"] == 1.0 and metrics["like/accuracy"] == 1.0
     assert metrics["like/log_loss"] == pytest.approx(-math.log(3 / 4))
 
-    raw = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), ks=(1, 2), num_items=5,
-                   max_history=3, batch_size=2, rating_denormalise=_double_plus_user)
+    raw = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), ks=(1, 2), num_items=5, max_history=3, batch_size=2, rating_denormalise=_double_plus_user)
     # Raw = 2 * normalised + user_idx on both sides: the raw-scale errors are twice the normalised ones.
     assert raw["rating/rmse"] == pytest.approx(2 * metrics["rating/rmse"])
     assert raw["rating/mae"] == pytest.approx(2 * metrics["rating/mae"])
@@ -253,13 +260,28 @@ def _random_tables(num_items: int, num_users: int, seed: int) -> tuple[pa.Table,
         items = generator.choice(np.arange(1, num_items + 1), size=int(generator.integers(3, 12))).tolist()
         ratings = np.round(generator.random(len(items)) * 2 - 1, 2)
         ratings[generator.random(len(items)) < 0.2] = np.nan
-        train_rows.append({"user_idx": user, "items": items[:-1], "ratings": ratings[:-1].tolist(),
-                           "likes": generator.integers(-1, 2, len(items) - 1).tolist(),
-                           "timestamps": list(range(len(items) - 1))})
-        eval_rows.append({"user_idx": user, "history": items[-6:-1], "history_ratings": ratings[-6:-1].tolist(),
-                          "seen_items": items[:-1], "target_item": items[-1],
-                          "target_rating": float(ratings[-1]), "target_rating_raw": float(2 * ratings[-1] + user),
-                          "target_like": int(generator.integers(-1, 2)), "is_cold_target": bool(user % 7 == 0)})
+        train_rows.append(
+            {
+                "user_idx": user,
+                "items": items[:-1],
+                "ratings": ratings[:-1].tolist(),
+                "likes": generator.integers(-1, 2, len(items) - 1).tolist(),
+                "timestamps": list(range(len(items) - 1)),
+            }
+        )
+        eval_rows.append(
+            {
+                "user_idx": user,
+                "history": items[-6:-1],
+                "history_ratings": ratings[-6:-1].tolist(),
+                "seen_items": items[:-1],
+                "target_item": items[-1],
+                "target_rating": float(ratings[-1]),
+                "target_rating_raw": float(2 * ratings[-1] + user),
+                "target_like": int(generator.integers(-1, 2)),
+                "is_cold_target": bool(user % 7 == 0),
+            }
+        )
     return pa.Table.from_pylist(train_rows, schema=TRAIN_SEQUENCE), _eval_table(eval_rows)
 
 
@@ -274,8 +296,11 @@ def test_ray_data_path_equals_the_in_process_path(ray_instance, tmp_path):
     # Ray reads the three files into blocks of its own and returns the rows in another order than
     # pyarrow's; per-row values make the metrics independent of that and of the batch sizes.
     through_ray = evaluate_with_ray_data(
-        functools.partial(PopularityScorer, train_table, num_items), str(tmp_path), batch_size=7,
-        num_cpus_per_actor=0.5, **options,
+        functools.partial(PopularityScorer, train_table, num_items),
+        str(tmp_path),
+        batch_size=7,
+        num_cpus_per_actor=0.5,
+        **options,
     )
     assert through_ray == in_process
     assert in_process["num_rows"] == 90 and in_process["cold/num_rows"] == 12
@@ -295,16 +320,10 @@ def test_report_files(tmp_path):
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == metrics_by_model
 
     header, separator, *rows = (tmp_path / "report" / "metrics.md").read_text().splitlines()
-    assert [cell.strip() for cell in header.strip("|").split("|")] == [
-        "model", "num_rows", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "like/auc"
-    ]
+    assert [cell.strip() for cell in header.strip("|").split("|")] == ["model", "num_rows", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "like/auc"]
     assert set(separator) <= set("|-:")
-    assert [cell.strip() for cell in rows[0].strip("|").split("|")] == [
-        "polyrec", "90", "0.3123", "0.1500", "0.4500", "0.1900", "0.7000"
-    ]
-    assert [cell.strip() for cell in rows[1].strip("|").split("|")] == [
-        "popularity", "90", "0.1000", "0.0500", "0.1800", "0.0700", "–"
-    ]
+    assert [cell.strip() for cell in rows[0].strip("|").split("|")] == ["polyrec", "90", "0.3123", "0.1500", "0.4500", "0.1900", "0.7000"]
+    assert [cell.strip() for cell in rows[1].strip("|").split("|")] == ["popularity", "90", "0.1000", "0.0500", "0.1800", "0.0700", "–"]
 
     image = matplotlib.image.imread(tmp_path / "report" / "metrics.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

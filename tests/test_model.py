@@ -23,10 +23,16 @@ COLD_ITEM, TWIN_OF_COLD = 31, 7
 NUM_ITEMS, NUM_USERS, NUM_ATTRIBUTES = 31, 8, 6
 VOCAB = 100
 
-TINY_BERT = {"model_type": "bert", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "intermediate_size": 64}
-TINY_LLAMA = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}
+TINY_BERT = {"model_type": "bert", "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+}
 TINY_QWEN2 = {**TINY_LLAMA, "model_type": "qwen2"}
 
 
@@ -44,12 +50,14 @@ def item_attributes(item: int) -> list[int]:
 
 def items_table() -> pa.Table:
     items = list(range(1, NUM_ITEMS + 1))
-    return pa.table({
-        "item_idx": pa.array(items, pa.int32()),
-        "input_ids": pa.array([item_tokens(i) for i in items], pa.list_(pa.int32())),
-        "attributes": pa.array([item_attributes(i) for i in items], pa.list_(pa.int32())),
-        "is_cold": [i == COLD_ITEM for i in items],
-    })
+    return pa.table(
+        {
+            "item_idx": pa.array(items, pa.int32()),
+            "input_ids": pa.array([item_tokens(i) for i in items], pa.list_(pa.int32())),
+            "attributes": pa.array([item_attributes(i) for i in items], pa.list_(pa.int32())),
+            "is_cold": [i == COLD_ITEM for i in items],
+        }
+    )
 
 
 def next_item(item: torch.Tensor) -> torch.Tensor:
@@ -74,8 +82,7 @@ def training_batch(generator: torch.Generator, size: int = 32, length: int = 6) 
     ratings[(targets == 0) | (torch.rand(size, length, generator=generator) < 0.25)] = float("nan")
     likes = (targets % 3 == 0).long()
     likes[(targets == 0) | (torch.rand(size, length, generator=generator) < 0.25)] = -1
-    return {"input_items": inputs, "target_items": targets, "target_ratings": ratings,
-            "target_likes": likes, "user_idx": users}
+    return {"input_items": inputs, "target_items": targets, "target_ratings": ratings, "target_likes": likes, "user_idx": users}
 
 
 def model_config(**sections) -> ModelConfig:
@@ -127,12 +134,14 @@ def trained() -> tuple[PolyrecModel, list[dict[str, float]]]:
 
 
 def test_catalog_features_pad_truncate_and_multi_hot():
-    table = pa.table({
-        "item_idx": pa.array([2, 1], pa.int32()),
-        "input_ids": pa.array([[5, 6, 7, 8, 9], [3]], pa.list_(pa.int32())),
-        "attributes": pa.array([[1, 3], []], pa.list_(pa.int32())),
-        "is_cold": [True, False],
-    })
+    table = pa.table(
+        {
+            "item_idx": pa.array([2, 1], pa.int32()),
+            "input_ids": pa.array([[5, 6, 7, 8, 9], [3]], pa.list_(pa.int32())),
+            "attributes": pa.array([[1, 3], []], pa.list_(pa.int32())),
+            "is_cold": [True, False],
+        }
+    )
     catalog = CatalogFeatures.from_items_table(table, max_tokens=4, pad_token_id=99)
     assert catalog.input_ids.tolist() == [[99, 99, 99, 99], [3, 99, 99, 99], [5, 6, 7, 8]]
     assert catalog.attention_mask.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
@@ -174,8 +183,7 @@ def test_padding_never_attends_and_states_are_causal():
         vectors = model.item_table()[padded_items]
         noisy = vectors.clone()
         noisy[:, :3] = torch.randn(1, 3, 32) * 10
-        torch.testing.assert_close(model.user_model(noisy, padded_items, users)[:, 3:],
-                                   model.user_model(vectors, padded_items, users)[:, 3:])
+        torch.testing.assert_close(model.user_model(noisy, padded_items, users)[:, 3:], model.user_model(vectors, padded_items, users)[:, 3:])
 
         contributions = model.attention_contributions(padded_items, users)
         assert contributions.shape == (1, 9)
@@ -219,15 +227,23 @@ def test_a_users_mood_is_learned_from_the_ratings_of_the_history():
     def mood_batch(generator: torch.Generator, size: int = 32, length: int = 6) -> dict[str, torch.Tensor]:
         items = torch.randint(1, NUM_WARM + 1, (size, length + 1), generator=generator)
         mood = torch.where(torch.rand(size, 1, generator=generator) < 0.5, 1.0, -1.0).expand(size, length + 1).clone()
-        return {"input_items": items[:, :-1], "target_items": items[:, 1:], "input_ratings": mood[:, :-1],
-                "target_ratings": mood[:, 1:], "target_likes": torch.full((size, length), -1),
-                "user_idx": torch.randint(1, NUM_USERS + 1, (size,), generator=generator)}
+        return {
+            "input_items": items[:, :-1],
+            "target_items": items[:, 1:],
+            "input_ratings": mood[:, :-1],
+            "target_ratings": mood[:, 1:],
+            "target_likes": torch.full((size, length), -1),
+            "user_idx": torch.randint(1, NUM_USERS + 1, (size,), generator=generator),
+        }
 
     held_out = {}
     for reader in ("user model", "recent level", None):
-        model = build_model(model_config(user_model={"rating_input": reader == "user model"},
-                                         tasks={"retrieval": False, "like": False, "attributes": False,
-                                                "rating_recency": reader == "recent level"}))
+        model = build_model(
+            model_config(
+                user_model={"rating_input": reader == "user model"},
+                tasks={"retrieval": False, "like": False, "attributes": False, "rating_recency": reader == "recent level"},
+            )
+        )
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(0)
         model.train()
@@ -273,7 +289,7 @@ def test_the_one_pass_for_serving_gives_the_encoders_queries_and_the_last_layers
     captured = {}
     hook = last.register_forward_pre_hook(lambda module, args: captured.setdefault("hidden", args[0]))
     with torch.no_grad():
-        states = model.sequence_states(history, users)  # the encoder's own forward
+        model.sequence_states(history, users)  # the encoder's own forward
         hook.remove()
         queries, contributions = model.queries_and_contributions(history, users)
         expected_queries = model.user_queries(history, users)
@@ -315,7 +331,7 @@ def test_every_task_loss_falls_on_the_synthetic_problem(trained):
     model, history = trained
     first, last = history[0], history[-1]
     # Chance levels: uniform over 30 items; predicting the mean rating; the like and attribute base rates.
-    chance = {"retrieval": math.log(NUM_WARM), "rating": 1.0 + 0.25 ** 2, "like": 0.64, "attributes": 0.6}
+    chance = {"retrieval": math.log(NUM_WARM), "rating": 1.0 + 0.25**2, "like": 0.64, "attributes": 0.6}
     for task, level in chance.items():
         assert first[task] > 0.5 * level, task
         assert last[task] < 0.2 * level, (task, last[task])
@@ -355,8 +371,7 @@ def test_scores_agree_across_predict_full_sort_and_candidates(trained):
         query, level = query[:, :-1], query[:, -1]  # no ratings in the history: the recent level is 0
         assert level.abs().max() == 0
         rating = model.tasks["rating"]
-        expected = ((query * model.item_table()[targets]).sum(-1) / 32 ** 0.5 + rating.user_bias.weight[users, 0]
-                    + rating.item_bias.weight[targets, 0] + 0.25)
+        expected = (query * model.item_table()[targets]).sum(-1) / 32**0.5 + rating.user_bias.weight[users, 0] + rating.item_bias.weight[targets, 0] + 0.25
     torch.testing.assert_close(predicted["rating"], expected)
 
 
@@ -367,8 +382,7 @@ def test_cold_item_is_represented_by_its_text(trained):
         table = model.item_table()
         from_text = model.encode_item_text(tokens, torch.ones_like(tokens))[0]
         batch = training_batch(torch.Generator().manual_seed(3), size=4)
-        extra = model.score_candidates(batch["input_items"], batch["user_idx"],
-                                       torch.tensor([[COLD_ITEM, NUM_ITEMS + 1]] * 4), from_text[None])
+        extra = model.score_candidates(batch["input_items"], batch["user_idx"], torch.tensor([[COLD_ITEM, NUM_ITEMS + 1]] * 4), from_text[None])
     # Its id never trained, so the cold item's vector is its text's.
     torch.testing.assert_close(table[COLD_ITEM], from_text)
     torch.testing.assert_close(extra["retrieval"][:, 0], extra["retrieval"][:, 1])
@@ -383,9 +397,16 @@ def test_cold_item_is_represented_by_its_text(trained):
 
 def _retrieval_task(sampled: bool, is_cold: list[bool], negatives: int = 2, mask_history: bool = False) -> RetrievalTask:
     config = TaskConfig(temperature=1.0, num_sampled_negatives=negatives, mask_history=mask_history)
-    setup = TaskSetup(config=config, hidden_size=2,
-                      num_users=1, num_items=3, rating_mean=0.0, item_attributes=torch.zeros(4, 2),
-                      is_cold=torch.tensor(is_cold), sampled_retrieval=sampled)
+    setup = TaskSetup(
+        config=config,
+        hidden_size=2,
+        num_users=1,
+        num_items=3,
+        rating_mean=0.0,
+        item_attributes=torch.zeros(4, 2),
+        is_cold=torch.tensor(is_cold),
+        sampled_retrieval=sampled,
+    )
     return RetrievalTask(setup)
 
 
@@ -500,8 +521,7 @@ def test_gradnorm_weights_balance_gradients_and_sum_to_task_count():
 @pytest.mark.parametrize("backbone_config, mode", [(TINY_LLAMA, "lora"), (TINY_QWEN2, "full")])
 def test_decoder_backbone_trains_its_own_parameters(backbone_config, mode):
     config = model_config(
-        backbone={"random_init_config": backbone_config, "mode": mode, "pooling": "last", "lora_r": 4,
-                  "gradient_checkpointing": True},
+        backbone={"random_init_config": backbone_config, "mode": mode, "pooling": "last", "lora_r": 4, "gradient_checkpointing": True},
         tasks={"num_sampled_negatives": 8},
     )
     model = build_model(config)
@@ -546,7 +566,6 @@ def test_user_model_copies_bert_layers():
             expected = expected[0] if isinstance(expected, tuple) else expected
             torch.testing.assert_close(target_layer(hidden), expected)
     with pytest.raises(InputError, match="hidden_size"):
-        build_model(model_config(backbone={"random_init_config": bert},
-                                 user_model={"init_from_backbone": True, "hidden_size": 16}))
+        build_model(model_config(backbone={"random_init_config": bert}, user_model={"init_from_backbone": True, "hidden_size": 16}))
     with pytest.raises(InputError, match="BERT-style"):
         build_model(model_config(backbone={"random_init_config": TINY_LLAMA}, user_model={"init_from_backbone": True}))

@@ -62,8 +62,12 @@ def _sources(rows: list[tuple], item_ids: list[str], read_quarantine: list[tuple
         schema=ITEMS_BASE,
     )
     quarantine = pa.table(
-        {"stage": ["read"] * len(read_quarantine), "reason": [q[0] for q in read_quarantine],
-         "source": [q[1] for q in read_quarantine], "record": [q[2] for q in read_quarantine]},
+        {
+            "stage": ["read"] * len(read_quarantine),
+            "reason": [q[0] for q in read_quarantine],
+            "source": [q[1] for q in read_quarantine],
+            "record": [q[2] for q in read_quarantine],
+        },
         schema=QUARANTINE,
     )
     return SourceTables(interactions=interactions, items=items, users=None, quarantine=quarantine, files=[])
@@ -250,9 +254,7 @@ def test_cleaning_counts_and_reasons(corrupted) -> None:
     assert quarantine.loc["hand.csv:99", "stage"] == "read"
     for source, entry in quarantine.drop(index="hand.csv:99").iterrows():
         user, item, timestamp, value, event = line[source]
-        assert json.loads(entry["record"]) == {
-            "user_id": user, "item_id": item, "timestamp": timestamp, "event": event, "value": value, "source": source
-        }
+        assert json.loads(entry["record"]) == {"user_id": user, "item_id": item, "timestamp": timestamp, "event": event, "value": value, "source": source}
     bot = quarantine[quarantine["stage"] == "clean:bot_filter"]
     assert sorted(json.loads(r)["timestamp"] for r in bot["record"]) == [T0 + 5 * DAY + 400, T0 + 5 * DAY + 500]
     assert quarantine.loc[line_of(("u1", "i1", T0, 4.0, "rate"), last=True), "stage"] == "clean:duplicates"
@@ -334,8 +336,7 @@ def test_temporal_split_with_minmax_ratings(tmp_path) -> None:
     split = SplitConfig(strategy="temporal", validation_fraction=0.2, test_fraction=0.2)
     manifest = preprocess_tables(
         _sources(rows, ["i0", "i1", "i2"]),
-        _config(tmp_path, clean=CleanConfig(min_user_interactions=1), split=split,
-                features=FeatureConfig(rating_normalisation="minmax")),
+        _config(tmp_path, clean=CleanConfig(min_user_interactions=1), split=split, features=FeatureConfig(rating_normalisation="minmax")),
     )
     assert manifest.temporal_cutoffs == [times[6], times[8]]
     validation = _read(tmp_path, "sequences/validation").to_pandas()
@@ -376,8 +377,13 @@ def test_user_histories_hold_the_kept_interactions_by_id_in_milliseconds_with_ra
         by_user.setdefault(row["user_id"], []).append((row["item_id"], row["ts"], row["rating"]))
     # Each user's kept interactions in time order (ties in source order), seconds × 1000, the values as given.
     assert by_user == {
-        "a": [("i4", (T0 + 5) * 1000, 3.0), ("i1", (T0 + 10) * 1000, 4.0), ("i2", (T0 + 20) * 1000, 2.0),
-              ("i3", (T0 + 20) * 1000, 5.0), ("i5", (T0 + 30) * 1000, 1.0)],
+        "a": [
+            ("i4", (T0 + 5) * 1000, 3.0),
+            ("i1", (T0 + 10) * 1000, 4.0),
+            ("i2", (T0 + 20) * 1000, 2.0),
+            ("i3", (T0 + 20) * 1000, 5.0),
+            ("i5", (T0 + 30) * 1000, 1.0),
+        ],
         "b": [("i1", (T0 + 1) * 1000, 5.0), ("i2", (T0 + 2) * 1000, None)],
     }
 
@@ -434,9 +440,7 @@ def test_bad_text_template_is_an_input_error(tmp_path) -> None:
 
 def test_item_text_rendering() -> None:
     template = FeatureConfig().text_template
-    assert render_item_text({"title": "Heat", "year": 1995, "genres": ["Crime", "Drama"]}, template) == (
-        "Heat. Year: 1995. Genres: Crime, Drama."
-    )
+    assert render_item_text({"title": "Heat", "year": 1995, "genres": ["Crime", "Drama"]}, template) == ("Heat. Year: 1995. Genres: Crime, Drama.")
     assert render_item_text({"title": "Alien: Covenant", "tags": ["space"], "description": "Lost crew."}, template) == (
         "Alien: Covenant. Tags: space. Lost crew."
     )

@@ -272,10 +272,8 @@ def test_amazon_2023_gzipped(tmp_path: Path) -> None:
     reviews = _json_lines(
         tmp_path / "All_Beauty.jsonl.gz",
         [
-            {"rating": 5.0, "title": "Great", "asin": "B00YQ6X8EO", "parent_asin": "B00YQ6X8EO", "user_id": "AGKH",
-             "timestamp": 1588687728923},
-            {"rating": 4, "asin": "B081TJ8YS3", "parent_asin": "B081TJ8YS4", "user_id": "AGKH",
-             "timestamp": 1588615855070},
+            {"rating": 5.0, "title": "Great", "asin": "B00YQ6X8EO", "parent_asin": "B00YQ6X8EO", "user_id": "AGKH", "timestamp": 1588687728923},
+            {"rating": 4, "asin": "B081TJ8YS3", "parent_asin": "B081TJ8YS4", "user_id": "AGKH", "timestamp": 1588615855070},
             {"rating": 1.0, "asin": "B0000000AA", "user_id": "AE23", "timestamp": 1589665266052},
             {"rating": 2.0, "parent_asin": "B0000000AB", "user_id": "AE23"},
         ],
@@ -312,10 +310,7 @@ def test_amazon_2023_gzipped(tmp_path: Path) -> None:
 def test_table_csv_with_a_mapping_and_millisecond_timestamps(tmp_path: Path) -> None:
     ratings = _write(
         tmp_path / "events.csv",
-        "uid,iid,when_ms,action,score,extra\n"
-        "u1,i1,1600000000999,click,,x\n"
-        "u2,i2,1600000001000,rate,4.5,y\n"
-        "u2,i1,16000000x,rate,4.0,z\n",
+        "uid,iid,when_ms,action,score,extra\nu1,i1,1600000000999,click,,x\nu2,i2,1600000001000,rate,4.5,y\nu2,i1,16000000x,rate,4.0,z\n",
     )
     items = _write(tmp_path / "items.csv", 'iid,name,kinds,yr\ni1,"Widget, large",tools|home,2001\ni2,Gadget,,n/a\n')
     users = _write(tmp_path / "users.csv", "uid,country,age\nu1,FR,31\nu2,DE,\n")

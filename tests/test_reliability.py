@@ -90,9 +90,13 @@ def tiny_disk(tmp_path):
 def test_a_full_disk_refuses_feedback_with_503_and_loses_nothing_acknowledged(model, tiny_disk, tmp_path):
     key_file = tmp_path / "api-key"
     key_file.write_text("k3y\n")  # as `openssl rand -hex 32 > file` writes it: the newline is no part of the key
-    service = start(model, "disk-full", api_key_env=None, api_key_file=str(key_file),
-                    feedback=FeedbackLogConfig(path=str(Path(model["root"]) / "disk-full" / "feedback"), wal_dir=str(tiny_disk),
-                                               flush_interval_s=3600))
+    service = start(
+        model,
+        "disk-full",
+        api_key_env=None,
+        api_key_file=str(key_file),
+        feedback=FeedbackLogConfig(path=str(Path(model["root"]) / "disk-full" / "feedback"), wal_dir=str(tiny_disk), flush_interval_s=3600),
+    )
     acknowledged, refused = [], None
     with httpx.Client(base_url=service.url, timeout=60, headers={"X-API-Key": "k3y"}) as client:
         unkeyed = httpx.post(f"{service.url}/v1/feedback", json={"user_id": "7", "item_id": "50", "event": "view"}, timeout=60)

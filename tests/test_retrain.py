@@ -17,11 +17,10 @@ from data import schema
 from data.manifest import load_manifest
 from serve.feedback_log import FeedbackLog
 from serve.versions import VersionHistory
-from train.artifact import load_artifact
-from train.evaluate import evaluate_on
-from train.batching import left_pad
-
 from tests.tiny import tiny_config
+from train.artifact import load_artifact
+from train.batching import left_pad
+from train.evaluate import evaluate_on
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +56,17 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, 
     seen = set(old_row["seen_items"]) | {old_row["target_item"]}
     clicked = [item_ids[idx] for idx in sorted(item_ids) if idx not in seen][:10]
     rows = [
-        {"event_id": uuid.uuid4().hex, "ts": 1_900_000_000_000 + i * 1000, "user_id": user_id, "item_id": item,
-         "event": "click", "value": None, "request_id": None, "model_version": "v1", "position": None}
+        {
+            "event_id": uuid.uuid4().hex,
+            "ts": 1_900_000_000_000 + i * 1000,
+            "user_id": user_id,
+            "item_id": item,
+            "event": "click",
+            "value": None,
+            "request_id": None,
+            "model_version": "v1",
+            "position": None,
+        }
         for i, item in enumerate(clicked * 3)
     ]
     log = FeedbackLog(str(tmp_path / "feedback"), tmp_path / "wal", writer="test")
@@ -70,8 +78,12 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, 
     monkeypatch.chdir(Path(serving_artifact).parent.parent)
     served = Path(serving_artifact).relative_to(Path.cwd())
     config = RetrainConfig(
-        feedback_log=str(tmp_path / "feedback"), current_model=str(served), output=str(tmp_path / "retrain"),
-        serve_state_dir=str(tmp_path / "serve"), train=tiny_config(data_dir, tmp_path / "unused", epochs=2), hot_swap=False,
+        feedback_log=str(tmp_path / "feedback"),
+        current_model=str(served),
+        output=str(tmp_path / "retrain"),
+        serve_state_dir=str(tmp_path / "serve"),
+        train=tiny_config(data_dir, tmp_path / "unused", epochs=2),
+        hot_swap=False,
     )
     config.preprocess = config.preprocess.model_validate(load_manifest(data_dir).config)
     outcome = run_retrain(config)
@@ -93,8 +105,7 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, 
 
     # The clicks are now the user's latest interactions, and what the new model recommends for them changes.
     new_user_idx = _vocab(new_data, schema.USER_VOCAB_PATH, "user_id", "user_idx")[user_id]
-    new_row = next(row for row in pq.read_table(f"{new_data}/{schema.SEQUENCES_DIR}/test").to_pylist()
-                   if row["user_idx"] == new_user_idx)
+    new_row = next(row for row in pq.read_table(f"{new_data}/{schema.SEQUENCES_DIR}/test").to_pylist() if row["user_idx"] == new_user_idx)
     new_item_ids = _vocab(new_data, schema.ITEM_VOCAB_PATH, "item_idx", "item_id")
     assert new_item_ids[new_row["target_item"]] == clicked[-1]
     old_model, new_model = load_artifact(serving_artifact).model, load_artifact(outcome.new_model).model

@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from data.config import DEFAULT_DATASET_DIR
 from common.errors import InputError
+from data.config import DEFAULT_DATASET_DIR
 from data.feedback_log import read_feedback_log
 from serve.config import FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
 from serve.feedback_log import FeedbackLog, impression_rows
@@ -213,8 +213,7 @@ def check_feedback_extends_the_server_side_history(client):
     assert set(clicked) <= set(ratings()["item"])
     before = recommend(client, user_id="newcomer", k=5)
     assert before["items"][0]["score"] == pytest.approx(1.0)  # popular: nothing known yet
-    response = client.post("/v1/feedback", headers=AUTH, json={"events": [
-        {"user_id": "newcomer", "item_id": item, "event": "click"} for item in clicked]})
+    response = client.post("/v1/feedback", headers=AUTH, json={"events": [{"user_id": "newcomer", "item_id": item, "event": "click"} for item in clicked]})
     assert response.status_code == 200 and response.json()["accepted"] == 3
     after = recommend(client, user_id="newcomer", k=5)
     ids = [item["item_id"] for item in after["items"]]
@@ -410,8 +409,12 @@ def test_split_graph_answers_like_the_colocated_graph(colocated_answers, client)
         assert {**split, "request_id": None, "items": None} == {**colocated, "request_id": None, "items": None}
         assert [item["item_id"] for item in split["items"]] == [item["item_id"] for item in colocated["items"]]
         for ours, theirs in zip(split["items"], colocated["items"]):
-            assert ours == {**theirs, "score": pytest.approx(theirs["score"], abs=1e-5),
-                            "p_like": pytest.approx(theirs["p_like"], abs=1e-5), "rating": pytest.approx(theirs["rating"], abs=1e-4)}
+            assert ours == {
+                **theirs,
+                "score": pytest.approx(theirs["score"], abs=1e-5),
+                "p_like": pytest.approx(theirs["p_like"], abs=1e-5),
+                "rating": pytest.approx(theirs["rating"], abs=1e-4),
+            }
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -461,9 +464,22 @@ def test_oversized_bodies_are_413_declared_or_streamed(client, service):
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("body", [b"[]", b"null", b'"text"', b"1e999", b'{"user_id": null}', b'{"user_id": "u", "k": 1e30}',
-                                  b'{"user_id": "u", "k": 5.5}', b'{"user_id": "\\ud800"}', b'{"user_id": {"a": []}}',
-                                  b'{"user_id": "u", "exclude": [null]}', b'{"user_id": "u", "context": {"x": [1]}}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b"null",
+        b'"text"',
+        b"1e999",
+        b'{"user_id": null}',
+        b'{"user_id": "u", "k": 1e30}',
+        b'{"user_id": "u", "k": 5.5}',
+        b'{"user_id": "\\ud800"}',
+        b'{"user_id": {"a": []}}',
+        b'{"user_id": "u", "exclude": [null]}',
+        b'{"user_id": "u", "context": {"x": [1]}}',
+    ],
+)
 def test_no_input_gets_a_server_error(client, body):
     for path in ("/v1/recommend", "/v1/feedback", "/v1/items"):
         response = client.post(path, content=body, headers={**AUTH, "content-type": "application/json"})
@@ -484,8 +500,7 @@ def test_write_endpoints_need_the_api_key(client):
 def test_item_model_health_and_docs_endpoints(client):
     star_wars = client.get("/v1/items/50").json()
     flags = movies().set_index(0).loc["50"].iloc[4:].to_numpy()
-    assert star_wars == {"item_id": "50", "title": "Star Wars (1977)", "registered": False,
-                         "attributes": [g + 1 for g, flag in enumerate(flags) if flag]}
+    assert star_wars == {"item_id": "50", "title": "Star Wars (1977)", "registered": False, "attributes": [g + 1 for g, flag in enumerate(flags) if flag]}
     assert client.get("/v1/items/no-such-item").status_code == 404
     model = client.get("/v1/model").json()
     assert model["model_version"] == "random-0"
@@ -516,8 +531,7 @@ def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, 
 
 def test_the_openapi_document_lists_every_status_enum_and_bound(client):
     document = client.get("/openapi.json").json()
-    statuses = {path: {method: set(operation["responses"]) for method, operation in operations.items()}
-                for path, operations in document["paths"].items()}
+    statuses = {path: {method: set(operation["responses"]) for method, operation in operations.items()} for path, operations in document["paths"].items()}
     assert {"400", "401", "413", "422", "503"} <= statuses["/v1/feedback"]["post"]
     assert {"401", "409", "503"} <= statuses["/v1/items"]["post"] and "404" in statuses["/v1/items/{item_id}"]["get"]
     assert document["paths"]["/v1/recommend"]["post"]["responses"]["503"]["headers"]["Retry-After"]
@@ -534,9 +548,29 @@ def test_a_schema_driven_fuzzer_finds_no_failure(service, tmp_path):
     requests accepted, invalid ones refused, no 5xx."""
     report = tmp_path / "report"
     run = subprocess.run(
-        [str(Path(sys.executable).parent / "st"), "run", f"{service.url}/openapi.json", "--checks", "all", "--max-examples", "30",
-         "--header", f"X-API-Key: {API_KEY}", "--workers", "2", "--seed", "1", "--report", "junit", "--report-dir", str(report)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its cache folder goes there
+        [
+            str(Path(sys.executable).parent / "st"),
+            "run",
+            f"{service.url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "30",
+            "--header",
+            f"X-API-Key: {API_KEY}",
+            "--workers",
+            "2",
+            "--seed",
+            "1",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,  # its cache folder goes there
     )
     assert run.returncode == 0, run.stdout[-6000:]
     assert "No issues found" in run.stdout or "passed" in run.stdout, run.stdout[-3000:]
@@ -556,9 +590,11 @@ def test_a_retried_event_counts_once_in_the_live_state(client):
 
 
 def test_ratings_outside_the_rating_range_are_422_naming_the_value(client):
-    for body in ({"user_id": "u", "item_id": "50", "event": "rate", "value": 99},
-                 {"events": [{"user_id": "u", "item_id": "50", "event": "rate", "value": 0.5}]},
-                 {"user_id": "u", "item_id": "50", "event": "rate"}):
+    for body in (
+        {"user_id": "u", "item_id": "50", "event": "rate", "value": 99},
+        {"events": [{"user_id": "u", "item_id": "50", "event": "rate", "value": 0.5}]},
+        {"user_id": "u", "item_id": "50", "event": "rate"},
+    ):
         response = client.post("/v1/feedback", json=body, headers=AUTH)
         assert response.status_code == 422 and field_named(response, "value"), response.text
     assert client.post("/v1/feedback", json={"user_id": "u", "item_id": "50", "event": "rate", "value": 5}, headers=AUTH).status_code == 200
@@ -623,16 +659,25 @@ def test_ranker_score_mixes_the_task_outputs_with_the_rating_on_the_raw_scale(tm
     history = [model.item_index[item] for item in history_ids]
     raw_ratings = [5.0, float("nan"), 2.0, 3.0]
     ratings = torch.tensor([[(4.0 / 4), float("nan"), (1.0 / 4), (2.0 / 4)]])  # (raw - 1) / 4; none stays none
-    request = RetrievalRequest(model=str(path), user_id="3", history=history_ids, history_ratings=raw_ratings, interests=None,
-                               num_candidates=20, registry_version=0, exclude=["50", "181", "1"])
+    request = RetrievalRequest(
+        model=str(path),
+        user_id="3",
+        history=history_ids,
+        history_ratings=raw_ratings,
+        interests=None,
+        num_candidates=20,
+        registry_version=0,
+        exclude=["50", "181", "1"],
+    )
     candidates = model.retrieve([request], history_length=50, interests_weight=0.5)[0]
     assert len(candidates.item_ids) == 20 and not {"50", "181", "1"} & set(candidates.item_ids)
     ranked = model.rank([candidates], {"retrieval": 1.0, "like": 2.0, "rating": 0.5})[0]
 
     user_idx = model.user_index["3"]
     with torch.no_grad():
-        direct = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None],
-                                              input_ratings=ratings)
+        direct = model.model.score_candidates(
+            torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None], input_ratings=ratings
+        )
         attention = model.model.attention_contributions(torch.tensor([history]), torch.tensor([user_idx]), ratings)[0].numpy()
         unrated = model.model.score_candidates(torch.tensor([history]), torch.tensor([user_idx]), torch.from_numpy(candidates.item_idx)[None])
     assert not np.allclose(unrated["rating"].numpy(), direct["rating"].numpy(), atol=1e-3)  # the ratings are read
@@ -645,8 +690,7 @@ def test_ranker_score_mixes_the_task_outputs_with_the_rating_on_the_raw_scale(tm
     assert ranked.history_ids == history_ids and ranked.contributions == pytest.approx(attention)
     shares = attention[None, :] * (ranked.keys @ model.keys[history].T)
     per_item = {"50": shares[:, 0] + shares[:, 3], "181": shares[:, 1], "1": shares[:, 2]}
-    expected = [[item for item in sorted(per_item, key=lambda item: -per_item[item][c])[:2] if per_item[item][c] > 0]
-                for c in range(len(candidates.item_ids))]
+    expected = [[item for item in sorted(per_item, key=lambda item: -per_item[item][c])[:2] if per_item[item][c] > 0] for c in range(len(candidates.item_ids))]
     assert explain(ranked, list(range(len(candidates.item_ids))), 2) == expected
     assert any(expected)
 
@@ -699,10 +743,20 @@ def test_genre_cap_passes_over_and_then_fills():
 
 
 def test_rerank_drops_seen_excluded_blocked_and_duplicate_items():
-    ranked = Ranked(model_version="v", mode="personal", item_ids=["a", "b", "c", "d", "b"], titles=[""] * 5,
-                    score=pd.Series([5.0, 4.0, 3.0, 2.0, 9.0]).to_numpy("float32"), p_like=None, rating=None,
-                    keys=pd.DataFrame([[1.0, 0.0]] * 5).to_numpy("float32"), groups=[[]] * 5,
-                    history_ids=[], history_keys=np.zeros((0, 2), "float32"), contributions=np.zeros(0, "float32"))
+    ranked = Ranked(
+        model_version="v",
+        mode="personal",
+        item_ids=["a", "b", "c", "d", "b"],
+        titles=[""] * 5,
+        score=pd.Series([5.0, 4.0, 3.0, 2.0, 9.0]).to_numpy("float32"),
+        p_like=None,
+        rating=None,
+        keys=pd.DataFrame([[1.0, 0.0]] * 5).to_numpy("float32"),
+        groups=[[]] * 5,
+        history_ids=[],
+        history_keys=np.zeros((0, 2), "float32"),
+        contributions=np.zeros(0, "float32"),
+    )
     chosen = rerank(ranked, 10, drop=["a"], config=ReRankConfig(diversity="none", blocked_items=["c"]))
     assert [ranked.item_ids[i] for i in chosen] == ["b", "d"]
 
@@ -750,8 +804,7 @@ def test_version_history_knows_the_live_version_and_rolls_back_to_the_one_that_s
     def artifact(version: str) -> str:
         folder = tmp_path / version
         folder.mkdir()
-        metadata = {"format_version": 1, "model_version": version, "model_config": {}, "num_users": 1, "num_items": 1,
-                    "num_attributes": 0, "rating_mean": 0.0}
+        metadata = {"format_version": 1, "model_version": version, "model_config": {}, "num_users": 1, "num_items": 1, "num_attributes": 0, "rating_mean": 0.0}
         (folder / "artifact.json").write_text(json.dumps(metadata))
         return str(folder)
 
@@ -783,17 +836,22 @@ def test_the_live_state_is_the_state_rebuilt_from_its_log(tmp_path):
     sent = []
     for i in range(300):
         retry = sent and generator.random() < 0.15
-        event = dict(sent[int(generator.integers(len(sent)))]) if retry else {
-            "event_id": f"e{i}", "user_id": f"u{generator.integers(4)}", "item_id": str(generator.integers(30)),
-            "event": "rate" if generator.random() < 0.5 else "click",
-            "ts": 1_000_000 + i * 10 - int(generator.integers(0, 200)) * (generator.random() < 0.3),  # some late
-        }
+        event = (
+            dict(sent[int(generator.integers(len(sent)))])
+            if retry
+            else {
+                "event_id": f"e{i}",
+                "user_id": f"u{generator.integers(4)}",
+                "item_id": str(generator.integers(30)),
+                "event": "rate" if generator.random() < 0.5 else "click",
+                "ts": 1_000_000 + i * 10 - int(generator.integers(0, 200)) * (generator.random() < 0.3),  # some late
+            }
+        )
         event["value"] = float(generator.integers(1, 6)) if event["event"] == "rate" else None
         sent.append(event)
         log.append([event])  # durable first, then applied, as the ingress does
         live.record(event["user_id"], event["item_id"], event["ts"], event["value"] if event["event"] == "rate" else None, event["event_id"])
-    rebuilt = ServerState.rebuild(settings, tmp_path / "rebuilt", training_data=None, feedback_log=str(tmp_path / "feedback"),
-                                  wal_dir=tmp_path / "wal")
+    rebuilt = ServerState.rebuild(settings, tmp_path / "rebuilt", training_data=None, feedback_log=str(tmp_path / "feedback"), wal_dir=tmp_path / "wal")
     for user in (f"u{n}" for n in range(4)):
         ours, theirs = live.context(user), rebuilt.context(user)
         assert (ours.history, ours.seen) == (theirs.history, theirs.seen), user

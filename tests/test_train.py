@@ -16,9 +16,10 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from data import schema
 from common.errors import InputError
 from common.storage import read_table, resolve
+from data import schema
+from tests.tiny import tiny_config, tiny_dataset
 from train.artifact import load_artifact
 from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate
@@ -33,8 +34,6 @@ from train.trainer import (
     warm_start,
 )
 from train.transfer import rows_by_id
-
-from tests.tiny import tiny_config, tiny_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +56,7 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 
 def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
-    config = tiny_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5,
-                         deepspeed__zero_stage=2, epochs=5)
+    config = tiny_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5, deepspeed__zero_stage=2, epochs=5)
     result = run_training(config)
 
     history = result.history
@@ -80,8 +78,7 @@ def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
     artifact = load_artifact(result.artifact)
     validation = read_table(resolve(data_dir), f"{schema.SEQUENCES_DIR}/validation")
     with torch.no_grad():
-        again = evaluate(artifact.model, validation, ks=[10, 20], num_items=artifact.model.num_items,
-                         max_history=20, batch_size=64)
+        again = evaluate(artifact.model, validation, ks=[10, 20], num_items=artifact.model.num_items, max_history=20, batch_size=64)
     assert again["NDCG@10"] == pytest.approx(best, abs=1e-6)
     assert os.path.exists(os.path.join(config.output, "training_curves.png"))
     assert os.path.exists(os.path.join(config.output, "metrics.json"))
@@ -118,9 +115,7 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, tmp_path, uninterrupted):
-    after_two_epochs = next(
-        checkpoint for checkpoint, metrics in uninterrupted.checkpoints if metrics["epoch"] == 2
-    )
+    after_two_epochs = next(checkpoint for checkpoint, metrics in uninterrupted.checkpoints if metrics["epoch"] == 2)
     resumed = run_training(tiny_config(data_dir, tmp_path / "resumed", epochs=3, resume_from=after_two_epochs))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == uninterrupted.history[:2]  # carried over from the checkpoint, not re-run
@@ -136,9 +131,12 @@ def test_warm_start_carries_table_rows_over_by_id(data_dir, tmp_path, uninterrup
     new_idx = len(old_idx) + 1 - old_idx
     ids = vocab["item_id"].to_pylist()
     ids[0] = "never-served"
-    pq.write_table(vocab.set_column(vocab.schema.get_field_index("item_id"), "item_id", pa.array(ids))
-                   .set_column(vocab.schema.get_field_index("item_idx"), "item_idx", pa.array(new_idx, vocab["item_idx"].type)),
-                   renumbered / schema.ITEM_VOCAB_PATH)
+    pq.write_table(
+        vocab.set_column(vocab.schema.get_field_index("item_id"), "item_id", pa.array(ids)).set_column(
+            vocab.schema.get_field_index("item_idx"), "item_idx", pa.array(new_idx, vocab["item_idx"].type)
+        ),
+        renumbered / schema.ITEM_VOCAB_PATH,
+    )
     rows = rows_by_id(uninterrupted.artifact, resolve(str(renumbered)))
     expected = np.full(len(old_idx) + 1, -1)
     expected[0], expected[new_idx[1:]] = 0, old_idx[1:]
@@ -183,8 +181,15 @@ def _train_rows(rows: list[tuple[int, list[int], list[int]]]) -> pa.Table:
     """TRAIN_SEQUENCE rows from (user, history, items); an item's rating is its index / 10, its like its parity."""
     return pa.Table.from_pylist(
         [
-            {"user_idx": user, "items": items, "ratings": [i / 10 for i in items], "likes": [i % 2 for i in items],
-             "timestamps": list(range(len(items))), "history": history, "history_ratings": [i / 10 for i in history]}
+            {
+                "user_idx": user,
+                "items": items,
+                "ratings": [i / 10 for i in items],
+                "likes": [i % 2 for i in items],
+                "timestamps": list(range(len(items))),
+                "history": history,
+                "history_ratings": [i / 10 for i in history],
+            }
             for user, history, items in rows
         ],
         schema=schema.TRAIN_SEQUENCE,

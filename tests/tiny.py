@@ -20,11 +20,13 @@ def tiny_preprocess_config(folder: Path, num_users: int = 40, max_history: int =
     items = pd.read_csv(DEFAULT_DATASET_DIR / "u.item", sep="|", encoding="latin-1", header=None)
     genre_names = pd.read_csv(DEFAULT_DATASET_DIR / "u.genre", sep="|", header=None)[0].tolist()
     flags = items.iloc[:, 5:24].to_numpy().astype(bool)
-    items = pd.DataFrame({
-        "item": items[0],
-        "title": items[1],
-        "genres": ["|".join(g for g, on in zip(genre_names, row) if on) for row in flags],
-    })
+    items = pd.DataFrame(
+        {
+            "item": items[0],
+            "title": items[1],
+            "genres": ["|".join(g for g, on in zip(genre_names, row) if on) for row in flags],
+        }
+    )
     items = items[items["item"].isin(ratings["item"])]
     ratings.to_csv(folder / "ratings.csv", index=False)
     items.to_csv(folder / "items.csv", index=False)
@@ -33,8 +35,7 @@ def tiny_preprocess_config(folder: Path, num_users: int = 40, max_history: int =
             format="table",
             path=str(folder / "ratings.csv"),
             items_path=str(folder / "items.csv"),
-            columns=ColumnMapping(user_id="user", item_id="item", timestamp="ts", value="rating",
-                                  item_fields={"title": "title", "genres": "genres"}),
+            columns=ColumnMapping(user_id="user", item_id="item", timestamp="ts", value="rating", item_fields={"title": "title", "genres": "genres"}),
         ),
         output=str(folder / "out"),
     )
@@ -54,9 +55,7 @@ def tiny_dataset(folder: Path, num_users: int = 40, max_history: int = 20) -> st
 
 def tiny_config(data_dir: str, output, **overrides) -> TrainConfig:
     """A training config for a 32-wide model over a tiny random BERT; ``section__field=value`` overrides."""
-    config = TrainConfig(
-        data=data_dir, output=str(output), epochs=4, batch_size=16, early_stopping_patience=100, checkpoints_to_keep=5
-    )
+    config = TrainConfig(data=data_dir, output=str(output), epochs=4, batch_size=16, early_stopping_patience=100, checkpoints_to_keep=5)
     config.model.backbone.random_init_config = TINY_BERT
     config.model.user_model.hidden_size = 32
     config.model.towers.expert_hidden = 32

@@ -77,9 +77,7 @@ class LossWeightingConfig(StageConfig):
     # over the whole catalogue, by far the largest loss), gets the smallest weight and ranking quality drops with it
     # (bench/RESULTS.md has the comparison).
     method: Literal["static", "uncertainty", "gradnorm"] = "static"
-    static_weights: dict[str, float] = Field(
-        default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1}
-    )
+    static_weights: dict[str, float] = Field(default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1})
     gradnorm_alpha: float = 1.5
 
 

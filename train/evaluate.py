@@ -115,9 +115,7 @@ def _row_slices(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
         yield table.slice(offset, batch_size)
 
 
-def eval_batches(
-    table: pa.Table, max_history: int, batch_size: int
-) -> Iterator[tuple[dict[str, Tensor], list[list[int]], np.ndarray]]:
+def eval_batches(table: pa.Table, max_history: int, batch_size: int) -> Iterator[tuple[dict[str, Tensor], list[list[int]], np.ndarray]]:
     """:func:`collate_eval_rows` over consecutive slices of ``batch_size`` rows of ``table``."""
     _check_columns(table.column_names, "evaluation table")
     for rows in _row_slices(table, batch_size):
@@ -162,8 +160,7 @@ def score_rows(scorer: Scorer, rows: pa.Table, *, num_items: int, max_history: i
     scores = scorer.full_sort_predict(batch).detach().cpu()
     if tuple(scores.shape) != (rows.num_rows, num_items + 1):
         raise ValueError(
-            f"full_sort_predict returned scores of shape {tuple(scores.shape)}, "
-            f"expected [batch, num_items + 1] = [{rows.num_rows}, {num_items + 1}]"
+            f"full_sort_predict returned scores of shape {tuple(scores.shape)}, expected [batch, num_items + 1] = [{rows.num_rows}, {num_items + 1}]"
         )
     predictions = scorer.predict(batch) if hasattr(scorer, "predict") else {}
     targets = batch["target_items"]
@@ -260,10 +257,7 @@ def evaluate(
     """
     _check_columns(table.column_names, "evaluation table")
     with _inference(scorer):
-        per_row = [
-            score_rows(scorer, rows, num_items=num_items, max_history=max_history, coverage_k=coverage_k)
-            for rows in _row_slices(table, batch_size)
-        ]
+        per_row = [score_rows(scorer, rows, num_items=num_items, max_history=max_history, coverage_k=coverage_k) for rows in _row_slices(table, batch_size)]
     return summarise(
         pa.concat_tables([PER_ROW_SCHEMA.empty_table(), *per_row]),
         ks=ks,
@@ -307,11 +301,7 @@ def evaluate_with_ray_data(
     :func:`evaluate` gives on the same rows.
     """
     where = dataset_uri_or_ray_dataset if isinstance(dataset_uri_or_ray_dataset, str) else "evaluation dataset"
-    dataset = (
-        ray.data.read_parquet(dataset_uri_or_ray_dataset)
-        if isinstance(dataset_uri_or_ray_dataset, str)
-        else dataset_uri_or_ray_dataset
-    )
+    dataset = ray.data.read_parquet(dataset_uri_or_ray_dataset) if isinstance(dataset_uri_or_ray_dataset, str) else dataset_uri_or_ray_dataset
     schema = dataset.schema()
     if schema is None:
         raise InputError(f"{where}: no rows to evaluate")
@@ -419,10 +409,7 @@ def _markdown_table(metrics_by_model: Mapping[str, Mapping[str, float]]) -> str:
     lines = [
         "| model | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
-        *(
-            f"| {model} | " + " | ".join(_format(metrics.get(name)) for name in columns) + " |"
-            for model, metrics in metrics_by_model.items()
-        ),
+        *(f"| {model} | " + " | ".join(_format(metrics.get(name)) for name in columns) + " |" for model, metrics in metrics_by_model.items()),
     ]
     return "\n".join(lines) + "\n"
 
@@ -474,9 +461,7 @@ class ArtifactScorer:
         return reindex_artifact(self.artifact_path, self.data_uri)
 
 
-def evaluate_on(
-    artifact_path: str, data_uri: str, split: str = "validation", *, ks: Sequence[int] = (10, 20), batch_size: int = 256
-) -> dict[str, float]:
+def evaluate_on(artifact_path: str, data_uri: str, split: str = "validation", *, ks: Sequence[int] = (10, 20), batch_size: int = 256) -> dict[str, float]:
     """The artifact's metrics (:func:`evaluate`'s keys) on ``split`` of any preprocessing output: its model re-indexed
     to that output's vocabularies by id (``train.transfer.reindex_artifact``), its rating predictions de-normalised
     its own way and compared with the raw ratings. So versions trained on different data are measured on the same
@@ -484,8 +469,15 @@ def evaluate_on(
     manifest = load_manifest(data_uri)
     rows = storage.read_table(storage.resolve(data_uri), f"{SEQUENCES_DIR}/{split}")
     scorer = reindex_artifact(artifact_path, data_uri)
-    return evaluate(scorer, rows, ks=ks, num_items=manifest.num_items, max_history=manifest.config["features"]["max_history"],
-                    batch_size=batch_size, rating_denormalise=scorer.ratings.denormalise)
+    return evaluate(
+        scorer,
+        rows,
+        ks=ks,
+        num_items=manifest.num_items,
+        max_history=manifest.config["features"]["max_history"],
+        batch_size=batch_size,
+        rating_denormalise=scorer.ratings.denormalise,
+    )
 
 
 def evaluate_artifact(
@@ -510,13 +502,13 @@ def evaluate_artifact(
     data_ratings = manifest.rating.denormaliser(storage.read_table(location, USER_VOCAB_PATH))
     if use_ray_data:
         dataset = ray.data.read_parquet(location.join(f"{SEQUENCES_DIR}/{split}"), filesystem=location.filesystem)
-        polyrec = evaluate_with_ray_data(ArtifactScorer(artifact_path, data_uri), dataset, **options,
-                                         rating_denormalise=RatingScales.between(artifact_path, data_uri).denormalise)
+        polyrec = evaluate_with_ray_data(
+            ArtifactScorer(artifact_path, data_uri), dataset, **options, rating_denormalise=RatingScales.between(artifact_path, data_uri).denormalise
+        )
         results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
     else:
         scorer = reindex_artifact(artifact_path, data_uri)
-        results = evaluate_with_popularity(scorer, popularity, rows, **options, data_ratings=data_ratings,
-                                           scorer_ratings=scorer.ratings.denormalise)
+        results = evaluate_with_popularity(scorer, popularity, rows, **options, data_ratings=data_ratings, scorer_ratings=scorer.ratings.denormalise)
     if output is not None:
         write_report(results, output)
     return results

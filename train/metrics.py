@@ -86,9 +86,7 @@ def rank_of_targets(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[
     return 1 + ((scores >= target_scores[:, None]) & competitors).sum(axis=1)
 
 
-def top_k_items(
-    scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]], k: int
-) -> list[np.ndarray]:
+def top_k_items(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]], k: int) -> list[np.ndarray]:
     """Each row's ``k`` best candidates, best first; fewer when the row has fewer candidates.
 
     Ties are broken towards the lower item index, so the lists are deterministic.
@@ -151,9 +149,7 @@ def binary_classification_metrics(probabilities: ArrayLike, labels: ArrayLike) -
     if labels.size == 0:
         raise ValueError("no labelled rows")
     predicted = (probabilities >= DECISION_THRESHOLD).astype(np.int64)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predicted, average="binary", pos_label=1, zero_division=0.0
-    )
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average="binary", pos_label=1, zero_division=0.0)
     metrics = {
         "log_loss": float(log_loss(labels, probabilities, labels=[0, 1])),
         "accuracy": float(accuracy_score(labels, predicted)),

@@ -42,9 +42,7 @@ class CatalogFeatures:
     is_cold: Tensor  # [N+1] bool: withheld from training
 
     @classmethod
-    def from_items_table(
-        cls, items: pa.Table, max_tokens: int, pad_token_id: int, num_attributes: int | None = None
-    ) -> CatalogFeatures:
+    def from_items_table(cls, items: pa.Table, max_tokens: int, pad_token_id: int, num_attributes: int | None = None) -> CatalogFeatures:
         """From an ``ITEM_FEATURES`` table (``is_cold`` optional). ``num_attributes`` defaults to the
         largest attribute index present."""
         for field in ("item_idx", "input_ids", "attributes"):
@@ -71,8 +69,7 @@ class CatalogFeatures:
         bad = (attribute_idx < 1) | (attribute_idx > num_attributes)
         if bad.any():
             raise InputError(
-                f"items table: field 'attributes' of item_idx {int(attribute_rows[bad][0])} holds "
-                f"{int(attribute_idx[bad][0])}, outside 1..{num_attributes}"
+                f"items table: field 'attributes' of item_idx {int(attribute_rows[bad][0])} holds {int(attribute_idx[bad][0])}, outside 1..{num_attributes}"
             )
         attributes = torch.zeros((num_items + 1, num_attributes + 1))
         attributes[attribute_rows, attribute_idx] = 1.0
@@ -247,13 +244,9 @@ class UserModel(nn.Module):
             source_layers = _bert_style_layers(backbone)
             hf = backbone.config
             if hf.hidden_size != width:
-                raise InputError(
-                    f"model.user_model.hidden_size is {width} but init_from_backbone needs the backbone's width, {hf.hidden_size}"
-                )
+                raise InputError(f"model.user_model.hidden_size is {width} but init_from_backbone needs the backbone's width, {hf.hidden_size}")
             if len(source_layers) < config.num_layers:
-                raise InputError(
-                    f"model.user_model.num_layers is {config.num_layers} but the backbone has {len(source_layers)} layers"
-                )
+                raise InputError(f"model.user_model.num_layers is {config.num_layers} but the backbone has {len(source_layers)} layers")
             if hf.hidden_act not in ("gelu", "relu"):
                 raise InputError(f"model.user_model.init_from_backbone: backbone activation '{hf.hidden_act}' is not supported")
             settings.update(
@@ -321,8 +314,7 @@ class UserModel(nn.Module):
         for layer in earlier:
             hidden = layer(hidden, src_mask=blocked)
         attended = last.norm1(hidden) if last.norm_first else hidden
-        _, weights = last.self_attn(attended[:, -1:], attended, attended, attn_mask=blocked[:, -1:], need_weights=True,
-                                    average_attn_weights=True)
+        _, weights = last.self_attn(attended[:, -1:], attended, attended, attn_mask=blocked[:, -1:], need_weights=True, average_attn_weights=True)
         states = last(hidden, src_mask=blocked)
         if self.encoder.norm is not None:
             states = self.encoder.norm(states)
@@ -335,10 +327,7 @@ class MMoE(nn.Module):
 
     def __init__(self, width: int, config: TowerConfig, task_names: list[str], dropout: float):
         super().__init__()
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, config.expert_hidden), nn.GELU(), nn.Dropout(dropout))
-            for _ in range(config.num_experts)
-        )
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, config.expert_hidden), nn.GELU(), nn.Dropout(dropout)) for _ in range(config.num_experts))
         self.gates = nn.ModuleDict({name: nn.Linear(width, config.num_experts) for name in task_names})
         self.towers = nn.ModuleDict({name: nn.Linear(config.expert_hidden, width) for name in task_names})
 
@@ -466,9 +455,7 @@ class PolyrecModel(nn.Module):
 
     # --- training -------------------------------------------------------------------------------
 
-    def calculate_loss(
-        self, batch: Mapping[str, Tensor], return_shared: bool = False
-    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
+    def calculate_loss(self, batch: Mapping[str, Tensor], return_shared: bool = False) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
         """Unweighted per-task losses (scalars), keyed by task name; with ``return_shared``, also the
         user model's output [B, L, d], the representation every task reads (for GradNorm)."""
         input_items, target_items = batch["input_items"], batch["target_items"]
@@ -502,7 +489,11 @@ class PolyrecModel(nn.Module):
         return {name: task.read_history(outputs[name], input_items, input_ratings) for name, task in self.tasks.items()}
 
     def score_candidates(
-        self, input_items: Tensor, user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None,
+        self,
+        input_items: Tensor,
+        user_idx: Tensor,
+        candidate_items: Tensor,
+        extra_item_vectors: Tensor | None = None,
         input_ratings: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Every task's score [B, C] of ``candidate_items`` [B, C]: the retrieval logit (-inf for
@@ -525,8 +516,7 @@ class PolyrecModel(nn.Module):
 
     def predict(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every task's score [B] of (user, ``target_items``)."""
-        scores = self.score_candidates(batch["input_items"], batch["user_idx"], batch["target_items"].unsqueeze(1),
-                                       input_ratings=batch.get("input_ratings"))
+        scores = self.score_candidates(batch["input_items"], batch["user_idx"], batch["target_items"].unsqueeze(1), input_ratings=batch.get("input_ratings"))
         return {name: score[:, 0] for name, score in scores.items()}
 
     def retrieval_query(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
@@ -550,9 +540,7 @@ class PolyrecModel(nn.Module):
         """Vectors [n, d] from text alone (right-padded token ids), for cold or new items."""
         return self.item_encoder.encode_text(input_ids, attention_mask)
 
-    def queries_and_contributions(
-        self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None
-    ) -> tuple[dict[str, Tensor], Tensor]:
+    def queries_and_contributions(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """``user_queries`` and ``attention_contributions`` from one pass of the user model."""
         items = self._step_items(input_items, None)
         states, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx, input_ratings)

@@ -28,7 +28,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
         axis.grid(alpha=0.3)
         if len(keys) > 1:
             axis.legend(fontsize=8)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
     path = Path(path)

@@ -141,9 +141,7 @@ class RetrievalTask(Task):
             return F.cross_entropy(logits.masked_fill(left_out, float("-inf")), targets)
         candidates = torch.unique(torch.cat([targets, items.negatives]))
         target_rows = torch.searchsorted(candidates, targets)
-        in_batch = torch.zeros(len(candidates), device=query.device).index_add_(
-            0, target_rows, torch.ones_like(targets, dtype=torch.float)
-        )
+        in_batch = torch.zeros(len(candidates), device=query.device).index_add_(0, target_rows, torch.ones_like(targets, dtype=torch.float))
         expected_count = in_batch + self.num_negatives / self.trainable_targets.sum()
         logits = queries @ self.item_embedding(items.lookup(candidates)).T - expected_count.log()
         if self.mask_history:
@@ -287,10 +285,4 @@ def build_tasks(setup: TaskSetup) -> nn.ModuleDict:
     """The tasks switched on in ``TaskConfig``, in a fixed order. The attributes task needs a catalogue with
     attributes: without any (a source with no genres or categories) it is left out."""
     has_attributes = setup.item_attributes.shape[1] > 1
-    return nn.ModuleDict(
-        {
-            task.name: task(setup)
-            for task in TASKS
-            if getattr(setup.config, task.name) and (task is not AttributesTask or has_attributes)
-        }
-    )
+    return nn.ModuleDict({task.name: task(setup) for task in TASKS if getattr(setup.config, task.name) and (task is not AttributesTask or has_attributes)})

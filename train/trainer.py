@@ -130,8 +130,7 @@ def training_windows(rows: pa.Table, max_history: int, window_targets: int) -> p
             windows["likes"].append(sequence_likes[begin:end])
             windows["context"].append(trained_from - 1 - begin)
             end = trained_from
-    types = {"user_idx": pa.int32(), "items": pa.list_(pa.int32()), "ratings": pa.list_(pa.float32()),
-             "likes": pa.list_(pa.int8()), "context": pa.int32()}
+    types = {"user_idx": pa.int32(), "items": pa.list_(pa.int32()), "ratings": pa.list_(pa.float32()), "likes": pa.list_(pa.int8()), "context": pa.int32()}
     return pa.table({name: pa.array(values, types[name]) for name, values in windows.items()})
 
 
@@ -235,7 +234,7 @@ def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if ray.train.get_context().get_world_rank() != 0:
         return None
     prefix = "model."
-    return {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.detach().float().cpu().contiguous() for k, v in state.items() if k.startswith(prefix)}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -322,11 +321,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         )
         state["history"].append(metrics)
         if rank == 0:
-            losses_text = " ".join(f"{k[len('train/loss_'):]}={v:.4f}" for k, v in metrics.items() if k.startswith("train/loss_"))
+            losses_text = " ".join(f"{k[len('train/loss_') :]}={v:.4f}" for k, v in metrics.items() if k.startswith("train/loss_"))
             logger.info(
                 f"[polyrec train] epoch {epoch + 1}/{config.epochs} {losses_text} "
-                f"val ndcg@10={score:.4f} hr@10={metrics['validation/HR@10']:.4f} ({train_seconds:.1f}s)"
-                + (" *" if improved else "")
+                f"val ndcg@10={score:.4f} hr@10={metrics['validation/HR@10']:.4f} ({train_seconds:.1f}s)" + (" *" if improved else "")
             )
         _fault_injection(epoch + 1)
         with tempfile.TemporaryDirectory() as ckpt_dir:
@@ -349,7 +347,13 @@ def warm_start(model: PolyrecModel, artifact_path: str, rows: dict[str, np.ndarr
         known = {vocabulary: int((mapping[1:] >= 0).sum()) for vocabulary, mapping in rows.items()}
         logger.info(
             "[polyrec train] warm start from %s: %d/%d tensors; rows carried over by id for %d of %d items and %d of %d users",
-            artifact_path, len(carried), target_size, known["item"], len(rows["item"]) - 1, known["user"], len(rows["user"]) - 1,
+            artifact_path,
+            len(carried),
+            target_size,
+            known["item"],
+            len(rows["item"]) - 1,
+            known["user"],
+            len(rows["user"]) - 1,
         )
 
 
@@ -485,7 +489,9 @@ def read_training_data(data: Location, window_targets: int) -> tuple[TrainingInp
     train_sequences = read_train_sequences(data)
     inputs = load_training_inputs(data.uri, train_sequences)
     windows = train_sequences.map_batches(
-        training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets}, batch_format="pyarrow",
+        training_windows,
+        fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets},
+        batch_format="pyarrow",
     ).materialize()
     popularity = PopularityScorer(pa.concat_tables(ray.get(train_sequences.to_arrow_refs())), inputs.num_items)
     return inputs, windows, popularity

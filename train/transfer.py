@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from data import schema
 from common.errors import InputError
+from common.storage import Location, read_table, resolve
+from data import schema
 from data.features import RatingNormalisation, rating_offsets_by_index
 from data.manifest import load_manifest
-from common.storage import Location, read_table, resolve
 from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, read_metadata
 from train.model import CatalogFeatures, PolyrecModel
 from train.tasks import VocabularyTable

@@ -73,10 +73,7 @@ class LossWeighting(nn.Module):
             unset = self.initial_losses.isnan() & (detached > 0)
             self.initial_losses.copy_(torch.where(unset, detached, self.initial_losses))
         gradient_norms = torch.stack(
-            [
-                torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True, materialize_grads=True)[0].norm()
-                for loss in losses
-            ]
+            [torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True, materialize_grads=True)[0].norm() for loss in losses]
         )
         weighted_norms = weights * gradient_norms
         loss_ratios = torch.where(self.initial_losses.isnan(), 1.0, detached / self.initial_losses)

@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from split_hash import split_hash  # bench/quality/split_hash.py, beside this script
 
 RECBOLE_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec")
@@ -68,8 +67,7 @@ def load_split(data_dir: Path) -> Split:
     manifest = json.loads((data_dir / "manifest.json").read_text())
     normalisation = manifest["config"]["features"]["rating_normalisation"]
     if normalisation != "none":
-        sys.exit(f"{data_dir / 'manifest.json'}: config.features.rating_normalisation is {normalisation!r}; "
-                 "the peers need raw ratings ('none')")
+        sys.exit(f"{data_dir / 'manifest.json'}: config.features.rating_normalisation is {normalisation!r}; the peers need raw ratings ('none')")
     validation = pq.read_table(data_dir / "sequences" / "validation").to_pydict()
     test = pq.read_table(data_dir / "sequences" / "test").to_pydict()
     train = pq.read_table(data_dir / "sequences" / "train", columns=["user_idx", "items", "ratings"])
@@ -77,17 +75,18 @@ def load_split(data_dir: Path) -> Split:
     validation_by_user = {user: i for i, user in enumerate(validation["user_idx"])}
     order = [validation_by_user[user] for user in test["user_idx"]]
     train_histories = [validation["seen_items"][i] for i in order]
-    for user, history, seen, target in zip(test["user_idx"], train_histories, test["seen_items"],
-                                           (validation["target_item"][i] for i in order)):
+    for user, history, seen, target in zip(test["user_idx"], train_histories, test["seen_items"], (validation["target_item"][i] for i in order)):
         if seen != history + [target]:
             sys.exit(f"user {user}: test seen_items is not validation seen_items + validation target")
 
     rows_per_chunk = np.array([len(items) for items in train["items"].to_pylist()])
-    train_ratings = pa.table({
-        "user_idx": np.repeat(train["user_idx"].to_numpy(), rows_per_chunk),
-        "item_idx": train["items"].combine_chunks().flatten(),
-        "rating": train["ratings"].combine_chunks().flatten(),
-    })
+    train_ratings = pa.table(
+        {
+            "user_idx": np.repeat(train["user_idx"].to_numpy(), rows_per_chunk),
+            "item_idx": train["items"].combine_chunks().flatten(),
+            "rating": train["ratings"].combine_chunks().flatten(),
+        }
+    )
     return Split(
         content_hash=manifest["content_hash"],
         num_items=int(manifest["num_items"]),
@@ -99,11 +98,13 @@ def load_split(data_dir: Path) -> Split:
         test_ratings=np.asarray(test["target_rating_raw"], dtype=np.float32),
         test_likes=np.asarray(test["target_like"], dtype=np.int8),
         train_ratings=train_ratings,
-        validation_ratings=pa.table({
-            "user_idx": pa.array(validation["user_idx"], pa.int32()),
-            "item_idx": pa.array(validation["target_item"], pa.int32()),
-            "rating": pa.array(validation["target_rating_raw"], pa.float32()),
-        }).filter(pc.is_finite(pa.array(validation["target_rating_raw"], pa.float32()))),
+        validation_ratings=pa.table(
+            {
+                "user_idx": pa.array(validation["user_idx"], pa.int32()),
+                "item_idx": pa.array(validation["target_item"], pa.int32()),
+                "rating": pa.array(validation["target_rating_raw"], pa.float32()),
+            }
+        ).filter(pc.is_finite(pa.array(validation["target_rating_raw"], pa.float32()))),
     )
 
 
@@ -131,11 +132,16 @@ def ranking_metrics(ranks: np.ndarray) -> dict[str, float]:
 
 
 def write_ranks(out: Path, model: str, split: Split, ranks: np.ndarray) -> dict[str, float]:
-    pq.write_table(pa.table({
-        "user_idx": pa.array(split.users, pa.int32()),
-        "target_item": pa.array(split.test_targets, pa.int32()),
-        "rank": pa.array(ranks, pa.int32()),
-    }), out / f"ranks-{model}.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_idx": pa.array(split.users, pa.int32()),
+                "target_item": pa.array(split.test_targets, pa.int32()),
+                "rank": pa.array(ranks, pa.int32()),
+            }
+        ),
+        out / f"ranks-{model}.parquet",
+    )
     return ranking_metrics(ranks)
 
 
@@ -152,9 +158,11 @@ def run_popularity(split: Split, out: Path) -> dict:
     counts = np.bincount(split.train_ratings["item_idx"].to_numpy(), minlength=split.num_items + 1)
     scores = np.broadcast_to(counts.astype(np.float64), (len(split.users), split.num_items + 1))
     ranks = pessimistic_ranks(scores, split.test_targets, split.test_seen)
-    return {"train_wall_seconds": time.perf_counter() - started,
-            "test_metrics": write_ranks(out, "Pop", split, ranks),
-            "hyperparameters": {"score": "number of training interactions of the item"}}
+    return {
+        "train_wall_seconds": time.perf_counter() - started,
+        "test_metrics": write_ranks(out, "Pop", split, ranks),
+        "hyperparameters": {"score": "number of training interactions of the item"},
+    }
 
 
 def run_svdpp(split: Split, out: Path, seed: int) -> dict:
@@ -164,32 +172,48 @@ def run_svdpp(split: Split, out: Path, seed: int) -> dict:
     # Every rating known before the test targets, as the sequential models and polyrec read each user's
     # validation item (and polyrec its rating) in the test-time history.
     ratings = pa.concat_tables([split.train_ratings.cast(split.validation_ratings.schema), split.validation_ratings]).to_pandas()
-    trainset = Dataset.load_from_df(ratings[["user_idx", "item_idx", "rating"]],
-                                    Reader(rating_scale=(1, 5))).build_full_trainset()
+    trainset = Dataset.load_from_df(ratings[["user_idx", "item_idx", "rating"]], Reader(rating_scale=(1, 5))).build_full_trainset()
     algorithm = SVDpp(random_state=seed, verbose=True)
     started = time.perf_counter()
     algorithm.fit(trainset)
     train_seconds = time.perf_counter() - started
-    predictions = [algorithm.predict(int(user), int(item))
-                   for user, item in zip(split.users, split.test_targets)]
-    table = pd.DataFrame({
-        "user_idx": split.users,
-        "target_item": split.test_targets,
-        "target_rating_raw": split.test_ratings,
-        "target_like": split.test_likes,
-        "prediction": np.array([p.est for p in predictions], dtype=np.float32),
-    })
+    predictions = [algorithm.predict(int(user), int(item)) for user, item in zip(split.users, split.test_targets)]
+    table = pd.DataFrame(
+        {
+            "user_idx": split.users,
+            "target_item": split.test_targets,
+            "target_rating_raw": split.test_ratings,
+            "target_like": split.test_likes,
+            "prediction": np.array([p.est for p in predictions], dtype=np.float32),
+        }
+    )
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out / "svdpp-predictions.parquet")
     errors = table["prediction"] - table["target_rating_raw"]
     return {
         "train_wall_seconds": train_seconds,
         "train_ratings": len(ratings),
-        "test_rmse": float(np.sqrt((errors ** 2).mean())),
+        "test_rmse": float(np.sqrt((errors**2).mean())),
         "test_predictions_impossible": sum(p.details.get("was_impossible", False) for p in predictions),
-        "hyperparameters": {key: getattr(algorithm, key) for key in
-                            ("n_factors", "n_epochs", "init_mean", "init_std_dev", "lr_bu", "lr_bi", "lr_pu",
-                             "lr_qi", "lr_yj", "reg_bu", "reg_bi", "reg_pu", "reg_qi", "reg_yj")}
-                           | {"rating_scale": [1, 5], "clip": True},
+        "hyperparameters": {
+            key: getattr(algorithm, key)
+            for key in (
+                "n_factors",
+                "n_epochs",
+                "init_mean",
+                "init_std_dev",
+                "lr_bu",
+                "lr_bi",
+                "lr_pu",
+                "lr_qi",
+                "lr_yj",
+                "reg_bu",
+                "reg_bi",
+                "reg_pu",
+                "reg_qi",
+                "reg_yj",
+            )
+        }
+        | {"rating_scale": [1, 5], "clip": True},
     }
 
 
@@ -202,8 +226,7 @@ def write_benchmark_files(split: Split, dataset_dir: Path) -> None:
         return f"{user}\t{' '.join(map(str, history[-MAX_HISTORY:]))}\t{target}\n"
 
     files = {kind: [header] for kind in ("train", "valid", "test")}
-    for user, history, validation_target, test_target in zip(
-            split.users, split.train_histories, split.validation_targets, split.test_targets):
+    for user, history, validation_target, test_target in zip(split.users, split.train_histories, split.validation_targets, split.test_targets):
         files["train"] += [line(user, history[:t], history[t]) for t in range(1, len(history))]
         files["valid"].append(line(user, history, validation_target))
         files["test"].append(line(user, history + [validation_target], test_target))
@@ -215,37 +238,42 @@ class TimeCapReached(Exception):
     """Raised after the first validated epoch that ends past --max-minutes-per-model."""
 
 
-def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int, max_minutes: float,
-                train_batch_size: int | None) -> dict:
+def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int, max_minutes: float, train_batch_size: int | None) -> dict:
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
 
-    model_keys = [line.split(":")[0] for line in
-                  (Path(sys.modules["recbole"].__file__).parent / "properties" / "model" / f"{model_name}.yaml")
-                  .read_text().splitlines() if line and not line.startswith("#")]
-    config = Config(model=model_name, dataset=DATASET_NAME, config_dict={
-        "data_path": str(work),
-        "checkpoint_dir": str(work / "checkpoints"),
-        "benchmark_filename": ["train", "valid", "test"],
-        "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
-        "MAX_ITEM_LIST_LENGTH": MAX_HISTORY,
-        "loss_type": "CE",
-        "train_neg_sample_args": None,
-        "eval_args": {"group_by": "user", "order": "TO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "full"},
-        "metrics": ["NDCG", "Hit"],
-        "topk": [10],
-        "valid_metric": "NDCG@10",
-        "stopping_step": STOPPING_STEP,
-        "seed": seed,
-        "reproducibility": True,
-        "use_gpu": False,
-        "device": "cpu",
-        "show_progress": False,
-        "worker": 0,
-        **({"train_batch_size": train_batch_size} if train_batch_size else {}),
-    })
+    model_keys = [
+        line.split(":")[0]
+        for line in (Path(sys.modules["recbole"].__file__).parent / "properties" / "model" / f"{model_name}.yaml").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    config = Config(
+        model=model_name,
+        dataset=DATASET_NAME,
+        config_dict={
+            "data_path": str(work),
+            "checkpoint_dir": str(work / "checkpoints"),
+            "benchmark_filename": ["train", "valid", "test"],
+            "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
+            "MAX_ITEM_LIST_LENGTH": MAX_HISTORY,
+            "loss_type": "CE",
+            "train_neg_sample_args": None,
+            "eval_args": {"group_by": "user", "order": "TO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "full"},
+            "metrics": ["NDCG", "Hit"],
+            "topk": [10],
+            "valid_metric": "NDCG@10",
+            "stopping_step": STOPPING_STEP,
+            "seed": seed,
+            "reproducibility": True,
+            "use_gpu": False,
+            "device": "cpu",
+            "show_progress": False,
+            "worker": 0,
+            **({"train_batch_size": train_batch_size} if train_batch_size else {}),
+        },
+    )
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -259,11 +287,13 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
     def after_validation(epoch: int, valid_score: float) -> None:
         elapsed = time.perf_counter() - started
         previous = epoch_log[-1]["elapsed_seconds"] if epoch_log else 0.0
-        epoch_log.append({"epoch": epoch, "valid_ndcg@10": float(valid_score), "elapsed_seconds": elapsed,
-                          "train_loss": float(trainer.train_loss_dict[epoch])})
-        print(f"[{model_name}] epoch {epoch}: loss {trainer.train_loss_dict[epoch]:.4f}, valid NDCG@10 "
-              f"{valid_score:.4f} (best {trainer.best_valid_score:.4f}), epoch {elapsed - previous:.0f}s, "
-              f"total {elapsed / 60:.1f} min", flush=True)
+        epoch_log.append({"epoch": epoch, "valid_ndcg@10": float(valid_score), "elapsed_seconds": elapsed, "train_loss": float(trainer.train_loss_dict[epoch])})
+        print(
+            f"[{model_name}] epoch {epoch}: loss {trainer.train_loss_dict[epoch]:.4f}, valid NDCG@10 "
+            f"{valid_score:.4f} (best {trainer.best_valid_score:.4f}), epoch {elapsed - previous:.0f}s, "
+            f"total {elapsed / 60:.1f} min",
+            flush=True,
+        )
         if elapsed > max_minutes * 60:
             raise TimeCapReached
 
@@ -304,18 +334,30 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
         "test_metrics": write_ranks(out, model_name, split, ranks),
         "items_unknown_to_recbole": split.num_items - (len(item_tokens) - 1),
         "epochs": epoch_log,
-        "hyperparameters": {key: config[key] for key in
-                            [*model_keys, "MAX_ITEM_LIST_LENGTH", "epochs", "train_batch_size", "learning_rate",
-                             "weight_decay", "clip_grad_norm", "stopping_step", "eval_step", "valid_metric",
-                             "train_neg_sample_args"]}
-                           | {"max_minutes_per_model": max_minutes},
+        "hyperparameters": {
+            key: config[key]
+            for key in [
+                *model_keys,
+                "MAX_ITEM_LIST_LENGTH",
+                "epochs",
+                "train_batch_size",
+                "learning_rate",
+                "weight_decay",
+                "clip_grad_norm",
+                "stopping_step",
+                "eval_step",
+                "valid_metric",
+                "train_neg_sample_args",
+            ]
+        }
+        | {"max_minutes_per_model": max_minutes},
     }
 
 
 def versions() -> dict[str, str]:
     from importlib.metadata import version
-    return {package: version(package) for package in
-            ("recbole", "torch", "numpy", "scikit-surprise", "pandas", "pyarrow")} | {"python": sys.version.split()[0]}
+
+    return {package: version(package) for package in ("recbole", "torch", "numpy", "scikit-surprise", "pandas", "pyarrow")} | {"python": sys.version.split()[0]}
 
 
 def main() -> None:
@@ -324,16 +366,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="+", choices=ALL_MODELS, default=["SVDpp", *RECBOLE_MODELS])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-minutes-per-model", type=float, default=float("inf"),
-                        help="stop training after the first epoch that ends past this many minutes")
+    parser.add_argument(
+        "--max-minutes-per-model", type=float, default=float("inf"), help="stop training after the first epoch that ends past this many minutes"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-batch-size", type=int, default=None,
-                        help="RecBole's train_batch_size; default: the model's own (2048)")
-    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "_work" / "peers",
-                        help="RecBole's benchmark files, checkpoints and logs")
+    parser.add_argument("--train-batch-size", type=int, default=None, help="RecBole's train_batch_size; default: the model's own (2048)")
+    parser.add_argument(
+        "--work", type=Path, default=Path(__file__).resolve().parents[1] / "_work" / "peers", help="RecBole's benchmark files, checkpoints and logs"
+    )
     args = parser.parse_args()
 
     import torch
+
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(args.threads)
     data, out, work = args.data.resolve(), args.out.resolve(), args.work.resolve()
@@ -341,10 +385,17 @@ def main() -> None:
     split = load_split(data)
     write_benchmark_files(split, work / DATASET_NAME)
     os.chdir(work)  # RecBole writes its tensorboard logs under the working directory
-    common = {"threads": args.threads, "seed": args.seed, "versions": versions(),
-              "command": shlex.join([Path(sys.executable).name, *sys.argv]), "data": str(args.data),
-              "data_content_hash": split.content_hash, "split_hash": split_hash(data), "test_users": len(split.users),
-              "ranking": "all items, history masked, ties pessimistic"}
+    common = {
+        "threads": args.threads,
+        "seed": args.seed,
+        "versions": versions(),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "data": str(args.data),
+        "data_content_hash": split.content_hash,
+        "split_hash": split_hash(data),
+        "test_users": len(split.users),
+        "ranking": "all items, history masked, ties pessimistic",
+    }
     for model in args.models:
         print(f"== {model}", flush=True)
         if model == "Pop":
@@ -355,8 +406,7 @@ def main() -> None:
             entry = run_recbole(model, split, out, work, args.seed, args.max_minutes_per_model, args.train_batch_size)
         record(out, model, common | entry)
         summary = entry.get("test_metrics") or {"RMSE": entry["test_rmse"]}
-        print(f"== {model} done in {entry['train_wall_seconds']:.0f}s: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), flush=True)
+        print(f"== {model} done in {entry['train_wall_seconds']:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), flush=True)
 
 
 if __name__ == "__main__":

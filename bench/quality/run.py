@@ -38,10 +38,10 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.quality.split_hash import split_hash  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
+from common.storage import read_table, resolve  # noqa: E402
 from data import schema  # noqa: E402
 from data.config import PreprocessConfig  # noqa: E402
 from data.pipeline import run_preprocess  # noqa: E402
-from common.storage import read_table, resolve  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.evaluate import ranking_metrics  # noqa: E402
 from train.metrics import mae, rmse  # noqa: E402
@@ -80,8 +80,7 @@ def peer_results(this_split: str, test: pa.Table) -> tuple[dict, dict[str, dict[
     runs = json.loads(record_file.read_text())["models"]
     stale = sorted(name for name, run in runs.items() if run.get("split_hash") != this_split)
     if stale:
-        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than this one ({this_split[:12]}…): "
-                         "re-run bench/quality/peers.py on it")
+        raise SystemExit(f"{record_file}: {', '.join(stale)} ran on another split than this one ({this_split[:12]}…): re-run bench/quality/peers.py on it")
     expected = dict(zip(test["user_idx"].to_pylist(), test["target_item"].to_pylist()))
     ranking: dict[str, dict[str, float]] = {}
     for model in (*RANKING_PEERS, "Pop"):
@@ -120,8 +119,10 @@ def _load_note(results: dict) -> str:
     if "load_average" not in results:
         return "polyrec's machine load was not recorded; the peers' wall times come from their own runs."
     before, after = results["load_average"]
-    return (f"1-minute load average {before:.1f} before polyrec's trainings and {after:.1f} after (1-2 is this job alone); "
-            "the peers' wall times come from their own runs, which shared the machine with other jobs.")
+    return (
+        f"1-minute load average {before:.1f} before polyrec's trainings and {after:.1f} after (1-2 is this job alone); "
+        "the peers' wall times come from their own runs, which shared the machine with other jobs."
+    )
 
 
 def report(results: dict) -> str:
@@ -139,13 +140,13 @@ def report(results: dict) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: {machine('ray', 'torch', 'transformers', 'deepspeed')}. Run {time.strftime('%Y-%m-%d', time.gmtime())}; "
-        + _load_note(results),
+        f"Machine: {machine('ray', 'torch', 'transformers', 'deepspeed')}. Run {time.strftime('%Y-%m-%d', time.gmtime())}; " + _load_note(results),
         "",
         "Protocol: every rating an interaction, users with fewer than 3 interactions dropped, per-user order "
         "(timestamp, file order), leave-one-out (last = test, second-to-last = validation), full ranking over all "
         f"{results['num_items']:,} items with the user's earlier items masked, ties counted against the model, "
-        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`, split fingerprint `{results['split_hash'][:12]}…`) and one set of metric "
+        f"{results['num_users']:,} test users. One split (manifest `{results['manifest_hash'][:12]}…`, "
+        f"split fingerprint `{results['split_hash'][:12]}…`) and one set of metric "
         "functions (`train.metrics`) for every model; the peers' per-user test ranks come from bench/quality/peers.py, "
         "which masks the same way.",
         "",
@@ -169,9 +170,12 @@ def report(results: dict) -> str:
     if missing:
         lines += ["", f"Not in this table: {', '.join(missing)} (no kept result in bench/quality/peers; run peers.py --models {' '.join(missing)})."]
     if "Pop" in peers:
-        lines += ["", f"Cross-check of the two ranking codes: peers.py's popularity gets HR@10 {peers['Pop']['HR@10']:.4f} and NDCG@10 "
-                  f"{peers['Pop']['NDCG@10']:.4f}; polyrec's evaluator's popularity {results['popularity']['HR@10']:.4f} and "
-                  f"{results['popularity']['NDCG@10']:.4f}."]
+        lines += [
+            "",
+            f"Cross-check of the two ranking codes: peers.py's popularity gets HR@10 {peers['Pop']['HR@10']:.4f} and NDCG@10 "
+            f"{peers['Pop']['NDCG@10']:.4f}; polyrec's evaluator's popularity {results['popularity']['HR@10']:.4f} and "
+            f"{results['popularity']['NDCG@10']:.4f}.",
+        ]
 
     svdpp = results["svdpp"]
     lines += [
@@ -190,8 +194,11 @@ def report(results: dict) -> str:
     lines += [f"- {verdict}" for verdict in verdicts(results, seconds)]
     lines += ["", "The peers' runs (bench/quality/peers/peers.json):", ""]
     for name, run in runs.items():
-        facts = {key: value for key, value in run.items() if isinstance(value, (int, float, str, bool))
-                 and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command")}
+        facts = {
+            key: value
+            for key, value in run.items()
+            if isinstance(value, (int, float, str, bool)) and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command")
+        }
         lines.append(f"- {name}: " + ", ".join(f"{key} {round(value, 4) if isinstance(value, float) else value}" for key, value in facts.items()))
     lines += [""] + [f"polyrec's validation NDCG@10 by epoch, seed {seed}: {curve}." for seed, curve in results["polyrec_curves"].items()]
     return "\n".join(lines)
@@ -207,25 +214,32 @@ def verdicts(results: dict, seconds: dict[str, float]) -> list[str]:
         best = max(peers, key=lambda name: peers[name]["NDCG@10"])
         for metric, factor in (("NDCG@10", 1.15), ("HR@10", 1.10)):
             ratio = polyrec[metric] / max(peers[n][metric] for n in peers)
-            out.append(f"{metric}: polyrec {polyrec[metric]:.4f}{seeds_note} = {ratio:.2f}× the best peer (target ≥ {factor:.2f}×: "
-                       f"{'met' if ratio >= factor else 'missed'})")
+            out.append(
+                f"{metric}: polyrec {polyrec[metric]:.4f}{seeds_note} = {ratio:.2f}× the best peer (target ≥ {factor:.2f}×: "
+                f"{'met' if ratio >= factor else 'missed'})"
+            )
         reached = polyrec["NDCG@10"] >= peers[best]["NDCG@10"]
         if best in seconds:
             met = reached and results["polyrec_seconds"] <= seconds[best]
             out.append(
                 f"speed: the best peer ({best}) trained for {seconds[best] / 60:.1f} min to NDCG@10 {peers[best]['NDCG@10']:.4f}; "
                 f"polyrec's whole training run (Ray start, text vectors, every epoch, test evaluation{'; the slowest seed' if seeds_note else ''}) took "
-                f"{results['polyrec_seconds'] / 60:.1f} min and " + ("ended above it" if reached else "ended below it")
+                f"{results['polyrec_seconds'] / 60:.1f} min and "
+                + ("ended above it" if reached else "ended below it")
                 + f" (target: reach it in no more time: {'met' if met else 'missed'})"
             )
     else:
         out.append("ranking targets: no RecBole peer results yet")
     if svdpp:
         ratio = polyrec["rating/rmse"] / svdpp["rating/rmse"]
-        out.append(f"rating RMSE: polyrec {polyrec['rating/rmse']:.4f}{seeds_note} = {ratio:.2f}× SVD++'s {svdpp['rating/rmse']:.4f} "
-                   f"(target ≤ 0.97×: {'met' if ratio <= 0.97 else 'missed'})")
-        out.append(f"like AUC: polyrec {polyrec['like/auc']:.4f} vs SVD++'s rating as a like score {svdpp['like/auc']:.4f} "
-                   f"(target: above: {'met' if polyrec['like/auc'] > svdpp['like/auc'] else 'missed'})")
+        out.append(
+            f"rating RMSE: polyrec {polyrec['rating/rmse']:.4f}{seeds_note} = {ratio:.2f}× SVD++'s {svdpp['rating/rmse']:.4f} "
+            f"(target ≤ 0.97×: {'met' if ratio <= 0.97 else 'missed'})"
+        )
+        out.append(
+            f"like AUC: polyrec {polyrec['like/auc']:.4f} vs SVD++'s rating as a like score {svdpp['like/auc']:.4f} "
+            f"(target: above: {'met' if polyrec['like/auc'] > svdpp['like/auc'] else 'missed'})"
+        )
     cold = results.get("cold")
     if cold:
         ratio = cold["HR@10"] / cold["random_HR@10"]
@@ -255,8 +269,7 @@ def measure_polyrec(skip_cold: bool, seeds: list[int]) -> dict:
     load_before = os.getloadavg()[0]
     data_dir = WORK / "data"
     manifest = run_preprocess(PreprocessConfig(output=str(data_dir)))
-    configs = {seed: TrainConfig(data=str(data_dir), output=str(WORK / f"polyrec-seed{seed}"), model_version="quality-bench", seed=seed)
-               for seed in seeds}
+    configs = {seed: TrainConfig(data=str(data_dir), output=str(WORK / f"polyrec-seed{seed}"), model_version="quality-bench", seed=seed) for seed in seeds}
     per_seed, seconds, curves = {}, {}, {}
     for seed, config in configs.items():
         metrics, seconds[seed], history = timed_training(config)
@@ -282,9 +295,7 @@ def measure_polyrec(skip_cold: bool, seeds: list[int]) -> dict:
         cold_config = PreprocessConfig(output=str(cold_dir))
         cold_config.split.cold_item_fraction = COLD_ITEM_FRACTION
         cold_manifest = run_preprocess(cold_config)
-        cold_metrics, _, _ = timed_training(
-            TrainConfig(data=str(cold_dir), output=str(WORK / "polyrec-cold"), model_version="quality-cold", seed=seeds[0])
-        )
+        cold_metrics, _, _ = timed_training(TrainConfig(data=str(cold_dir), output=str(WORK / "polyrec-cold"), model_version="quality-cold", seed=seeds[0]))
         cold_test = read_table(resolve(str(cold_dir)), f"{schema.SEQUENCES_DIR}/test")
         cold_rows = np.flatnonzero(cold_test["is_cold_target"].to_numpy(zero_copy_only=False))
         results["cold"] = {
@@ -300,11 +311,15 @@ def measure_polyrec(skip_cold: bool, seeds: list[int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-cold", action="store_true", help="leave out the cold-item split")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the section from the last polyrec run (bench/_work/quality/polyrec.json) and the peers' current results")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render the section from the last polyrec run (bench/_work/quality/polyrec.json) and the peers' current results",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="train polyrec once per seed; the table and the targets use the mean (default: 0 1)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="train polyrec once per seed; the table and the targets use the mean (default: 0 1)"
+    )
     args = parser.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")

@@ -26,9 +26,7 @@ class SourceTables:
     files: list[str]  # every file read (absolute paths, or URIs of remote files), for the manifest's content hash
 
 
-def source_tables(
-    files: Sequence[Path | str], interactions: pa.Table, items: pa.Table, users: pa.Table | None, quarantines: list[pa.Table]
-) -> SourceTables:
+def source_tables(files: Sequence[Path | str], interactions: pa.Table, items: pa.Table, users: pa.Table | None, quarantines: list[pa.Table]) -> SourceTables:
     """``files``: local paths, made absolute, or names from ``common.storage.file_uri``, kept as they are."""
     return SourceTables(
         interactions=interactions,
@@ -70,16 +68,12 @@ def interactions_from(
     return table, quarantine, keep
 
 
-def items_from(
-    raw: FileRows, item: CheckedColumn, fields: Callable[[pa.Array | None], dict[str, Any]]
-) -> tuple[pa.Table, pa.Table]:
+def items_from(raw: FileRows, item: CheckedColumn, fields: Callable[[pa.Array | None], dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
     """ITEMS_BASE of the rows with a valid id; ``fields(keep)`` gives their canonical fields, the rest are null."""
     keep, quarantine = keep_valid(raw, [item])
     columns = {"item_id": kept(item.values, keep), **fields(keep)}
     count = len(columns["item_id"])
-    typed = {
-        f.name: pc.cast(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type) for f in ITEMS_BASE
-    }
+    typed = {f.name: pc.cast(columns[f.name], f.type) if f.name in columns else pa.nulls(count, f.type) for f in ITEMS_BASE}
     return pa.table(typed, schema=ITEMS_BASE), quarantine
 
 

@@ -25,7 +25,7 @@ _NO_GENRES = "(no genres listed)"
 
 
 def _title_and_year(titles: pa.ChunkedArray) -> dict[str, pa.ChunkedArray]:
-    """"Toy Story (1995)" → title "Toy Story", year 1995; a title without a year is kept whole."""
+    """ "Toy Story (1995)" → title "Toy Story", year 1995; a title without a year is kept whole."""
     parts = pc.extract_regex(titles, _TITLE_WITH_YEAR)
     return {
         "title": pc.coalesce(pc.struct_field(parts, "title"), titles),
@@ -91,9 +91,7 @@ class _MovieLensLayout:
         )
         return interactions, quarantine
 
-    def read_users(
-        self, folder: Path, separator: str, attributes: list[str]
-    ) -> tuple[pa.Table | None, list[pa.Table], list[Path]]:
+    def read_users(self, folder: Path, separator: str, attributes: list[str]) -> tuple[pa.Table | None, list[pa.Table], list[Path]]:
         """Users, their quarantine and the file, if the folder has a users file (some releases have none)."""
         path = folder / self.users if self.users else None
         if path is None or not path.is_file():
@@ -105,15 +103,9 @@ class _MovieLensLayout:
 
 
 _RATING_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
-_ML_100K = _MovieLensLayout(
-    "MovieLens-100K", "u.data", "u.item", "u.user", "\t", False, "latin-1", _RATING_COLUMNS, DEFAULT_DATASET_DIR
-)
-_ML_1M = _MovieLensLayout(
-    "MovieLens-1M", "ratings.dat", "movies.dat", "users.dat", "::", False, "latin-1", _RATING_COLUMNS
-)
-_ML_CSV = _MovieLensLayout(
-    "MovieLens CSV", "ratings.csv", "movies.csv", None, ",", True, "utf8", ("userId", "movieId", "rating", "timestamp")
-)
+_ML_100K = _MovieLensLayout("MovieLens-100K", "u.data", "u.item", "u.user", "\t", False, "latin-1", _RATING_COLUMNS, DEFAULT_DATASET_DIR)
+_ML_1M = _MovieLensLayout("MovieLens-1M", "ratings.dat", "movies.dat", "users.dat", "::", False, "latin-1", _RATING_COLUMNS)
+_ML_CSV = _MovieLensLayout("MovieLens CSV", "ratings.csv", "movies.csv", None, ",", True, "utf8", ("userId", "movieId", "rating", "timestamp"))
 
 #: u.item's genre flags, in order, for a folder without u.genre.
 _ML_100K_GENRES = (
@@ -143,9 +135,7 @@ def read_movielens_100k(config: SourceConfig) -> SourceTables:
     )
 
     def item_fields(keep: pa.Array | None) -> dict[str, Any]:
-        flags = np.column_stack(
-            [kept(integers(raw, genre), keep).to_numpy(zero_copy_only=False) == 1 for genre in genres]
-        )
+        flags = np.column_stack([kept(integers(raw, genre), keep).to_numpy(zero_copy_only=False) == 1 for genre in genres])
         rows, columns = np.nonzero(flags)  # row-major: each item's genres in u.genre order
         offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(flags)))]).astype(np.int32)
         names = pa.array(np.array(genres, dtype=object)[columns], pa.string())
@@ -221,4 +211,3 @@ def _tags_per_movie(path: Path) -> tuple[pa.Table, pa.Table]:
     first_seen = first_seen.sort_by("order_min")
     per_movie = first_seen.group_by("movieId", use_threads=False).aggregate([("tag", "list")])
     return pa.table({"movieId": per_movie["movieId"], "tags": per_movie["tag_list"]}), quarantine
-
