@@ -47,11 +47,26 @@ def _submit(args: argparse.Namespace) -> int:
 
     from cluster.submit import job_status, submit
 
-    job_id = submit(args.job_stage, args.job_args, address=args.address, follow=args.follow, extra_pip=args.pip or None)
+    args, stage_args = submit_options(args)
+    job_id = submit(args.job_stage, stage_args, address=args.address, follow=args.follow, extra_pip=args.pip or None)
     print(job_id)
     if args.follow and job_status(job_id, address=args.address) != JobStatus.SUCCEEDED:
         return 1
     return 0
+
+
+def _add_submit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument("--follow", action="store_true", help="stream the job's logs; exit 1 unless it succeeds")
+    parser.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement for the job")
+
+
+def submit_options(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str]]:
+    """``polyrec submit``'s own options wherever they stand, also among the stage's arguments after STAGE (no stage
+    has options of these names); the rest, in order, goes to the stage."""
+    own = argparse.ArgumentParser(add_help=False)
+    _add_submit_options(own)
+    return own.parse_known_args(args.job_args, namespace=args)
 
 
 def _job(args: argparse.Namespace) -> None:
@@ -145,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.submit import STAGES
 
     sub = stage("submit", _submit, "Run a stage on a Ray cluster through the Ray Jobs API.")
-    sub.add_argument("--address", help="dashboard URL http://HEAD:8265 (default: $RAY_ADDRESS)")
-    sub.add_argument("--follow", action="store_true", help="stream the job's logs; exit 1 unless it succeeds")
-    sub.add_argument("--pip", action="append", default=[], metavar="REQ", help="extra pip requirement for the job")
+    _add_submit_options(sub)
     sub.add_argument("job_stage", choices=STAGES, metavar="STAGE", help=", ".join(STAGES))
     sub.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the stage")
 

@@ -36,6 +36,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.util.accelerators.accelerators import NVIDIA_A100_80G, NVIDIA_TESLA_A10G
 
 from cluster import submit as jobs
+from cluster.cli import build_parser, submit_options
 from common.errors import InputError
 from data.schema import SCHEMA_VERSION
 from train.config import TrainConfig
@@ -366,3 +367,17 @@ def test_the_main_job_refuses_a_folder_that_holds_a_finished_run(tmp_path, capsy
     assert error.count("\n") == 1 and "already holds a finished run" in error and str(tmp_path) in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # nothing preprocessed or overwritten
     assert (tmp_path / "model" / "artifact" / "model.safetensors").read_bytes() == b"earlier run"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "train", "--address", "http://head:8265", "--follow", "--config", "configs/train.yaml", "--pip", "x==1"],
+        ["submit", "--address", "http://head:8265", "--follow", "--pip", "x==1", "train", "--config", "configs/train.yaml"],
+        ["submit", "--follow", "train", "--config", "configs/train.yaml", "--address", "http://head:8265", "--pip", "x==1"],
+    ],
+)
+def test_submit_reads_its_own_options_wherever_they_stand(argv: list[str]) -> None:
+    args, stage_args = submit_options(build_parser().parse_args(argv))
+    assert (args.job_stage, args.address, args.follow, args.pip) == ("train", "http://head:8265", True, ["x==1"])
+    assert stage_args == ["--config", "configs/train.yaml"]
