@@ -29,10 +29,12 @@ from ray import serve
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, publish  # noqa: E402
-from bench.serve_bench import API_KEY, NUM_USERS, Constant, measure  # noqa: E402
+from bench.serve_bench import API_KEY, Constant, measure  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import run_service  # noqa: E402
 from tests.serving_fixtures import build_random_artifact, build_training_data  # noqa: E402
+
+NUM_USERS = 943  # all of MovieLens-100K
 
 SECTION = "## Serving: CPU per request by process (bench/serve_cpu.py)"
 

@@ -432,7 +432,7 @@ class _Run:
                 "staging": self.staging,
             },
             # Each actor holds a tokenizer (~300 MB); one is plenty below ITEMS_PER_ACTOR items.
-            concurrency=max(1, min(cpus, math.ceil(items.num_rows / ITEMS_PER_ACTOR))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cpus, math.ceil(items.num_rows / ITEMS_PER_ACTOR)))),
             batch_format="pyarrow",
             batch_size=None,
         )

@@ -116,10 +116,12 @@ class AdmissionConfig(StageConfig):
 
 class BatchingConfig(StageConfig):
     """Concurrent calls of a ``@serve.batch`` method gathered into one (``serve.batching``): a forward pass, a store
-    lookup, an fsync. A lone call waits up to the timeout for company, so it is kept short."""
+    lookup, an fsync."""
 
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    #: How long a batch's first call waits for company. 0: a batch is whatever calls are already waiting when the
+    #: previous batch ends, so a lone request pays no batching delay while a busy replica still batches its queue.
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
 
 
 class RetrievalConfig(StageConfig):
@@ -153,7 +155,8 @@ class FeedbackLogConfig(StageConfig):
     wal_dir: str | None = None
     flush_interval_s: float = Field(5.0, gt=0)  # WAL → Parquet at least this often
     flush_max_events: int = Field(20_000, ge=1)  # ... or as soon as a WAL segment holds this many
-    batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=64))
+    #: An fsync costs more than a short wait, so appends wait briefly for company.
+    batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=64, batch_wait_timeout_s=0.002))
     #: The Ingress gathers impressions for this long and sends them to the log in one call: each call
     #: costs the FeedbackLogger a Serve hop and a WAL fsync, whatever its size. Impressions are not
     #: acknowledged to anyone, so waiting longer only risks the last second's on a crash.
@@ -174,7 +177,7 @@ class StateConfig(StageConfig):
     popular_items: int = Field(1000, ge=1)  # kept for cold-start answers
     #: Colocated graph: the Recommender gathers concurrent requests' user lookups into one store call.
     #: The requests of one lookup go on together, so this wait also sizes the model batches after it.
-    lookup_batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=32, batch_wait_timeout_s=0.01))
+    lookup_batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig(max_batch_size=32))
 
 
 class ServeConfig(StageConfig):
