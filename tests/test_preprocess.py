@@ -287,13 +287,19 @@ def test_reruns_are_byte_identical_and_file_uri_works(corrupted, tmp_path) -> No
 # --- Hand-computed splits and normalisations ---------------------------------------------------------
 
 
+#: User a's five ratings, two of them at the same second.
+USER_A_WITH_A_TIE = [
+    ("a", "i1", T0 + 10, 4.0, "rate"),
+    ("a", "i2", T0 + 20, 2.0, "rate"),  # tie with the next row: source order decides
+    ("a", "i3", T0 + 20, 5.0, "rate"),
+    ("a", "i4", T0 + 5, 3.0, "rate"),
+    ("a", "i5", T0 + 30, 1.0, "rate"),
+]
+
+
 def test_leave_one_out_with_a_timestamp_tie_and_user_centring(tmp_path) -> None:
     rows = [
-        ("a", "i1", T0 + 10, 4.0, "rate"),
-        ("a", "i2", T0 + 20, 2.0, "rate"),  # tie with the next row: source order decides
-        ("a", "i3", T0 + 20, 5.0, "rate"),
-        ("a", "i4", T0 + 5, 3.0, "rate"),
-        ("a", "i5", T0 + 30, 1.0, "rate"),
+        *USER_A_WITH_A_TIE,
         ("b", "i1", T0 + 1, 5.0, "rate"),  # fewer than 3 interactions: all train
         ("b", "i2", T0 + 2, None, "like"),
     ]
@@ -358,11 +364,7 @@ def test_temporal_split_with_minmax_ratings(tmp_path) -> None:
 @pytest.mark.parametrize("normalisation", ["user_center", "minmax"])
 def test_user_histories_hold_the_kept_interactions_by_id_in_milliseconds_with_raw_values(tmp_path, normalisation) -> None:
     rows = [
-        ("a", "i1", T0 + 10, 4.0, "rate"),
-        ("a", "i2", T0 + 20, 2.0, "rate"),  # tie with the next row: source order decides
-        ("a", "i3", T0 + 20, 5.0, "rate"),
-        ("a", "i4", T0 + 5, 3.0, "rate"),
-        ("a", "i5", T0 + 30, 1.0, "rate"),
+        *USER_A_WITH_A_TIE,
         ("b", "i1", T0 + 1, 5.0, "rate"),
         ("b", "i2", T0 + 2, None, "like"),
         ("b", "i9", T0 + 3, 4.0, "rate"),  # no item metadata: dropped
