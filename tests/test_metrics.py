@@ -18,7 +18,7 @@ import torch
 from common.errors import InputError
 from data.schema import EVAL_SEQUENCE, TRAIN_SEQUENCE
 from train.batching import left_pad
-from train.evaluate import PopularityScorer, eval_batches, evaluate, evaluate_with_ray_data, write_report
+from train.evaluate import ActorPool, PopularityScorer, eval_batches, evaluate, write_report
 from train.metrics import (
     binary_classification_metrics,
     coverage_at_k,
@@ -295,11 +295,11 @@ def test_ray_data_path_equals_the_in_process_path(ray_instance, tmp_path):
     in_process = evaluate(PopularityScorer(train_table, num_items), eval_table, batch_size=16, **options)
     # Ray reads the three files into blocks of its own and returns the rows in another order than
     # pyarrow's; per-row values make the metrics independent of that and of the batch sizes.
-    through_ray = evaluate_with_ray_data(
+    through_ray = evaluate(
         functools.partial(PopularityScorer, train_table, num_items),
         str(tmp_path),
         batch_size=7,
-        num_cpus_per_actor=0.5,
+        actors=ActorPool(num_cpus=0.5),
         **options,
     )
     assert through_ray == in_process

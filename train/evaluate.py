@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -233,12 +234,21 @@ def summarise(
     return metrics
 
 
-# --- The two evaluation paths ---------------------------------------------------------------
+# --- Evaluation, in this process or on Ray Data actors ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """Scoring on a pool of Ray Data actors (large user sets): each actor builds the scorer once."""
+
+    size: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 def evaluate(
-    scorer: Scorer,
-    table: pa.Table,
+    scorer: Scorer | Callable[[], Scorer],
+    rows: pa.Table | str | ray.data.Dataset,
     *,
     ks: Sequence[int] = (10, 20),
     num_items: int,
@@ -246,8 +256,12 @@ def evaluate(
     batch_size: int,
     rating_denormalise: RatingDenormaliser | None = None,
     coverage_k: int = 10,
+    actors: ActorPool | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``scorer`` on the ``EVAL_SEQUENCE`` rows of ``table`` in this process.
+    """Evaluate a scorer on ``EVAL_SEQUENCE`` rows: in this process (``rows`` a table), or with ``actors`` on a pool
+    of Ray Data actors (``scorer`` then a picklable factory with no arguments, ``rows`` a table, a Parquet folder / URI
+    or a Ray Dataset). Only per-row values travel back from the actors, never the ``[B, N+1]`` scores, so both ways
+    give the same metrics on the same rows.
 
     Keys: ``num_rows``; ``HR@K``, ``NDCG@K``, ``MRR@K`` for each K; ``coverage@{coverage_k}``;
     ``cold/...`` (row count and ranking metrics) when some target is a cold item; ``like/...``
@@ -255,9 +269,13 @@ def evaluate(
     predicts likes; ``rating/rmse`` and ``rating/mae`` on rows with a rating, when the scorer
     predicts ratings: on the raw scale when ``rating_denormalise`` is given, else normalised.
     """
-    _check_columns(table.column_names, "evaluation table")
-    with _inference(scorer):
-        per_row = [score_rows(scorer, rows, num_items=num_items, max_history=max_history, coverage_k=coverage_k) for rows in _row_slices(table, batch_size)]
+    shape = {"num_items": num_items, "max_history": max_history, "coverage_k": coverage_k}
+    if actors is None:
+        _check_columns(rows.column_names, "evaluation table")
+        with _inference(scorer):
+            per_row = [score_rows(scorer, part, **shape) for part in _row_slices(rows, batch_size)]
+    else:
+        per_row = _score_on_actors(scorer, rows, shape, batch_size, actors)
     return summarise(
         pa.concat_tables([PER_ROW_SCHEMA.empty_table(), *per_row]),
         ks=ks,
@@ -270,64 +288,37 @@ def evaluate(
 class _RowScorer:
     """Ray Data callable class: builds the scorer once per actor, maps eval rows to per-row values."""
 
-    def __init__(self, scorer_factory: Callable[[], Scorer], *, num_items: int, max_history: int, coverage_k: int):
+    def __init__(self, scorer_factory: Callable[[], Scorer], shape: dict[str, int]):
         self.scorer = scorer_factory()
-        self.options = {"num_items": num_items, "max_history": max_history, "coverage_k": coverage_k}
+        self.shape = shape
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         with _inference(self.scorer):
-            return score_rows(self.scorer, rows, **self.options)
+            return score_rows(self.scorer, rows, **self.shape)
 
 
-def evaluate_with_ray_data(
-    scorer_factory: Callable[[], Scorer],
-    dataset_uri_or_ray_dataset: str | ray.data.Dataset,
-    *,
-    ks: Sequence[int] = (10, 20),
-    num_items: int,
-    max_history: int,
-    batch_size: int,
-    rating_denormalise: RatingDenormaliser | None = None,
-    coverage_k: int = 10,
-    num_actors: int = 1,
-    num_cpus_per_actor: float = 1.0,
-    num_gpus_per_actor: float = 0.0,
-) -> dict[str, float]:
-    """:func:`evaluate` for large user sets: batch inference on a pool of Ray Data actors.
-
-    ``scorer_factory`` (picklable, no arguments) builds the scorer once in each actor. The data is a
-    Parquet folder / URI of ``EVAL_SEQUENCE`` rows or a Ray Dataset of them. Only per-row values
-    travel back to the driver, never the ``[B, N+1]`` scores; the metrics are the same as
-    :func:`evaluate` gives on the same rows.
-    """
-    where = dataset_uri_or_ray_dataset if isinstance(dataset_uri_or_ray_dataset, str) else "evaluation dataset"
-    dataset = ray.data.read_parquet(dataset_uri_or_ray_dataset) if isinstance(dataset_uri_or_ray_dataset, str) else dataset_uri_or_ray_dataset
+def _score_on_actors(
+    scorer_factory: Callable[[], Scorer], rows: pa.Table | str | ray.data.Dataset, shape: dict[str, int], batch_size: int, actors: ActorPool
+) -> Iterator[pa.Table]:
+    where = rows if isinstance(rows, str) else "evaluation dataset"
+    if isinstance(rows, str):
+        dataset = ray.data.read_parquet(rows)
+    else:
+        dataset = ray.data.from_arrow(rows) if isinstance(rows, pa.Table) else rows
     schema = dataset.schema()
     if schema is None:
         raise InputError(f"{where}: no rows to evaluate")
     _check_columns(schema.names, str(where))
     per_row = dataset.select_columns(list(EVAL_COLUMNS)).map_batches(
         _RowScorer,
-        fn_constructor_kwargs={
-            "scorer_factory": scorer_factory,
-            "num_items": num_items,
-            "max_history": max_history,
-            "coverage_k": coverage_k,
-        },
+        fn_constructor_kwargs={"scorer_factory": scorer_factory, "shape": shape},
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_cpus=num_cpus_per_actor,
-        num_gpus=num_gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=actors.size),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
     )
-    blocks = per_row.iter_batches(batch_size=None, batch_format="pyarrow")
-    return summarise(
-        pa.concat_tables([PER_ROW_SCHEMA.empty_table(), *blocks]),
-        ks=ks,
-        num_items=num_items,
-        coverage_k=coverage_k,
-        rating_denormalise=rating_denormalise,
-    )
+    return per_row.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 # --- Popularity baseline --------------------------------------------------------------------
@@ -381,14 +372,17 @@ def evaluate_with_popularity(
     batch_size: int,
     data_ratings: RatingDenormaliser,
     scorer_ratings: RatingDenormaliser | None = None,
+    scorer_rows: str | ray.data.Dataset | None = None,
+    actors: ActorPool | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{"polyrec": ..., "popularity": ...}``: ``scorer`` and the popularity baseline of the same preprocessing output
     on the same ``EVAL_SEQUENCE`` rows, by :func:`evaluate`. Rating errors are on the raw scale: the baseline predicts
     ratings normalised the output's way, which ``data_ratings`` undoes, and so does the scorer unless it normalises
-    them its own way (``scorer_ratings``: an artifact scored on another output's split)."""
+    them its own way (``scorer_ratings``: an artifact scored on another output's split). With ``actors`` the scorer
+    (a factory) scores on a Ray Data actor pool, reading the same rows as ``scorer_rows`` when given."""
     options = dict(ks=ks, num_items=num_items, max_history=max_history, batch_size=batch_size)
     return {
-        "polyrec": evaluate(scorer, table, **options, rating_denormalise=scorer_ratings or data_ratings),
+        "polyrec": evaluate(scorer, table if scorer_rows is None else scorer_rows, **options, rating_denormalise=scorer_ratings or data_ratings, actors=actors),
         "popularity": evaluate(popularity, table, **options, rating_denormalise=data_ratings),
     }
 
@@ -492,7 +486,7 @@ def evaluate_artifact(
 ) -> dict[str, dict[str, float]]:
     """The artifact and the popularity baseline on ``split`` of a preprocessing output (any: the artifact is scored as
     :func:`evaluate_on` scores it), by :func:`evaluate_with_popularity`; with ``use_ray_data`` the artifact's rows are
-    scored on a pool of Ray Data actors instead (:func:`evaluate_with_ray_data`, the same metrics). Writes
+    scored on a pool of Ray Data actors instead (:func:`evaluate` with an ``ActorPool``, the same metrics). Writes
     ``metrics.json``, ``metrics.md`` and ``metrics.png`` to ``output`` when given."""
     manifest = load_manifest(data_uri)
     location = storage.resolve(data_uri)
@@ -502,13 +496,14 @@ def evaluate_artifact(
     data_ratings = manifest.rating.denormaliser(storage.read_table(location, USER_VOCAB_PATH))
     if use_ray_data:
         dataset = ray.data.read_parquet(location.join(f"{SEQUENCES_DIR}/{split}"), filesystem=location.filesystem)
-        polyrec = evaluate_with_ray_data(
-            ArtifactScorer(artifact_path, data_uri), dataset, **options, rating_denormalise=RatingScales.between(artifact_path, data_uri).denormalise
-        )
-        results = {"polyrec": polyrec, "popularity": evaluate(popularity, rows, **options, rating_denormalise=data_ratings)}
+        scorer, scorer_ratings, actors = ArtifactScorer(artifact_path, data_uri), RatingScales.between(artifact_path, data_uri).denormalise, ActorPool()
     else:
+        dataset, actors = rows, None
         scorer = reindex_artifact(artifact_path, data_uri)
-        results = evaluate_with_popularity(scorer, popularity, rows, **options, data_ratings=data_ratings, scorer_ratings=scorer.ratings.denormalise)
+        scorer_ratings = scorer.ratings.denormalise
+    results = evaluate_with_popularity(
+        scorer, popularity, rows, **options, data_ratings=data_ratings, scorer_ratings=scorer_ratings, scorer_rows=dataset, actors=actors
+    )
     if output is not None:
         write_report(results, output)
     return results
