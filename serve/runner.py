@@ -405,8 +405,12 @@ def _connect(config: ServeConfig) -> bool:
 
 def _serve_until_stopped(service: Service) -> None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill`, Kubernetes: same as Ctrl-C
-    print(f"polyrec serving model {service.model.model_version} at {service.url} (docs: {service.url}/docs); Ctrl-C stops")
+        # Ctrl-C and `kill` (Kubernetes) both stop the service, whatever handler an earlier stage in this process
+        # left behind (Ray Train's turns SIGINT into "abort the training run").
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    live = VersionHistory(service.config.state_dir).live() or service.model  # a swap since the start changed it
+    print(f"polyrec serving model {live.model_version} at {service.url} (docs: {service.url}/docs); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
