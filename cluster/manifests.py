@@ -523,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if problems else 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a user error, as everywhere in polyrec's CLI; 1 means the check found problems
     return 0
 
 
