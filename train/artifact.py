@@ -4,7 +4,8 @@ Layout of an artifact folder::
 
     artifact.json              format_version, model_version, model_config, num_users/items/attributes,
                                rating_mean, rating (normalisation), data_manifest_hash, training_data (the
-                               preprocessing output it was trained on), metrics ({"validation": ..., "test": ...}),
+                               preprocessing output it was trained on), backbone_pretraining (polyrec pretrain's
+                               provenance, when the backbone came from it), metrics ({"validation": ..., "test": ...}),
                                created_at
     model.safetensors          the state dict; in frozen mode without the backbone (its pooled catalogue
                                text is there, as the ``text_embeddings`` buffer)
@@ -14,11 +15,13 @@ Layout of an artifact folder::
     items.parquet              item_idx, item_id, title, text, attributes
     users.parquet              user_id, user_idx, rating_offset
 
-``load_artifact`` needs only torch, transformers and safetensors.
+``load_artifact`` needs only torch, transformers and safetensors. An artifact may also live at a pyarrow filesystem
+URI (``s3://``, ``gs://``): it is read from a local copy (``local_artifact``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -37,8 +40,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from common import storage
 from common.errors import InputError
-from train.backbone import save_backbone
+from train.backbone import pretraining_provenance, save_backbone
 from train.config import ModelConfig
 from train.model import CatalogFeatures, PolyrecModel
 
@@ -56,6 +60,8 @@ BACKBONE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja")
 ITEM_COLUMNS = ("item_idx", "item_id", "title", "text", "attributes")
 USER_COLUMNS = ("user_id", "user_idx", "rating_offset")
 BACKBONE_PREFIX = "item_encoder.backbone."
+#: Local copies of artifacts read from URIs, one folder per URI and content of its artifact.json.
+ARTIFACT_CACHE = Path.home() / ".cache" / "polyrec" / "artifacts"
 
 
 @dataclass
@@ -127,6 +133,8 @@ def save_artifact(
         "rating": dict(rating),
         "data_manifest_hash": data_manifest_hash,
         "training_data": training_data,
+        # polyrec_pretrain.json of a backbone `polyrec pretrain` made (source, data, objective, steps, loss); else None
+        "backbone_pretraining": pretraining_provenance(model.config.backbone) if model.item_encoder.backbone is not None else None,
         "metrics": json.loads(json.dumps(metrics, default=float)),  # numpy / torch scalars → floats
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -162,9 +170,36 @@ def _select(table: pa.Table, columns: tuple[str, ...], what: str, optional: tupl
     return pa.table(selected)
 
 
+def local_artifact(path: str | Path) -> Path:
+    """The artifact folder ``path`` on local disk: a local path as it is; a URI is copied once into ``ARTIFACT_CACHE``.
+
+    The copy is keyed by the URI and its ``artifact.json`` (an artifact is never overwritten, and its metadata
+    carries its version and creation time), and it appears by a rename once complete, so concurrent readers
+    (serving replicas, training workers) share it and never see half of it."""
+    if "://" not in str(path):
+        return Path(path)
+    location = storage.resolve(str(path), "model")
+    try:
+        metadata = storage.read_text(location, METADATA_FILE)
+    except InputError:
+        raise InputError(f"{path}: no model artifact there ({METADATA_FILE} not found)") from None
+    copy = ARTIFACT_CACHE / hashlib.sha256(f"{path}\n{metadata}".encode()).hexdigest()[:24]
+    if not (copy / METADATA_FILE).is_file():
+        partial = copy.with_name(f"{copy.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            storage.download_folder(location, partial)
+            os.replace(partial, copy)
+        except OSError:
+            if not (copy / METADATA_FILE).is_file():  # else another process put its copy there first
+                raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return copy
+
+
 def load_artifact(path: str | Path) -> LoadedArtifact:
-    """The model (eval mode) and tables of a local artifact folder."""
-    path = Path(path)
+    """The model (eval mode) and tables of an artifact folder (a local path or a URI)."""
+    path = local_artifact(path)
     if not path.is_dir():
         raise InputError(f"{path}: no model artifact folder there")
     _check_listing(path)
@@ -229,7 +264,7 @@ def _check_listing(path: Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """``artifact.json`` of the artifact folder ``path``, checked (format version, required fields),
     without loading the model: the one reader of that file."""
-    file = Path(path) / METADATA_FILE
+    file = local_artifact(path) / METADATA_FILE
     try:
         metadata = json.loads(file.read_text())
     except FileNotFoundError:

@@ -8,6 +8,7 @@ initialisation of a config dict. Weights are only ever read as safetensors and n
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from train.config import BackboneConfig
 
 #: Files that mark a folder as holding a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+#: What ``polyrec pretrain`` (train/pretrain.py) writes beside the weights: source, data, objective, steps, losses.
+PRETRAIN_PROVENANCE_FILE = "polyrec_pretrain.json"
 
 
 def default_backbone_path() -> Path:
@@ -53,6 +56,14 @@ def load_backbone(config: BackboneConfig) -> tuple[PreTrainedModel, PreTrainedTo
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return _without_kv_cache(model), tokenizer
+
+
+def pretraining_provenance(config: BackboneConfig) -> dict | None:
+    """The provenance ``polyrec pretrain`` left in the backbone's folder; None for any other backbone."""
+    if config.random_init_config is not None or config.name_or_path is None:
+        return None
+    record = Path(config.name_or_path) / PRETRAIN_PROVENANCE_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
 
 
 def _without_kv_cache(model: PreTrainedModel) -> PreTrainedModel:

@@ -59,9 +59,17 @@ class TaskConfig(StageConfig):
     rating: bool = True
     like: bool = True
     attributes: bool = True
-    #: "full": softmax over the whole catalogue; "sampled": sampled softmax with logQ correction.
-    retrieval_loss: Literal["full", "sampled"] = "full"
-    num_sampled_negatives: int = 512
+    #: "full": softmax over the whole catalogue; "sampled": sampled softmax with logQ correction (the batch's
+    #: targets plus ``num_sampled_negatives`` uniform negatives), whose step touches only the items it samples;
+    #: "auto": full up to ``full_softmax_max_items`` catalogue items, sampled above (see ``sampled_retrieval``).
+    retrieval_loss: Literal["auto", "full", "sampled"] = "auto"
+    #: The largest catalogue "auto" trains with the full softmax. A full-softmax step costs time and memory in
+    #: proportion to the catalogue (every item's vector with gradients, [targets, items] logits, the history mask),
+    #: a sampled one does not: on ml-100k's shape of interactions bench/scale.py measured a full step at several times
+    #: a sampled one from 5k items on, 27x at 100k (bench/RESULTS.md, "Scale: catalogues"). Up to this the full
+    #: softmax is affordable, and it keeps the quality every benchmark on ml-100k (1.7k items) measured with it.
+    full_softmax_max_items: int = Field(5_000, ge=0)
+    num_sampled_negatives: int = Field(512, ge=1)
     temperature: float = 0.1
     #: The retrieval loss leaves out items already in the history before each target (the target
     #: itself stays), as evaluation masks them: the model is not taught to push down what the user
@@ -70,6 +78,12 @@ class TaskConfig(StageConfig):
     #: The rating task's user bias follows the user's recent ratings (a time-aware b_u, as in Koren's
     #: timeSVD++): the history's rating residuals, weighted by a learned decay per step back.
     rating_recency: bool = True
+
+    def sampled_retrieval(self, num_items: int) -> bool:
+        """Whether the retrieval loss over a catalogue of ``num_items`` items is the sampled softmax."""
+        if self.retrieval_loss == "auto":
+            return num_items > self.full_softmax_max_items
+        return self.retrieval_loss == "sampled"
 
 
 class LossWeightingConfig(StageConfig):
@@ -117,6 +131,19 @@ class ScalingConfig(StageConfig):
     gpus_per_worker: float = 1.0
 
 
+class TrackingConfig(StageConfig):
+    """Where training and retraining runs are tracked (MLflow): parameters, per-epoch metrics, plots and reports."""
+
+    enabled: bool = True
+    #: An MLflow tracking URI (http://, sqlite://, databricks), or a folder for a local store (its ``mlflow.db`` and
+    #: ``artifacts/``); None: ``mlruns`` in the run folder, the folder that holds the training output (and, when
+    #: retraining, the retrain output): ``runs/default/mlruns`` for the defaults.
+    uri: str | None = None
+    experiment: str = "polyrec"
+    #: The registry's model that each version retraining promotes becomes a version of, with the gate's decision.
+    registered_model: str = "polyrec"
+
+
 class TrainConfig(StageConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -143,4 +170,5 @@ class TrainConfig(StageConfig):
     seed: int = 0
     run_name: str = "polyrec"  # prefix of this run's folder under <output>/ray_results (a new folder per run)
     model_version: str | None = None  # None: a timestamp
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -2,8 +2,8 @@
 
 A *scorer* is anything with ``full_sort_predict(batch) -> [B, N+1]`` scores (column 0 is the padding)
 and, optionally, ``predict(batch) -> {"rating": [B], "like": [B]}`` (normalised rating, like
-probability; either key may be absent). Batches are built by :func:`collate_eval_rows` on the CPU;
-a scorer on an accelerator moves them there itself.
+probability; either key may be absent). Batches are built by :func:`collate_eval_rows` on the CPU and
+moved to a torch scorer's device (:func:`scorer_device`) for scoring.
 
 Both evaluation paths first turn each batch into *per-row values* (the target's rank, the row's top
 items, the like / rating predictions) with :func:`score_rows`, then :func:`summarise` aggregates them
@@ -111,6 +111,16 @@ def collate_eval_rows(rows: pa.Table, max_history: int) -> tuple[dict[str, Tenso
     return batch, rows["seen_items"].to_pylist(), rows["is_cold_target"].to_numpy()
 
 
+#: Score cells ([rows, items]) a batch of ``score_rows`` may hold: ranking a row costs some 30 bytes per catalogue item
+#: (scores, masks, the sort's indices), so large catalogues are ranked a few rows at a time in about 0.5 GB.
+SCORE_CELLS_PER_BATCH = 1 << 24
+
+
+def rows_per_batch(batch_size: int, num_items: int) -> int:
+    """``batch_size``, lowered so that a batch's ``[rows, num_items + 1]`` scores stay within ``SCORE_CELLS_PER_BATCH``."""
+    return max(1, min(batch_size, SCORE_CELLS_PER_BATCH // (num_items + 1)))
+
+
 def _row_slices(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
     for offset in range(0, table.num_rows, batch_size):
         yield table.slice(offset, batch_size)
@@ -153,17 +163,28 @@ def _prediction(predictions: Mapping[str, Tensor], key: str, num_rows: int) -> n
     return predictions[key].detach().float().cpu().numpy().astype(np.float64)
 
 
+def scorer_device(scorer: Scorer) -> torch.device:
+    """Where a scorer's inputs must be: a torch module's own device (an accelerator when the trainer or a replica
+    placed it there), the CPU for anything else."""
+    if isinstance(scorer, torch.nn.Module):
+        for tensor in (*scorer.parameters(), *scorer.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
 def score_rows(scorer: Scorer, rows: pa.Table, *, num_items: int, max_history: int, coverage_k: int) -> pa.Table:
     """The per-row values (``PER_ROW_SCHEMA``) of one batch of ``EVAL_SEQUENCE`` rows."""
     if rows.num_rows == 0:
         return PER_ROW_SCHEMA.empty_table()
     batch, seen_items, is_cold = collate_eval_rows(rows, max_history)
-    scores = scorer.full_sort_predict(batch).detach().cpu()
+    device = scorer_device(scorer)
+    model_batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    scores = scorer.full_sort_predict(model_batch).detach().cpu()
     if tuple(scores.shape) != (rows.num_rows, num_items + 1):
         raise ValueError(
             f"full_sort_predict returned scores of shape {tuple(scores.shape)}, expected [batch, num_items + 1] = [{rows.num_rows}, {num_items + 1}]"
         )
-    predictions = scorer.predict(batch) if hasattr(scorer, "predict") else {}
+    predictions = scorer.predict(model_batch) if hasattr(scorer, "predict") else {}
     targets = batch["target_items"]
     return pa.table(
         {
@@ -270,6 +291,7 @@ def evaluate(
     predicts ratings: on the raw scale when ``rating_denormalise`` is given, else normalised.
     """
     shape = {"num_items": num_items, "max_history": max_history, "coverage_k": coverage_k}
+    batch_size = rows_per_batch(batch_size, num_items)
     if actors is None:
         _check_columns(rows.column_names, "evaluation table")
         with _inference(scorer):

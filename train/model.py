@@ -126,6 +126,8 @@ class ItemEncoder(nn.Module):
         if self.backbone is not None and self.mode == "frozen":
             self.register_buffer("text_embeddings", torch.zeros(num_rows, backbone.config.hidden_size))
         self.text_cache_ready = False
+        #: Set by the trainer under ZeRO-3 with several ranks (``pooled_text``).
+        self.lockstep_ranks = False
         self.id_embedding = VocabularyTable("item", num_rows, hidden_size) if config.item_encoder.use_id_embedding else None
 
     @property
@@ -145,15 +147,29 @@ class ItemEncoder(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def pooled_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Pooled backbone outputs [n, H], in batches of ``text_batch_size`` trimmed to their longest text."""
-        chunks = []
-        for start in range(0, len(input_ids), self.text_batch_size):
-            mask = attention_mask[start : start + self.text_batch_size]
-            width = max(1, int(mask.sum(1).max()))
-            mask = mask[:, :width]
-            hidden = self.backbone(input_ids=input_ids[start : start + self.text_batch_size, :width], attention_mask=mask)
-            chunks.append(pool(hidden.last_hidden_state, mask, self.pooling))
-        return torch.cat(chunks)
+        """Pooled backbone outputs [n, H], in batches of ``text_batch_size`` trimmed to their longest text.
+
+        With ``lockstep_ranks`` (ZeRO-3 on several ranks, where every backbone pass all-gathers its sharded weights
+        and every rank must issue the same collectives) each rank runs as many passes as the rank with the most
+        chunks: the extra passes encode the padding item and join the result with weight zero, so that their
+        backward passes run too."""
+        chunks = [
+            self._pooled_chunk(input_ids[start : start + self.text_batch_size], attention_mask[start : start + self.text_batch_size])
+            for start in range(0, len(input_ids), self.text_batch_size)
+        ]
+        pooled = torch.cat(chunks)
+        if self.lockstep_ranks:
+            most_chunks = torch.tensor(len(chunks), device=input_ids.device)
+            torch.distributed.all_reduce(most_chunks, op=torch.distributed.ReduceOp.MAX)
+            for _ in range(int(most_chunks) - len(chunks)):
+                pooled = pooled + 0.0 * self._pooled_chunk(self.input_ids[:1], self.attention_mask[:1]).sum()
+        return pooled
+
+    def _pooled_chunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        width = max(1, int(attention_mask.sum(1).max()))
+        mask = attention_mask[:, :width]
+        hidden = self.backbone(input_ids=input_ids[:, :width], attention_mask=mask)
+        return pool(hidden.last_hidden_state, mask, self.pooling)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         if self.backbone is None:
@@ -362,8 +378,10 @@ class PolyrecModel(nn.Module):
 
     In ``lora``/``full`` mode the retrieval loss is always the sampled
     softmax (the catalogue cannot be encoded every step); ``tasks.retrieval_loss`` chooses in
-    ``frozen`` mode. ``item_table()`` is cached outside training mode; switching modes (``train()``,
-    ``eval()``) or ``refresh_item_cache()`` recomputes it.
+    ``frozen`` mode (``auto``: by the catalogue's size, ``TaskConfig.sampled_retrieval``). With the sampled
+    softmax a training step encodes only the items it touches, so its cost does not grow with the catalogue.
+    ``item_table()`` is cached outside training mode; switching modes (``train()``, ``eval()``) or
+    ``refresh_item_cache()`` recomputes it.
 
     Serving (``serve.model_runtime``) calls four methods besides these: ``retrieval_keys`` (its ANN index),
     ``queries_and_contributions`` (one user-model pass per batch of requests, which retrieval and ranking share),
@@ -409,8 +427,9 @@ class PolyrecModel(nn.Module):
             rating_mean=rating_mean,
             item_attributes=catalog.attributes,
             is_cold=catalog.is_cold,
-            sampled_retrieval=config.tasks.retrieval_loss == "sampled" or self.item_encoder.encodes_per_step,
+            sampled_retrieval=config.tasks.sampled_retrieval(num_items) or self.item_encoder.encodes_per_step,
         )
+        self.sampled_retrieval = setup.sampled_retrieval
         self.tasks = build_tasks(setup)
         if not self.tasks:
             raise InputError("model.tasks: every task is switched off")
@@ -445,9 +464,9 @@ class PolyrecModel(nn.Module):
         return self.user_model.position_embedding.weight.device
 
     def _step_items(self, item_idx: Tensor, negatives: Tensor | None) -> StepItems:
-        """Item vectors for a step touching ``item_idx`` (any shape): the catalogue table, or, when the
-        backbone runs per step in training, only the items needed (and the negatives)."""
-        if not (self.training and self.item_encoder.encodes_per_step):
+        """Item vectors for a step touching ``item_idx`` (any shape): the catalogue table, or, in training
+        without the full softmax, only the items needed (and the negatives)."""
+        if not (self.training and self.sampled_retrieval):
             return StepItems(self.item_table(), None, negatives)
         needed = [item_idx.flatten()] + ([negatives] if negatives is not None else [])
         unique = torch.unique(torch.cat(needed))

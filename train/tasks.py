@@ -114,6 +114,8 @@ class RetrievalTask(Task):
         trainable = ~setup.is_cold.bool()
         trainable[0] = False
         self.register_buffer("trainable_targets", trainable)
+        # Drawing and weighting negatives per step then costs O(negatives), not O(catalogue).
+        self.register_buffer("warm_items", trainable.nonzero().squeeze(1), persistent=False)
 
     def query_embedding(self, query: Tensor) -> Tensor:
         return F.normalize(query, dim=-1) / self.temperature
@@ -124,7 +126,8 @@ class RetrievalTask(Task):
     def sample_negatives(self) -> Tensor | None:
         if not self.num_negatives:
             return None
-        return torch.multinomial(self.trainable_targets.float(), self.num_negatives, replacement=True)
+        draws = torch.randint(len(self.warm_items), (self.num_negatives,), device=self.warm_items.device)
+        return self.warm_items[draws]
 
     def loss(self, query: Tensor, batch: Mapping[str, Tensor], items: StepItems) -> Tensor:
         valid = batch["target_items"] > 0
@@ -142,7 +145,7 @@ class RetrievalTask(Task):
         candidates = torch.unique(torch.cat([targets, items.negatives]))
         target_rows = torch.searchsorted(candidates, targets)
         in_batch = torch.zeros(len(candidates), device=query.device).index_add_(0, target_rows, torch.ones_like(targets, dtype=torch.float))
-        expected_count = in_batch + self.num_negatives / self.trainable_targets.sum()
+        expected_count = in_batch + self.num_negatives / len(self.warm_items)
         logits = queries @ self.item_embedding(items.lookup(candidates)).T - expected_count.log()
         if self.mask_history:
             logits = logits.masked_fill(self.seen_before(batch["input_items"], valid, targets, candidates), float("-inf"))

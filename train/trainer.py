@@ -15,9 +15,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,23 +30,26 @@ import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
+from common import storage
+from common.console import progress, quiet_train_worker, verbose
 from common.errors import InputError
 from common.ray_connect import connect
 from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, load_tokenizer
 from data.manifest import load_manifest
-from train.artifact import load_artifact, refuse_existing_artifact, save_artifact
+from train.artifact import METADATA_FILE, load_artifact, refuse_existing_artifact, save_artifact
 from train.batching import left_pad
 from train.config import TrainConfig
 from train.evaluate import PopularityScorer, evaluate, evaluate_with_popularity, write_report
 from train.model import CatalogFeatures, PolyrecModel
 from train.plots import plot_training_curves
+from train.tracking import TrackedRun, start_tracking
 from train.transfer import load_state_by_id, rows_by_id
 from train.weighting import LossWeighting
 
@@ -196,10 +201,13 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _parameter_groups(module: TrainingModule, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trained parameters: the backbone's (LoRA adapters or all its weights) at ``backbone_lr``, the rest at ``lr``."""
+    backbone_encoder = module.model.item_encoder.backbone
+    in_backbone = {id(param) for param in backbone_encoder.parameters()} if backbone_encoder is not None else set()
     backbone, rest = [], []
-    for name, param in module.named_parameters():
+    for param in module.parameters():
         if param.requires_grad:
-            (backbone if name.startswith("model.backbone.") else rest).append(param)
+            (backbone if id(param) in in_backbone else rest).append(param)
     groups = [{"params": rest, "lr": config.optimizer.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": config.optimizer.backbone_lr})
@@ -240,6 +248,7 @@ def _consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import deepspeed
 
+    quiet_train_worker()
     config = TrainConfig.model_validate(loop_config["config"])
     inputs: TrainingInputs = loop_config["inputs"]
     context = ray.train.get_context()
@@ -247,6 +256,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, inputs)
+    model.item_encoder.lockstep_ranks = config.deepspeed.zero_stage == 3 and context.get_world_size() > 1
     if config.warm_start_from:
         warm_start(model, config.warm_start_from, loop_config["warm_start_rows"], announce=rank == 0)
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
@@ -277,12 +287,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         sums: dict[str, float] = {}
         steps = 0
         weights: dict[str, float] = {}
-        for rows in shard.iter_batches(
+        batches = shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
             local_shuffle_buffer_size=config.batch_size * 8,
             local_shuffle_seed=config.seed + epoch,
-        ):
+        )
+        if rank == 0:
+            steps_per_epoch = math.ceil(loop_config["num_train_windows"] / config.scaling.num_workers / config.batch_size)
+            batches = progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, unit="batch", in_ray_worker=True)
+        for rows in batches:
             batch = {k: v.to(device) for k, v in training_batch(rows, inputs.max_history).items()}
             total, losses, weights = engine(batch)
             engine.backward(total)
@@ -374,19 +388,22 @@ class TrainResult:
     best_validation: dict[str, float]
     history: list[dict[str, Any]]
     test_metrics: dict[str, dict[str, float]]  # by model: polyrec, popularity, ...
+    tracking: TrackedRun | None = None  # the run's MLflow run (train.tracking), None when tracking is off
 
 
 def run_training(config: TrainConfig) -> TrainResult:
     """Fit on Ray Train + DeepSpeed, then export the best checkpoint as a model artifact that records its test metrics
     (reported beside the popularity baseline's and each ablation's, with the training curves)."""
+    _refuse_unsupported_combinations(config)
     config = config.model_copy(update=_absolute_start_points(config))
-    output = _output_folder(config)
+    output, published = _output_folder(config)
     connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
     data = resolve(config.data)
     inputs, windows, popularity = read_training_data(data, config.window_targets)
 
-    result = fit(config, inputs, windows, output)
+    tracking = start_tracking(config)
+    result = fit(config, inputs, windows, output, published, tracking)
     best = result.get_best_checkpoint(SELECTION_METRIC, "max")
     model, best_state = load_checkpoint_model(config, inputs, best)
     history = (result.return_value or {}).get("history") or best_state["history"]
@@ -407,22 +424,34 @@ def run_training(config: TrainConfig) -> TrainResult:
     )
     write_report(test_metrics, output)
     plot_training_curves(history, output / "training_curves.png")
+    if tracking is not None:
+        tracking.finish(output, test_metrics["polyrec"])
+    final = _publish(output, published)
     return TrainResult(
-        artifact=str(artifact),
-        best_checkpoint=best.path,
-        latest_checkpoint=result.checkpoint.path,
-        checkpoints=[(checkpoint.path, metrics) for checkpoint, metrics in result.best_checkpoints or []],
+        artifact=final(str(artifact)),
+        best_checkpoint=final(best.path),
+        latest_checkpoint=final(result.checkpoint.path),
+        checkpoints=[(final(checkpoint.path), metrics) for checkpoint, metrics in result.best_checkpoints or []],
         best_validation=best_validation,
         history=history,
         test_metrics=test_metrics,
+        tracking=tracking,
     )
 
 
-def _absolute_start_points(config: TrainConfig) -> dict[str, str]:
-    """``warm_start_from`` and ``resume_from`` as absolute paths (URIs as given): Ray Train's workers run in
-    directories of their own, where a relative path finds nothing. A local folder that is missing fails here,
-    before any worker starts."""
-    absolute = {}
+def _refuse_unsupported_combinations(config: TrainConfig) -> None:
+    if config.deepspeed.zero_stage == 3 and config.model.loss_weighting.method == "gradnorm":
+        raise InputError(
+            "train.model.loss_weighting.method: gradnorm does not run under deepspeed.zero_stage 3 (its per-task gradients "
+            "run the towers' backward again, which ZeRO-3's parameter gathering does not allow); use zero_stage 0-2, or 'uncertainty'"
+        )
+
+
+def _absolute_start_points(config: TrainConfig) -> dict[str, Any]:
+    """``warm_start_from``, ``resume_from`` and the backbone's ``name_or_path`` as absolute paths (URIs as given):
+    Ray Train's workers run in directories of their own, where a relative path finds nothing. A local folder that
+    is missing fails here, before any worker starts."""
+    absolute: dict[str, Any] = {}
     for field in ("warm_start_from", "resume_from"):
         value = getattr(config, field)
         if value and "://" not in value:
@@ -430,18 +459,47 @@ def _absolute_start_points(config: TrainConfig) -> dict[str, str]:
             if not path.is_dir():
                 raise InputError(f"train.{field}: {value} is not a folder")
             absolute[field] = str(path)
+    backbone = config.model.backbone
+    if config.model.item_encoder.use_text and backbone.name_or_path and "://" not in backbone.name_or_path:
+        path = Path(backbone.name_or_path).resolve()
+        if not path.is_dir():
+            raise InputError(f"train.model.backbone.name_or_path: {backbone.name_or_path} is not a folder")
+        absolute["model"] = config.model.model_copy(update={"backbone": backbone.model_copy(update={"name_or_path": str(path)})})
     return absolute
 
 
-def _output_folder(config: TrainConfig) -> Path:
-    """The local output folder, refused now rather than after the training when an artifact (the model's or an
-    ablation's) is already there."""
+def _output_folder(config: TrainConfig) -> tuple[Path, Location | None]:
+    """The local folder the run writes, and the location it is published to when ``train.output`` is a URI (the run
+    then writes into a temporary folder, and its checkpoints go straight to the URI). Refused now rather than after
+    the training when an artifact (the model's or an ablation's) is already there or the URI is not writable."""
+    artifact_dirs = ["artifact", *[f"ablations/{name}/artifact" for name in config.ablations]]
     if "://" in config.output:
-        raise InputError(f"train.output must be a local folder on this version, got {config.output!r}")
+        published = resolve(config.output, "train.output")
+        for artifact_dir in artifact_dirs:
+            if storage.exists(published, artifact_dir):
+                raise InputError(f"{config.output}: an artifact is already there ({artifact_dir}) and is never overwritten; choose another output")
+        storage.discard(storage.open_staging(published))  # the writability probe
+        return Path(tempfile.mkdtemp(prefix="polyrec-train-")), published
     output = Path(config.output).resolve()
-    for artifact_dir in [output / "artifact"] + [output / "ablations" / name / "artifact" for name in config.ablations]:
-        refuse_existing_artifact(artifact_dir)
-    return output
+    for artifact_dir in artifact_dirs:
+        refuse_existing_artifact(output / artifact_dir)
+    return output, None
+
+
+def _publish(output: Path, published: Location | None) -> Callable[[str], str]:
+    """Copy the run's local folder to its URI, if it has one (each artifact's metadata last, so that no reader takes
+    a half-copied artifact for one), and return how a path of the run (local, or on the URI's filesystem) is named
+    from now on."""
+    if published is None:
+        return str
+    storage.upload_folder(output, published, last=METADATA_FILE)
+    shutil.rmtree(output)
+
+    def final(path: str) -> str:
+        relative = Path(path).relative_to(output).as_posix() if Path(path).is_relative_to(output) else None
+        return storage.file_uri(published, published.join(relative) if relative else path)
+
+    return final
 
 
 def read_train_sequences(data: Location) -> ray.data.Dataset:
@@ -497,10 +555,14 @@ def read_training_data(data: Location, window_targets: int) -> tuple[TrainingInp
     return inputs, windows, popularity
 
 
-def fit(config: TrainConfig, inputs: TrainingInputs, windows: ray.data.Dataset, output: Path) -> Result:
+def fit(
+    config: TrainConfig, inputs: TrainingInputs, windows: ray.data.Dataset, output: Path, published: Location | None = None, tracking: TrackedRun | None = None
+) -> Result:
     """``train_loop_per_worker`` on Ray Train's workers over the training windows, which keeps the best checkpoints by
-    validation NDCG@10 and the latest in ``output/ray_results``."""
+    validation NDCG@10 and the latest in ``ray_results`` of ``published`` (a URI's location) or else of ``output``;
+    each epoch's metrics also go to ``tracking``'s MLflow run."""
     output.mkdir(parents=True, exist_ok=True)
+    results = published or resolve(str(output))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -523,16 +585,28 @@ def fit(config: TrainConfig, inputs: TrainingInputs, windows: ray.data.Dataset, 
             # One folder per invocation: Ray Train restores a run whose folder exists, so a reused name would
             # silently continue (or, with another config, fail to load) an earlier training into this output.
             name=f"{config.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(output / "ray_results"),
+            storage_path=results.join("ray_results"),
+            storage_filesystem=None if results.is_local else results.filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("POLYREC_FAIL_")}},
+            worker_runtime_env={
+                "env_vars": {
+                    **{k: v for k, v in os.environ.items() if k.startswith("POLYREC_FAIL_")},
+                    # Named, DeepSpeed does not warn on every worker that it found no GPU.
+                    **({} if config.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"}),
+                }
+            },
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.checkpoints_to_keep, checkpoint_score_attribute=SELECTION_METRIC, checkpoint_score_order="max"
             ),
+            callbacks=[tracking.callback()] if tracking else None,
+            # Ray Train's own progress lines (resources, worker group, each report) go to its log files; --verbose shows them.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
+        if tracking is not None:
+            tracking.fail()
         raise result.error
     return result
 

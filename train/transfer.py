@@ -29,7 +29,7 @@ from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, rating_offsets_by_index
 from data.manifest import load_manifest
-from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, read_metadata
+from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, local_artifact, read_metadata
 from train.model import CatalogFeatures, PolyrecModel
 from train.tasks import VocabularyTable
 
@@ -40,7 +40,7 @@ def rows_by_id(artifact_path: str | Path, data: Location) -> dict[str, np.ndarra
     rows = {}
     for vocabulary, path, table_file in (("item", schema.ITEM_VOCAB_PATH, ITEMS_FILE), ("user", schema.USER_VOCAB_PATH, USERS_FILE)):
         id_column, idx_column = f"{vocabulary}_id", f"{vocabulary}_idx"
-        old = pq.read_table(Path(artifact_path) / table_file, columns=[id_column, idx_column])
+        old = pq.read_table(local_artifact(artifact_path) / table_file, columns=[id_column, idx_column])
         old_row = dict(zip(old[id_column].to_pylist(), old[idx_column].to_pylist()))
         new = read_table(data, path)
         mapping = np.full(int(pc.max(new[idx_column]).as_py() or 0) + 1, -1, dtype=np.int64)
@@ -98,7 +98,7 @@ class RatingScales:
     def between(cls, artifact_path: str | Path, data_uri: str) -> RatingScales:
         """From the artifact's ``artifact.json`` and users table and the output's manifest and user vocabulary."""
         data = resolve(data_uri)
-        artifact_users = pq.read_table(Path(artifact_path) / USERS_FILE, columns=["user_idx", "rating_offset"])
+        artifact_users = pq.read_table(local_artifact(artifact_path) / USERS_FILE, columns=["user_idx", "rating_offset"])
         own_offsets = torch.from_numpy(rating_offsets_by_index(artifact_users))
         unknown_user_offset = float(own_offsets[1:].mean()) if len(own_offsets) > 1 else 0.0
         user_rows = rows_by_id(artifact_path, data)["user"]

@@ -6,8 +6,11 @@
   ``exp(-s_t) = 1 / L_t``: each task's weight is the inverse of its loss.
 * ``gradnorm`` (Chen et al. 2018): weights that equalise the tasks' gradient norms, scaled by how
   far each task still is from its first loss. Gradients are taken with respect to the *shared
-  representation* (the user model's output) rather than shared weights, so the method works when
-  parameters are partitioned (DeepSpeed ZeRO-3). Weights are ``T * softmax(logits)``, which keeps
+  representation* (the user model's output) rather than shared weights. Not under DeepSpeed ZeRO-3
+  (the trainer refuses it): taking them runs the towers' backward once more per task, which
+  ZeRO-3's reference-counted parameter gathering for the backward pass does not survive, and ZeRO-3
+  hands the weighting's forward a copy of the representation, from which the losses do not derive
+  (the gradients would be zeros). Weights are ``T * softmax(logits)``, which keeps
   their sum at the number of tasks T by construction instead of renormalising after each step.
   The returned loss is ``sum_t w_t L_t`` (weights held constant) plus the GradNorm term
   ``sum_t |w_t G_t - target_t|``, whose gradient only reaches the weights.
