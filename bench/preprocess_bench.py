@@ -44,13 +44,14 @@ MIN_VALUE = 0.5  # ml-latest ratings go in half stars from 0.5
 # --- Synthetic ml-latest data ---------------------------------------------------------------------
 
 
-def generate(rows: int, folder: Path, seed: int = 0) -> None:
-    """ratings.csv (userId,movieId,rating,timestamp) and movies.csv (movieId,title,genres)."""
+def generate(rows: int, folder: Path, seed: int = 0, num_users: int | None = None, num_items: int | None = None) -> None:
+    """ratings.csv (userId,movieId,rating,timestamp) and movies.csv (movieId,title,genres); by default the
+    numbers of users and items grow with ``rows``."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     rng = np.random.default_rng(seed)
-    num_users, num_items = max(1_000, rows // 90), max(500, rows // 250)
+    num_users, num_items = num_users or max(1_000, rows // 90), num_items or max(500, rows // 250)
 
     def zipf_ids(count: int, exponent: float) -> np.ndarray:
         weights = 1.0 / np.arange(1, count + 1) ** exponent
@@ -227,13 +228,13 @@ class TreeMemory:
 
     ``rss`` sums resident sets (shared pages, e.g. the Ray object store mapped into several
     workers, count once per process); ``pss`` shares each page among the processes that map it,
-    so it does not double count.
+    so it does not double count. ``peak_root_rss`` is the process's own (the driver's, for a Ray job).
     """
 
     def __init__(self, pid: int, interval: float = 0.25):
         self.root = psutil.Process(pid)
         self.interval = interval
-        self.peak_rss = self.peak_pss = 0
+        self.peak_rss = self.peak_pss = self.peak_root_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -256,6 +257,8 @@ class TreeMemory:
                 try:
                     info = process.memory_full_info()
                     rss, pss = rss + info.rss, pss + info.pss
+                    if process is self.root:
+                        self.peak_root_rss = max(self.peak_root_rss, info.rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)

@@ -97,6 +97,22 @@ def read_text(location: Location, relative: str) -> str:
         raise InputError(f"{location.uri}: {relative} not found") from None
 
 
+def upload_folder(local: Path, target: Location, last: str | None = None) -> None:
+    """Copy the files of the local folder ``local`` under ``target``; files named ``last`` (a manifest that marks
+    its folder complete) go after all the others, so a reader never sees one beside missing files."""
+    files = sorted(path for path in local.rglob("*") if path.is_file())
+    for file in sorted(files, key=lambda path: path.name == last):
+        destination = target.join(file.relative_to(local).as_posix())
+        target.filesystem.create_dir(posixpath.dirname(destination), recursive=True)
+        pafs.copy_files(file.as_posix(), destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.filesystem)
+
+
+def download_folder(source: Location, local: Path) -> None:
+    """Copy every file under ``source`` into the local folder ``local``."""
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(source.path, local.as_posix(), source_filesystem=source.filesystem, destination_filesystem=pafs.LocalFileSystem())
+
+
 def open_staging(target: Location) -> Location:
     """Create an empty staging folder beside ``target``; InputError when the location is not writable."""
     name = posixpath.basename(target.path) or "output"
