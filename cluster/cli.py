@@ -9,8 +9,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from common.config import StageConfig
+from common.console import console_session
 from common.errors import InputError
 
 
@@ -32,6 +34,15 @@ def _train(args: argparse.Namespace) -> None:
     result = run_training(config)
     print(f"model artifact: {result.artifact}")
     print(f"best validation NDCG@10: {result.best_validation['validation/NDCG@10']:.4f}")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from train.pretrain import PretrainConfig, run_pretrain
+
+    result = run_pretrain(PretrainConfig.from_yaml(args.config, data=args.data, output=args.output))
+    record = result.provenance
+    print(f"pretrained backbone: {result.output} ({record['objective']}, {record['steps']} steps, loss {record['final_loss']:.4f}, {record['seconds']:.0f}s)")
+    print(f"use it with: model.backbone.name_or_path: {result.output}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -117,8 +128,9 @@ def stage_configs() -> dict[str, type[StageConfig]]:
     from data.config import PreprocessConfig
     from serve.config import ServeConfig
     from train.config import TrainConfig
+    from train.pretrain import PretrainConfig
 
-    return {"preprocess": PreprocessConfig, "train": TrainConfig, "serve": ServeConfig, "retrain": RetrainConfig}
+    return {"preprocess": PreprocessConfig, "pretrain": PretrainConfig, "train": TrainConfig, "serve": ServeConfig, "retrain": RetrainConfig}
 
 
 def _defaults(args: argparse.Namespace) -> None:
@@ -128,7 +140,7 @@ def _defaults(args: argparse.Namespace) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from cluster.pipeline import run_pipeline
 
-    run_pipeline(output=args.output, port=args.port, keep_serving=args.keep_serving)
+    run_pipeline(output=args.output, port=args.port, keep_serving=args.keep_serving, pretrain=args.pretrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, handler: Callable[[argparse.Namespace], None], help_text: str) -> argparse.ArgumentParser:
         sub = stages.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        sub.add_argument("--verbose", action="store_true", help="also show Ray's and the libraries' own logs (else in <run folder>/logs/polyrec.log)")
         return sub
 
     sub = stage("preprocess", _preprocess, "Read, clean and split interactions into Parquet shards + manifest.")
@@ -149,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--data", help="preprocessing output (path or URI)")
     sub.add_argument("--output", help="folder for checkpoints, the artifact, metrics and plots")
     sub.add_argument("--resume-from", help="a checkpoint folder to continue from")
+
+    sub = stage("pretrain", _pretrain, "Continue pretraining the item encoder's language model on the catalogue's text (MLM, CLM or contrastive).")
+    sub.add_argument("--config", help="YAML file (see configs/pretrain.yaml)")
+    sub.add_argument("--data", help="preprocessing output (path or URI)")
+    sub.add_argument("--output", help="the Hugging Face folder to write (new or empty); give it to model.backbone.name_or_path")
 
     sub = stage("evaluate", _evaluate, "Full-ranking evaluation of a model artifact against baselines.")
     sub.add_argument("--model", default="runs/default/model/artifact", help="model artifact folder")
@@ -193,13 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--serving", choices=["ray", "kubernetes"], help="where the service runs (kubernetes: the RayService, from a pod)")
 
     sub = stage("defaults", _defaults, "Print a stage's default config as YAML (what configs/<stage>.yaml writes out).")
-    sub.add_argument("config_stage", choices=["preprocess", "train", "serve", "retrain"], metavar="STAGE", help="preprocess, train, serve or retrain")
+    sub.add_argument(
+        "config_stage", choices=["preprocess", "pretrain", "train", "serve", "retrain"], metavar="STAGE", help="preprocess, pretrain, train, serve or retrain"
+    )
 
     sub = stage("pipeline", _pipeline, "The main job: preprocess, train, evaluate, serve, simulated users, retrain, hot swap, report.")
     sub.add_argument("--output", default="runs/default", help="folder for every stage's output")
     sub.add_argument("--port", type=int, default=8000, help="HTTP port of the service")
     sub.add_argument("--keep-serving", action="store_true", help="keep the service up at the end (Ctrl-C stops it)")
+    sub.add_argument("--pretrain", action="store_true", help="continue pretraining the backbone on the catalogue's text first (configs/pretrain.yaml)")
     return parser
+
+
+#: The commands that write a run's outputs, and so its log file; the others only talk to a cluster or print.
+RUN_STAGES = frozenset({"preprocess", "pretrain", "train", "evaluate", "serve", "retrain"})
+
+
+def run_folder(args: argparse.Namespace) -> Path | None:
+    """Where a command's log file goes (``<run folder>/logs/polyrec.log``): the pipeline's ``--output``; for a stage, the
+    folder that holds its output (``runs/default`` for ``runs/default/model``; the service's: its state folder), or
+    ``runs`` for an output URI."""
+    if args.stage == "pipeline":
+        return Path(args.output)
+    if args.stage not in RUN_STAGES:
+        return None
+    if args.stage == "evaluate":
+        output = args.output
+    else:
+        config = stage_configs()[args.stage].from_yaml(args.config, output=getattr(args, "output", None))
+        output = config.state_dir if args.stage == "serve" else config.output
+    return Path("runs") if "://" in output else Path(output).parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
-        status = args.handler(args) or 0
+        with console_session(run_folder(args), verbose=args.verbose):
+            status = args.handler(args) or 0
     except InputError as err:
         print(f"polyrec {args.stage}: error: {err}", file=sys.stderr)
         return 2

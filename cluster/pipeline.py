@@ -70,6 +70,7 @@ def run_pipeline(
     held_out: int = 300,
     port: int = 8000,
     keep_serving: bool = False,
+    pretrain: bool = False,
 ) -> Path:
 
     from serve.config import ServeConfig
@@ -102,6 +103,14 @@ def run_pipeline(
 
     started = time.perf_counter()
     train = _stage_config(TrainConfig, "train", data=preprocess.output, output=str(root / "model"))
+    if pretrain:  # the backbone continues from the configured one on this catalogue's text, and training (and retraining) uses it
+        from train.pretrain import PretrainConfig, run_pretrain
+
+        pretrain_config = _stage_config(PretrainConfig, "pretrain", data=preprocess.output, output=str(root / "pretrained"))
+        pretrain_config.name_or_path = pretrain_config.name_or_path or train.model.backbone.name_or_path
+        train.model.backbone.name_or_path = str(run_pretrain(pretrain_config).output)
+        timed("pretrain", started)
+        started = time.perf_counter()
     before = run_training(train)
     timed("train + evaluate", started)
 
@@ -118,7 +127,7 @@ def run_pipeline(
     started = time.perf_counter()
     online = replay(service.url, replayed, k=10, known_users=known_users)
     timed(f"simulated users ({online['requests']} requests)", started)
-    before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users)
+    before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, v1")
 
     started = time.perf_counter()
     retrain = _stage_config(RetrainConfig, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve"))
@@ -126,7 +135,7 @@ def run_pipeline(
     after = run_retrain(retrain)
     timed("retrain + hot swap", started)
 
-    after_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users)
+    after_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, after the gate")
     report = _write_report(root, manifest, before, after, online, {"before": before_swap, "after": after_swap}, timings)
     if keep_serving:
         print(f"[polyrec pipeline] serving at {service.url} (Ctrl-C to stop)")

@@ -31,6 +31,7 @@ from data.feedback_log import REGISTRY_FILE
 from data.pipeline import run_preprocess
 from serve.versions import VersionHistory
 from train.config import TrainConfig
+from train.tracking import record_gate
 
 
 class ServingConfig(StageConfig):
@@ -68,6 +69,7 @@ class RetrainResult:
     current_model: str
     gate: GateDecision
     test_metrics: dict  # by model, on the new data's test split
+    registered_version: str | None = None  # the promoted version's number in the MLflow model registry (train.tracking)
 
 
 class _Service:
@@ -132,6 +134,9 @@ def run_retrain(config: RetrainConfig) -> RetrainResult:
 
     train = config.train.model_copy(deep=True)
     train.data, train.output, train.warm_start_from = preprocess.output, str(run_dir / "model"), current
+    if train.tracking.uri is None and "://" not in config.output:
+        # The store of the run folder that holds the retrain output (runs/default/mlruns), where the first training went.
+        train.tracking.uri = str(Path(config.output).resolve().parent / "mlruns")
     result = run_training(train)
 
     decision = decide(
@@ -149,6 +154,11 @@ def run_retrain(config: RetrainConfig) -> RetrainResult:
         service.history().record_live(result.artifact, asdict(decision))
         reason += "; no service runs: `polyrec serve` serves it next"
     print(f"[polyrec retrain] {reason}")
-    outcome = RetrainResult(decision.promoted, swapped, reason, result.artifact, current, decision, result.test_metrics)
+    registered = None
+    if result.tracking is not None:
+        registered = record_gate(result.tracking.uri, result.tracking.run_id, train.tracking.registered_model, asdict(decision), result.artifact)
+    if registered is not None:
+        print(f"[polyrec retrain] registered as version {registered} of {train.tracking.registered_model} in {result.tracking.uri}")
+    outcome = RetrainResult(decision.promoted, swapped, reason, result.artifact, current, decision, result.test_metrics, registered)
     (run_dir / "retrain.json").write_text(json.dumps(asdict(outcome), indent=2))
     return outcome

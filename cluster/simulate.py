@@ -16,11 +16,20 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
+from common.console import progress
+
 FEEDBACK_BATCH = 200
 
 
 def replay(
-    url: str, interactions: pa.Table, *, k: int = 10, concurrency: int = 4, send_feedback: bool = True, known_users: Collection[str] = ()
+    url: str,
+    interactions: pa.Table,
+    *,
+    k: int = 10,
+    concurrency: int = 4,
+    send_feedback: bool = True,
+    known_users: Collection[str] = (),
+    progress_label: str = "simulated users",
 ) -> dict[str, Any]:
     """Replay ``interactions`` (the canonical INTERACTIONS schema) against the service at ``url``.
     ``explained_share``: of the answers to ``known_users`` (users with a server-side history), the share
@@ -40,7 +49,8 @@ def replay(
             return elapsed, response.json() if response.status_code == 200 else None
 
         with ThreadPoolExecutor(concurrency) as pool:
-            for row, (latency, body) in zip(rows, pool.map(recommend, rows)):
+            answers = progress(pool.map(recommend, rows), desc=progress_label, total=len(rows), unit="request")
+            for row, (latency, body) in zip(rows, answers):
                 latencies.append(latency)
                 if body is None:
                     errors += 1

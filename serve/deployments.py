@@ -222,12 +222,11 @@ class Ingress:
     async def register_item(self, body: NewItem) -> ItemInfo:
         """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
         timed = self.metrics.stage_latency.timed
-        try:
-            async with self._deadline():
-                await timed("retrieve", self.stages.check_new_item(self.model, body.item_id, body.text))
-                item: RegisteredItem = await timed("state", self.store.register.remote(body.item_id, body.title or "", body.text))
-        except ItemExists as error:
-            raise HTTPException(409, str(_cause(error))) from None
+        async with self._deadline():
+            taken = await timed("retrieve", self.stages.check_new_item(self.model, body.item_id, body.text))
+            item: RegisteredItem | ItemExists = taken or await timed("state", self.store.register.remote(body.item_id, body.title or "", body.text))
+        if isinstance(item, ItemExists):
+            raise HTTPException(409, str(item))
         return ItemInfo(item_id=item.item_id, title=item.title, registered=True, attributes=[])
 
     @app.get("/v1/items/{item_id}", response_model=ItemInfo, dependencies=[Depends(require_read_key)], responses=responses(401, 404, 422, 503))
@@ -285,8 +284,13 @@ class UserStateStore:
         for event_id, user_id, item_id, ts, rating in interactions:
             self.state.record(user_id, item_id, ts, rating, event_id)
 
-    async def register(self, item_id: str, title: str, text: str) -> RegisteredItem:
-        return self.state.register(item_id, title, text, now_ms())
+    async def register(self, item_id: str, title: str, text: str) -> RegisteredItem | ItemExists:
+        """The registered item, or ItemExists, returned: Ray Serve logs what a replica raises as a failed request, with
+        its traceback, and a taken id is an expected answer (409)."""
+        try:
+            return self.state.register(item_id, title, text, now_ms())
+        except ItemExists as taken:
+            return taken
 
     async def registered_since(self, version: int) -> list[RegisteredItem]:
         return self.state.registered_since(version)

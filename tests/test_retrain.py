@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from mlflow import MlflowClient
 
 from cluster.gate import GateConfig, decide
 from cluster.retrain import RetrainConfig, run_retrain
@@ -96,6 +97,18 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, 
     assert not outcome.swapped and ("hot_swap is off" in outcome.reason) == outcome.promoted
     recorded = VersionHistory(tmp_path / "serve").records()
     assert [r.status for r in recorded] == ([] if outcome.promoted else ["rejected"])
+    # The candidate's MLflow run (in the store of the run folder holding the retrain output) carries the decision;
+    # a promoted candidate is also a version of the registered model, with the same decision.
+    tracked = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    [run] = tracked.search_runs([tracked.get_experiment_by_name("polyrec").experiment_id])
+    assert run.data.tags["gate.promoted"] == str(outcome.promoted).lower() and run.data.tags["gate.reason"] == outcome.gate.reason
+    assert run.data.metrics["gate/candidate/NDCG_at_10"] == pytest.approx(outcome.gate.candidate["NDCG@10"])
+    if outcome.promoted:
+        version = tracked.get_model_version("polyrec", outcome.registered_version)
+        assert version.source == str(Path(outcome.new_model).resolve()) and version.run_id == run.info.run_id
+        assert version.tags == {"gate.promoted": "true", "gate.reason": outcome.gate.reason}
+    else:
+        assert outcome.registered_version is None and not tracked.search_registered_models()
 
     manifest, base_manifest = load_manifest(new_data), load_manifest(data_dir)
     # Every logged click is read once; the retried duplicates are quarantined by the reader, not kept.

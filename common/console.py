@@ -1,0 +1,168 @@
+"""What a polyrec command shows on its console: polyrec's own lines (stages, epochs, summaries) and one progress bar
+per long step. Ray's and the libraries' logs go to the run folder's log file (``<run folder>/logs/polyrec.log``) and
+to Ray's session logs instead; ``--verbose`` leaves every library's console output as the library has it.
+
+The Ray processes a command starts learn the choice from the environment (``QUIET_ENV``, ``POLYREC_VERBOSE``), so
+``console_session`` runs before Ray starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+VERBOSE_ENV = "POLYREC_VERBOSE"
+LOG_FILE = "polyrec.log"
+#: The top-level packages whose loggers speak on the console.
+POLYREC_PACKAGES = frozenset({"common", "data", "train", "serve", "cluster", "bench"})
+#: Read by the processes of a local Ray instance, which inherit this process's environment when it starts them.
+QUIET_ENV = {
+    # Ray Data's execution plans, progress lines and warnings go to ray-data.log only; its errors still show.
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    # Ray Serve's controller, proxy and replicas (access logs, request errors) log to their files only.
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    # MLflow leaves its loggers to the application's configuration rather than giving them a console of their own.
+    "MLFLOW_CONFIGURE_LOGGING": "false",
+}
+#: Loggers that libraries give a console handler of their own when first imported, possibly after the session starts.
+_LATE_LIBRARY_LOGGERS = ("DeepSpeed", "ray.serve")
+
+
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it", in_ray_worker: bool = False) -> Iterator[T]:
+    """One progress bar over ``items`` on the console; from a Ray worker (``in_ray_worker``) the driver draws it
+    (Ray's ``tqdm_ray``), so that it does not arrive as lines of worker output."""
+    if in_ray_worker:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        bar = ray_tqdm(desc=desc, total=total, unit=unit)
+    else:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=desc, total=total, unit=unit, dynamic_ncols=True)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()  # Ray's bar sends its last state only when closed
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker of a quiet command: Ray Train 2.60 logs each report (the whole ``TrainingReport``) under a
+    logger named by its file, beyond the ``ray.train`` level that ``RunConfig.logging_config`` sets; held to warnings."""
+    if verbose():
+        return
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def verbose() -> bool:
+    """Whether this command (or the command that started this Ray process) runs with ``--verbose``."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+class _Console(logging.StreamHandler):
+    """polyrec's records, on the ``sys.stderr`` of the moment (progress bars and test captures replace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.addFilter(lambda record: record.name.partition(".")[0] in POLYREC_PACKAGES)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _to_root(record: logging.LogRecord) -> bool:
+    logging.getLogger().handle(record)
+    return False
+
+
+def _route_libraries_to_root() -> None:
+    """Every library logger's records to the root logger's handlers, not to a console handler of its own."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name.partition(".")[0] in POLYREC_PACKAGES:
+            continue
+        consoles = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        for handler in consoles:
+            logger.removeHandler(handler)
+        if consoles:
+            logger.propagate = True
+    for name in _LATE_LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        if _to_root not in library.filters:
+            library.addFilter(_to_root)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    # Their bars (each model save's shards) are not a step of the command.
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+@contextlib.contextmanager
+def console_session(run_folder: Path | None, *, verbose: bool = False) -> Iterator[Path | None]:
+    """The console of one command; yields its log file (``run_folder/logs/polyrec.log``; None without a run folder,
+    or with ``verbose``, where nothing is rerouted). The environment it sets is put back afterwards."""
+    saved_env = {name: os.environ.get(name) for name in (VERBOSE_ENV, *QUIET_ENV)}
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    try:
+        if verbose:
+            yield None
+        else:
+            for name, value in QUIET_ENV.items():
+                os.environ.setdefault(name, value)
+            with _quiet_logging(run_folder) as log_file:
+                yield log_file
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _quiet_logging(run_folder: Path | None) -> Iterator[Path | None]:
+    import ray.data  # configures Ray's and Ray Data's loggers, rerouted below
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    root = logging.getLogger()
+    handlers: list[logging.Handler] = [_Console()]
+    log_file = None
+    if run_folder is not None:
+        log_file = Path(run_folder).resolve() / "logs" / LOG_FILE
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(to_file)
+    level = root.level
+    root.setLevel(logging.INFO)
+    for handler in handlers:
+        root.addHandler(handler)
+    logging.captureWarnings(True)
+    _route_libraries_to_root()
+    try:
+        yield log_file
+    finally:
+        logging.captureWarnings(False)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
