@@ -62,13 +62,22 @@ class RecommendRequest(Body):
     _k_is_a_number = field_validator("k", mode="before")(_not_a_boolean)
 
 
+class HistoryItem(BaseModel):
+    """An item of the user's history, named as a person reads it."""
+
+    item_id: str
+    title: str
+
+
 class RecommendedItem(BaseModel):
     item_id: str
     title: str
+    year: int | None  # None where the catalogue has none (and for items registered at run time)
+    genres: list[str]
     score: float
     p_like: float | None
     rating: float | None
-    because: list[str]  # history items that contributed most to this item's score
+    because: list[HistoryItem]  # history items that contributed most to this item's score, largest share first
 
 
 class RecommendResponse(BaseModel):

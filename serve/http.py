@@ -1,6 +1,7 @@
 """The service's HTTP surface: the FastAPI ``app`` whose routes are the Ingress's methods
-(``serve.deployments``), admission control in front of every ``/v1`` route, the answers to errors (422
-naming the field, 503 with Retry-After, 500 counted), the API-key checks and polyrec's own metrics.
+(``serve.deployments``) and the web page (``/``, its files under ``/web/`` from ``serve/web``), admission
+control in front of every ``/v1`` route, the answers to errors (422 naming the field, 503 with Retry-After,
+500 counted), the API-key checks and polyrec's own metrics.
 
 ``configure`` gives the app a service's settings when an ingress replica starts. The app, its handlers
 and its checks read them from ``request.app.state``: the app that serves is the copy ``serve.ingress``
@@ -13,13 +14,15 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter
 
@@ -35,6 +38,21 @@ app = FastAPI(
     version="1",
     description="Recommendations from polyrec's multi-task model, feedback ingestion and cold-start items.",
 )
+
+# --- the web page: static files calling the API from the browser, outside the API's contract -----
+
+WEB_DIR = Path(__file__).parent / "web"
+app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+
+#: The page runs only its own files: text from the API (titles of items anyone with the key registered) can never
+#: become script, and the key the page keeps stays with it.
+WEB_PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+
+@app.get("/", include_in_schema=False)
+async def web_page() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": WEB_PAGE_POLICY})
 
 
 class IngressMetrics:

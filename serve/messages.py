@@ -65,6 +65,8 @@ class Candidates:
     item_idx: np.ndarray  # [C] catalogue index, or N + 1 + j for row j of extra_vectors
     item_ids: list[str]
     titles: list[str]
+    years: list[int | None]
+    genres: list[list[str]]
     retrieval: np.ndarray  # [C] retrieval logit (popularity share in popular mode)
     extra_vectors: np.ndarray  # [E, d] item vectors of the registered items among the candidates
     #: The user model's pass, made once in retrieval and reused by ranking: per task its query [d],
@@ -82,11 +84,14 @@ class Ranked:
     mode: Mode
     item_ids: list[str]
     titles: list[str]
+    years: list[int | None]
+    genres: list[list[str]]
     score: np.ndarray  # [C] final ranking score
     p_like: np.ndarray | None  # [C]
     rating: np.ndarray | None  # [C] on the raw rating scale
     keys: np.ndarray  # [C, d] unit item vectors (for diversity and explanations)
     groups: list[list[int]]  # per candidate, its attribute (genre) indices
     history_ids: list[str]  # the history the user model read, oldest first
+    history_titles: list[str]  # theirs
     history_keys: np.ndarray  # [H, d] their unit item vectors
     contributions: np.ndarray  # [H] each position's attention share in the user state

@@ -1,7 +1,7 @@
 """One loaded model version as the serving graph uses it.
 
-``ServingModel`` wraps a ``train.artifact`` artifact: item id ↔ index maps, the exact inner-product
-index (faiss ``IndexFlatIP``) over the retrieval keys, the items registered at run time (encoded from
+``ServingModel`` wraps a ``train.artifact`` artifact: item id ↔ index maps, the inner-product index
+over the retrieval keys (exact, or HNSW for large catalogues: ``serve.config.IndexConfig``), the items registered at run time (encoded from
 their text by the model's item encoder), and batched calls of the model's public methods. The replicas
 that retrieve and rank (Retriever and Ranker, or the colocated graph's Recommender) each hold a few of
 them (``ModelCache``), keyed by artifact path, so that a request keeps one version from retrieval to
@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
+from common import storage
 from common.errors import InputError
 from data.features import RatingNormalisation, rating_offsets_by_index
-from data.schema import PAD_INDEX
+from data.schema import ITEMS_DIR, PAD_INDEX
+from serve.config import IndexConfig
 from serve.messages import Candidates, Mode, Ranked, RetrievalRequest
 from serve.state import RegisteredItem
 from train.artifact import load_artifact
@@ -41,18 +43,59 @@ def limit_threads(threads: int) -> None:
     transformers_logging.disable_progress_bar()  # one bar per model load in the replica logs
 
 
+def serving_device() -> torch.device:
+    """A replica's GPU when Ray gave it one (``ray_actor_options.num_gpus``, e.g. the GPU overlay's Ranker: Ray
+    then makes exactly that GPU visible), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 # --- a loaded version ------------------------------------------------------------------------
+
+
+def build_index(keys: np.ndarray, ids: np.ndarray, config: IndexConfig) -> faiss.IndexIDMap2:
+    """An inner-product index of ``keys`` [n, d] under ``ids``, exact or HNSW as ``config`` says for n items; more
+    items can be added under their ids (``add_with_ids``), none removed (serving never removes one)."""
+    width = keys.shape[1]
+    if config.approximate(len(keys)):
+        graph = faiss.IndexHNSWFlat(width, config.hnsw_neighbours, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = config.hnsw_ef_construction
+        graph.hnsw.efSearch = config.hnsw_ef_search
+        index = faiss.IndexIDMap2(graph)
+    else:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(width))
+    index.add_with_ids(np.ascontiguousarray(keys, dtype=np.float32), ids.astype(np.int64))
+    return index
+
+
+def catalogue_details(training_data: str | None, item_ids: list[str]) -> tuple[list[int | None], list[list[str]]]:
+    """Each catalogue item's year and genres, by index (0: padding), from the items of the preprocessing output
+    the artifact was trained on; None and [] where that output has none or is not at hand (an artifact copied
+    without its data): they are shown to people, never read by the model."""
+    years: list[int | None] = [None] * len(item_ids)
+    genres: list[list[str]] = [[] for _ in item_ids]
+    try:
+        items = storage.read_table(storage.resolve(training_data), ITEMS_DIR) if training_data else None
+    except (InputError, OSError):
+        items = None
+    if items is None or not {"year", "genres"} <= set(items.column_names):
+        return years, genres
+    index = {item_id: idx for idx, item_id in enumerate(item_ids)}
+    for item_id, year, names in zip(items["item_id"].to_pylist(), items["year"].to_pylist(), items["genres"].to_pylist()):
+        if item_id in index:
+            years[index[item_id]], genres[index[item_id]] = year, list(names or ())
+    return years, genres
 
 
 class ServingModel:
     """A model artifact ready to retrieve and rank; thread-safe for reads, ``sync_registry`` locks."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, index: IndexConfig | None = None):
         artifact = load_artifact(path)
         self.path = path
         self.metadata = artifact.metadata
         self.version: str = artifact.model_version
-        self.model = artifact.model
+        self.device = serving_device()
+        self.model = artifact.model.to(self.device)
         if "retrieval" not in self.model.tasks:
             raise InputError(f"{path}: the model has no retrieval task, so it cannot be served")
         self.tokenizer = artifact.tokenizer
@@ -66,15 +109,15 @@ class ServingModel:
         self.item_ids: list[str] = ["", *items["item_id"].to_pylist()]
         self.titles: list[str] = ["", *(title or "" for title in items["title"].to_pylist())]
         self.attributes: list[list[int]] = [[], *(list(a or ()) for a in items["attributes"].to_pylist())]
+        self.years, self.genres = catalogue_details(self.metadata.get("training_data"), self.item_ids)
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
         self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
         self.rating_offsets = rating_offsets_by_index(artifact.users)
         self.rating = RatingNormalisation.model_validate(self.metadata.get("rating") or {"kind": "none"})
 
         with torch.inference_mode():
-            self.keys = self.model.retrieval_keys().float().numpy()  # [N+1, d] unit vectors
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.keys.shape[1]))
-        self.index.add_with_ids(self.keys[1:], np.arange(1, self.num_items + 1, dtype=np.int64))
+            self.keys = self.model.retrieval_keys().float().cpu().numpy()  # [N+1, d] unit vectors
+        self.index = build_index(self.keys[1:], np.arange(1, self.num_items + 1), index or IndexConfig())
 
         self._registry_lock = threading.Lock()
         self.registry_version = 0
@@ -91,7 +134,7 @@ class ServingModel:
             raise InputError(f"{self.path}: the artifact has no tokenizer, so it cannot encode text")
         tokens = self.tokenizer(list(texts), max_length=self.max_tokens, truncation=True, padding=True, return_tensors="pt")
         with torch.inference_mode():
-            return self.model.encode_item_text(tokens["input_ids"], tokens["attention_mask"]).float()
+            return self.model.encode_item_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float().cpu()
 
     def sync_registry(self, items: Sequence[RegisteredItem]) -> None:
         """Add registered items (in registration order, from ``registry_version + 1``) to the index.
@@ -166,7 +209,9 @@ class ServingModel:
                 pad_value=float("nan"),
                 dtype=torch.float32,
             )
-            task_queries, contributions = self.model.queries_and_contributions(inputs, torch.tensor(user_idx), ratings)
+            users = torch.tensor(user_idx, device=self.device)
+            task_queries, contributions = self.model.queries_and_contributions(inputs.to(self.device), users, ratings.to(self.device))
+            task_queries, contributions = {name: query.cpu() for name, query in task_queries.items()}, contributions.cpu()
             queries = np.zeros((len(requests), self.keys.shape[1]), dtype=np.float32)
             queries[personal] = retrieval_task.query_embedding(task_queries["retrieval"][personal]).float().numpy()
             task_queries = {name: query.float().numpy() for name, query in task_queries.items()}
@@ -230,6 +275,8 @@ class ServingModel:
             item_idx=local_idx,
             item_ids=ids,
             titles=titles,
+            years=[self.years[i] if i <= self.num_items else None for i in idx],
+            genres=[self.genres[i] if i <= self.num_items else [] for i in idx],
             retrieval=logits.astype(np.float32),
             extra_vectors=self.registered_vectors[registration],
             queries=user_pass[0],
@@ -241,8 +288,8 @@ class ServingModel:
     def rank(self, batch: Sequence[Candidates], weights: dict[str, float]) -> list[Ranked]:
         """Multi-task scores of a batch of candidate lists, from the user model's pass in retrieval."""
         width = max([1, *(len(c.item_idx) for c in batch)])
-        users = torch.tensor([c.user_idx for c in batch])
-        queries = {name: torch.from_numpy(np.stack([c.queries[name] for c in batch])) for name in self.model.task_names}
+        users = torch.tensor([c.user_idx for c in batch], device=self.device)
+        queries = {name: torch.from_numpy(np.stack([c.queries[name] for c in batch])).to(self.device) for name in self.model.task_names}
         offsets = np.cumsum([0, *(len(c.extra_vectors) for c in batch)])
         candidates = torch.zeros((len(batch), width), dtype=torch.long)
         for row, c in enumerate(batch):
@@ -250,7 +297,8 @@ class ServingModel:
             candidates[row, : len(shifted)] = torch.from_numpy(shifted)
         extra = torch.from_numpy(np.concatenate([c.extra_vectors for c in batch])) if offsets[-1] else None
         with torch.inference_mode():
-            scores = {name: value.float().numpy() for name, value in self.model.score_with_queries(queries, users, candidates, extra).items()}
+            on_device = self.model.score_with_queries(queries, users, candidates.to(self.device), extra.to(self.device) if extra is not None else None)
+            scores = {name: value.float().cpu().numpy() for name, value in on_device.items()}
             extra_keys = F.normalize(extra, dim=-1).numpy() if extra is not None else np.zeros((0, self.keys.shape[1]), np.float32)
         all_keys = np.concatenate([self.keys, extra_keys])
 
@@ -272,12 +320,15 @@ class ServingModel:
                     mode=c.mode,
                     item_ids=c.item_ids,
                     titles=c.titles,
+                    years=c.years,
+                    genres=c.genres,
                     score=np.asarray(final, dtype=np.float32),
                     p_like=p_like,
                     rating=rating,
                     keys=keys,
                     groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
                     history_ids=[self.item_ids[i] for i in c.history],
+                    history_titles=[self.titles[i] for i in c.history],
                     history_keys=self.keys[c.history],
                     contributions=c.contributions,
                 )
@@ -300,15 +351,21 @@ class ModelCache:
     """The versions a replica holds, keyed by artifact path, least recently used dropped first.
     Loading (seconds) happens outside the lock that guards the dict, so lookups never wait for it."""
 
-    def __init__(self, capacity: int, model_root: str | None):
+    def __init__(self, capacity: int, model_root: str | None, index: IndexConfig | None = None):
         self.capacity = capacity
+        self.index = index
         self.model_root = Path(model_root).resolve() if model_root else None
         self.models: OrderedDict[str, ServingModel] = OrderedDict()
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
 
     def checked_path(self, path: str) -> str:
-        """``path`` made absolute; InputError if it leaves ``model_root``."""
+        """``path`` made absolute (a URI stays as it is, and is outside any local ``model_root``); InputError if it
+        leaves ``model_root``."""
+        if "://" in path:
+            if self.model_root is not None:
+                raise InputError(f"model: {path} is outside model_root {self.model_root}")
+            return path
         resolved = Path(path).expanduser().resolve()
         if self.model_root is not None and not resolved.is_relative_to(self.model_root):
             raise InputError(f"model: {path} is outside model_root {self.model_root}")
@@ -329,7 +386,7 @@ class ModelCache:
         with self._load_lock:
             model = self.loaded(path)
             if model is None:
-                model = ServingModel(self.checked_path(path))
+                model = ServingModel(self.checked_path(path), self.index)
                 with self._lock:
                     self.models[path] = model
                     while len(self.models) > self.capacity:

@@ -26,7 +26,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 
-from serve.api import RecommendedItem
+from serve.api import HistoryItem, RecommendedItem
 from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
@@ -56,7 +56,7 @@ class Stages(Protocol):
 
     def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> Awaitable[list[tuple[int, list[str]]]]: ...
 
-    def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[None]: ...
+    def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[ItemExists | None]: ...
 
     def describe_item(self, path: str, item_id: str) -> Awaitable[dict | None]: ...
 
@@ -87,7 +87,7 @@ class HandleStages:
     def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> Awaitable[list[tuple[int, list[str]]]]:
         return self.reranker.rerank.remote(ranked, k, drop)
 
-    def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[None]:
+    def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[ItemExists | None]:
         return self.retriever.check_new_item.remote(path, item_id, text)
 
     def describe_item(self, path: str, item_id: str) -> Awaitable[dict | None]:
@@ -141,14 +141,17 @@ async def run_stages(query: Query, stages: Stages, config: ServeConfig, latency:
         candidates = await timed("retrieve", stages.retrieve(request))
     ranked = await timed("rank", stages.rank(candidates))
     chosen = await timed("rerank", stages.rerank(ranked, query.k, drop))
+    history_titles = dict(zip(ranked.history_ids, ranked.history_titles))
     items = [
         RecommendedItem(
             item_id=ranked.item_ids[i],
             title=ranked.titles[i],
+            year=ranked.years[i],
+            genres=ranked.genres[i],
             score=float(ranked.score[i]),
             p_like=float(ranked.p_like[i]) if ranked.p_like is not None else None,
             rating=float(ranked.rating[i]) if ranked.rating is not None else None,
-            because=because,
+            because=[HistoryItem(item_id=item_id, title=history_titles[item_id]) for item_id in because],
         )
         for i, because in chosen
     ]
@@ -169,7 +172,7 @@ class _ModelHolder:
 
         limit_threads(config.torch_threads)
         self.config = config
-        self.models = ModelCache(config.max_loaded_models, config.model_root)
+        self.models = ModelCache(config.max_loaded_models, config.model_root, config.retrieval.index)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await asyncio.to_thread(self.models.keep_only, list(user_config["models"]))
@@ -213,12 +216,14 @@ class RetrievalStage(_ModelHolder):
         retrieval = self.config.retrieval
         return _grouped(requests, lambda path, group: self.models.get(path).retrieve(group, self.config.state.history_length, retrieval.interests_weight))
 
-    async def check_new_item(self, path: str, item_id: str, text: str) -> None:
-        """ItemExists if the catalogue has ``item_id``; the text must encode."""
+    async def check_new_item(self, path: str, item_id: str, text: str) -> ItemExists | None:
+        """ItemExists, returned, if the catalogue has ``item_id`` (a replica logs what it raises as a failed request, and
+        a taken id is an answer: 409); the text must encode."""
         model = await self._synced(path)
         if item_id in model.item_index:
-            raise ItemExists(f"item_id: {item_id!r} is already in the catalogue")
+            return ItemExists(f"item_id: {item_id!r} is already in the catalogue")
         model.encode_texts([text])
+        return None
 
     async def describe_item(self, path: str, item_id: str) -> dict | None:
         return (await self._synced(path)).describe_item(item_id)

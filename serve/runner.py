@@ -34,7 +34,7 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 from common.errors import InputError
 from common.ray_connect import connect, find_cluster
 from serve.app import build_app
-from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, ServeConfig, api_key
+from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, IndexConfig, ServeConfig, api_key
 from serve.versions import VersionHistory, VersionRecord
 from train.artifact import read_metadata
 
@@ -150,7 +150,7 @@ def check_model(path: str, model_root: str | None = None) -> None:
     version, item index), outside the replicas: InputError naming the file when it cannot serve."""
     from serve.model_runtime import ModelCache, ServingModel
 
-    ServingModel(ModelCache(1, model_root).checked_path(path))
+    ServingModel(ModelCache(1, model_root).checked_path(path), IndexConfig(kind="flat"))  # an exact index builds at once
 
 
 def call_deployment(deployment: str, method: str, *args: Any) -> Any:

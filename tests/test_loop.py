@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+from mlflow import MlflowClient
 from ray import serve
 
 from cluster.retrain import RetrainConfig, run_retrain
@@ -174,6 +175,10 @@ def test_retrain_swaps_the_model_in_place_under_load(swapped, trained_run):
     assert live.gate["serving"]["NDCG@10"] == outcome.gate.serving["NDCG@10"]
     retrain_json = json.loads(next(Path(swapped["root"], "retrain").glob("*/retrain.json")).read_text())
     assert retrain_json["gate"]["candidate"] == pytest.approx(outcome.gate.candidate)
+    # The promoted version is registered in MLflow with the gate's decision.
+    registered = MlflowClient(f"sqlite:///{swapped['root'] / 'mlruns' / 'mlflow.db'}").get_model_version("polyrec", outcome.registered_version)
+    assert registered.source == str(Path(outcome.new_model).resolve())
+    assert registered.tags == {"gate.promoted": "true", "gate.reason": outcome.gate.reason}
 
 
 def test_a_bad_candidate_is_refused_and_the_live_version_keeps_answering(swapped, tmp_path):
