@@ -1,14 +1,15 @@
-"""Peer baselines of the ml-100k quality benchmark, trained on exactly polyrec's split.
+"""Peer baselines of the quality benchmark, trained on exactly polyrec's split of any dataset.
 
 Runs in its own virtual environment (bench/.venv-peers, made by setup_peers.sh: RecBole 1.2.1 needs numpy < 2)
 and imports nothing from polyrec. It reads polyrec's preprocessing output and trains:
 
-- RecBole's SASRec, GRU4Rec and BERT4Rec (cross-entropy loss, max length 50, early stopping on validation
-  NDCG@10), fed through RecBole benchmark files so that RecBole sees polyrec's leave-one-out split: train = every
-  prefix of a user's training history (last 50 items) -> next item, valid = training history -> validation
+- RecBole's SASRec, GRU4Rec and BERT4Rec (cross-entropy loss, the split's ``features.max_history`` as max length,
+  early stopping on validation NDCG@10), fed through RecBole benchmark files so that RecBole sees polyrec's
+  leave-one-out split: train = every prefix of a user's training history (last max_history items) -> next item, valid = training history -> validation
   target, test = training history + validation target -> test target;
 - popularity (training interaction counts);
-- Surprise's SVD++ on the raw training ratings and each user's validation rating (every rating known before the
+- Surprise's SVD++ (on a split with ratings; its scale is the split's ``clean.min_value``..``max_value``) on the
+  raw training ratings and each user's validation rating (every rating known before the
   test target, as the sequential models read the validation item in the test-time history), predicting each test
   target's rating.
 
@@ -40,7 +41,6 @@ from split_hash import split_hash  # bench/quality/split_hash.py, beside this sc
 
 RECBOLE_MODELS = ("SASRec", "GRU4Rec", "BERT4Rec")
 ALL_MODELS = ("Pop", "SVDpp", *RECBOLE_MODELS)
-MAX_HISTORY = 50
 STOPPING_STEP = 5
 DATASET_NAME = "polyrec"
 CUTOFFS = (10, 20)
@@ -52,6 +52,8 @@ class Split:
 
     content_hash: str
     num_items: int
+    max_history: int  # items of history a sequential model reads, as polyrec's evaluation does
+    rating_scale: tuple[float, float]
     users: np.ndarray  # user_idx
     train_histories: list[list[int]]  # every training item, time-ordered
     validation_targets: np.ndarray
@@ -90,6 +92,8 @@ def load_split(data_dir: Path) -> Split:
     return Split(
         content_hash=manifest["content_hash"],
         num_items=int(manifest["num_items"]),
+        max_history=int(manifest["config"]["features"]["max_history"]),
+        rating_scale=(manifest["config"]["clean"]["min_value"], manifest["config"]["clean"]["max_value"]),
         users=np.asarray(test["user_idx"], dtype=np.int32),
         train_histories=train_histories,
         validation_targets=np.asarray([validation["target_item"][i] for i in order], dtype=np.int32),
@@ -171,8 +175,10 @@ def run_svdpp(split: Split, out: Path, seed: int) -> dict:
 
     # Every rating known before the test targets, as the sequential models and polyrec read each user's
     # validation item (and polyrec its rating) in the test-time history.
-    ratings = pa.concat_tables([split.train_ratings.cast(split.validation_ratings.schema), split.validation_ratings]).to_pandas()
-    trainset = Dataset.load_from_df(ratings[["user_idx", "item_idx", "rating"]], Reader(rating_scale=(1, 5))).build_full_trainset()
+    ratings = pa.concat_tables([split.train_ratings.cast(split.validation_ratings.schema), split.validation_ratings]).to_pandas().dropna()
+    if ratings.empty or None in split.rating_scale:
+        return {"train_wall_seconds": 0.0, "skipped": "the split has no ratings, or no rating range (clean.min_value, clean.max_value)"}
+    trainset = Dataset.load_from_df(ratings[["user_idx", "item_idx", "rating"]], Reader(rating_scale=split.rating_scale)).build_full_trainset()
     algorithm = SVDpp(random_state=seed, verbose=True)
     started = time.perf_counter()
     algorithm.fit(trainset)
@@ -213,7 +219,7 @@ def run_svdpp(split: Split, out: Path, seed: int) -> dict:
                 "reg_yj",
             )
         }
-        | {"rating_scale": [1, 5], "clip": True},
+        | {"rating_scale": list(split.rating_scale), "clip": True},
     }
 
 
@@ -223,7 +229,7 @@ def write_benchmark_files(split: Split, dataset_dir: Path) -> None:
     header = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
 
     def line(user: int, history: list[int], target: int) -> str:
-        return f"{user}\t{' '.join(map(str, history[-MAX_HISTORY:]))}\t{target}\n"
+        return f"{user}\t{' '.join(map(str, history[-split.max_history :]))}\t{target}\n"
 
     files = {kind: [header] for kind in ("train", "valid", "test")}
     for user, history, validation_target, test_target in zip(split.users, split.train_histories, split.validation_targets, split.test_targets):
@@ -238,7 +244,7 @@ class TimeCapReached(Exception):
     """Raised after the first validated epoch that ends past --max-minutes-per-model."""
 
 
-def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int, max_minutes: float, train_batch_size: int | None) -> dict:
+def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int, max_minutes: float, train_batch_size: int | None, epochs: int | None) -> dict:
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -257,7 +263,7 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
             "checkpoint_dir": str(work / "checkpoints"),
             "benchmark_filename": ["train", "valid", "test"],
             "load_col": {"inter": ["user_id", "item_id_list", "item_id"]},
-            "MAX_ITEM_LIST_LENGTH": MAX_HISTORY,
+            "MAX_ITEM_LIST_LENGTH": split.max_history,
             "loss_type": "CE",
             "train_neg_sample_args": None,
             "eval_args": {"group_by": "user", "order": "TO", "split": {"RS": [0.8, 0.1, 0.1]}, "mode": "full"},
@@ -272,6 +278,7 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
             "show_progress": False,
             "worker": 0,
             **({"train_batch_size": train_batch_size} if train_batch_size else {}),
+            **({"epochs": epochs} if epochs else {}),
         },
     )
     init_seed(config["seed"], config["reproducibility"])
@@ -371,6 +378,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-batch-size", type=int, default=None, help="RecBole's train_batch_size; default: the model's own (2048)")
+    parser.add_argument("--epochs", type=int, default=None, help="RecBole's epoch bound (early stopping ends most runs); default: its own (300)")
     parser.add_argument(
         "--work", type=Path, default=Path(__file__).resolve().parents[1] / "_work" / "peers", help="RecBole's benchmark files, checkpoints and logs"
     )
@@ -403,10 +411,11 @@ def main() -> None:
         elif model == "SVDpp":
             entry = run_svdpp(split, out, args.seed)
         else:
-            entry = run_recbole(model, split, out, work, args.seed, args.max_minutes_per_model, args.train_batch_size)
+            entry = run_recbole(model, split, out, work, args.seed, args.max_minutes_per_model, args.train_batch_size, args.epochs)
         record(out, model, common | entry)
-        summary = entry.get("test_metrics") or {"RMSE": entry["test_rmse"]}
-        print(f"== {model} done in {entry['train_wall_seconds']:.0f}s: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()), flush=True)
+        summary = entry.get("test_metrics") or ({"RMSE": entry["test_rmse"]} if "test_rmse" in entry else {})
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in summary.items()) or entry.get("skipped", "")
+        print(f"== {model} done in {entry['train_wall_seconds']:.0f}s: {figures}", flush=True)
 
 
 if __name__ == "__main__":
