@@ -24,6 +24,10 @@ kubectl:
 	@command -v kubectl >/dev/null 2>&1 || { echo "make test needs kubectl, which includes kustomize (it renders k8s/):" \
 		"install it, see https://kubernetes.io/docs/tasks/tools/" >&2; exit 1; }
 
+# The web page's test drives Debian's chromium headless (Playwright, without its own browser downloads).
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+
 # ruff's settings are in pyproject.toml; `make format` applies what `lint` checks.
 lint: venv
 	$(BIN)/ruff check .
@@ -33,7 +37,7 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint kubectl
+test: lint kubectl chromium
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv run lint format test kubectl
+.PHONY: venv run lint format test kubectl chromium

@@ -1,0 +1,76 @@
+"""The quality benchmark's own logic (bench/quality): variants given as overrides, the seeds' summary, the defaults'
+rules, and the synthetic set's generator. The benchmark's trainings themselves are too long for the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bench.quality.make_synthetic import main as make_synthetic
+from bench.quality.run import default_rules, parse_variant, summary, train_config
+from common.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_variant_is_train_config_overrides_by_dotted_key():
+    name, overrides = parse_variant("lora=model.backbone.mode=lora,model.backbone.lora_target_modules=[query, value],epochs=3")
+    assert name == "lora"
+    assert overrides == {"model": {"backbone": {"mode": "lora", "lora_target_modules": ["query", "value"]}}, "epochs": 3}
+    config = train_config(overrides, name, seed=2, data_dir=Path("/d"), max_epochs=None)
+    assert (config.model.backbone.mode, config.model.backbone.lora_target_modules, config.epochs, config.seed) == ("lora", ["query", "value"], 3, 2)
+    assert config.model.backbone.pooling == "mean"  # a sibling key keeps its default
+
+
+def test_the_built_in_id_only_variant_is_the_trainers_ablation():
+    name, overrides = parse_variant("id-only")
+    config = train_config(overrides, name, seed=0, data_dir=Path("/d"), max_epochs=1)
+    assert (config.model.item_encoder.use_text, config.model.item_encoder.id_dropout, config.epochs) == (False, 0.0, 1)
+
+
+@pytest.mark.parametrize("text", ["x", "bad name=epochs=1", "v=epochs", "v=model.nope=1"])
+def test_a_wrong_variant_is_an_input_error(text):
+    with pytest.raises(InputError):
+        name, overrides = parse_variant(text)
+        train_config(overrides, name, seed=0, data_dir=Path("/d"), max_epochs=None)
+
+
+def test_the_command_refuses_a_wrong_variant_in_one_line():
+    done = subprocess.run([sys.executable, "bench/quality/run.py", "--variant", "x y=1"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--variant" in done.stderr
+
+
+def test_seeds_summarise_as_mean_and_sample_standard_deviation():
+    runs = {seed: {"metrics": {"polyrec": {"HR@10": value, "only_here": 1.0} if seed == 0 else {"HR@10": value}}} for seed, value in enumerate([0.1, 0.2, 0.3])}
+    mean, std = summary(runs)
+    assert mean == pytest.approx({"HR@10": 0.2}) and std == pytest.approx({"HR@10": 0.1})
+
+
+def test_the_defaults_rules_read_the_datas_shape():
+    small, huge = ({"num_items": n, "max_history": 50, "history_median": 60, "history_read_whole": 0.4} for n in (1_682, 2_000_000))
+    assert ["does not hold" in rule for rule in default_rules(small)] == [False] * 4
+    softmax, temperature = default_rules(huge)[2:]
+    assert softmax.endswith("items: sampled.") and default_rules(small)[2].endswith("items: full.")
+    assert "does not hold" in temperature  # a span of 20 nats is less than 2 × ln(2e6) = 29
+
+
+def test_the_synthetic_set_follows_its_generating_model(tmp_path, monkeypatch):
+    movies = tmp_path / "movies.dat"
+    genres = ["Comedy", "Drama|Romance", "Action|Sci-Fi", "Horror", "Comedy|Drama"]
+    movies.write_bytes("\n".join(f"{i + 1}::Film {i} ({1970 + 5 * i})::{g}" for i, g in enumerate(genres * 8)).encode("latin-1"))
+    monkeypatch.setattr(sys, "argv", ["make_synthetic", "--movies", str(movies), "--users", "6", "--max-length", "30", "--out", str(tmp_path / "out")])
+    make_synthetic()
+    interactions = pq.read_table(tmp_path / "out" / "interactions.parquet").to_pandas()
+    items = pq.read_table(tmp_path / "out" / "items.parquet").to_pandas()
+    assert len(items) == 40 and items["year"].tolist()[:2] == [1970, 1975] and items["genres"][1].tolist() == ["Drama", "Romance"]
+    assert set(interactions["item_id"]) <= set(items["item_id"])
+    for _, user in interactions.groupby("user_id"):
+        assert len(user) == 30 and user["item_id"].is_unique  # drawn without replacement, at most --max-length
+        assert np.all(np.diff(user["timestamp"].to_numpy()) > 0)
+    assert set(interactions["rating"]) <= {1.0, 2.0, 3.0, 4.0, 5.0}
