@@ -138,6 +138,18 @@ def console_session(run_folder: Path | None, *, verbose: bool = False) -> Iterat
                 os.environ[name] = value
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """Creates the log file and its folder at the first record, so a command refused before doing anything (a run
+    folder that already holds a finished run) leaves no trace in the folder it refused."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):  # noqa: ANN202 (logging's signature)
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextlib.contextmanager
 def _quiet_logging(run_folder: Path | None) -> Iterator[Path | None]:
     import ray.data  # configures Ray's and Ray Data's loggers, rerouted below
@@ -148,8 +160,7 @@ def _quiet_logging(run_folder: Path | None) -> Iterator[Path | None]:
     log_file = None
     if run_folder is not None:
         log_file = Path(run_folder).resolve() / "logs" / LOG_FILE
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(log_file)
+        to_file = _LazyFileHandler(log_file)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(to_file)
     level = root.level
