@@ -130,6 +130,12 @@ class ScalingConfig(StageConfig):
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
 
+    def for_ray_train(self) -> ray.train.ScalingConfig:  # noqa: F821 (imported here: configs load without Ray Train)
+        import ray.train
+
+        resources = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker} if self.use_gpu else {"CPU": self.cpus_per_worker}
+        return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources)
+
 
 class TrackingConfig(StageConfig):
     """Where training and retraining runs are tracked (MLflow): parameters, per-epoch metrics, plots and reports."""

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, RunConfig
-from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -301,15 +300,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     trainer = TorchTrainer(
         pretrain_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "corpus": corpus, "objective": objective, "source": str(source)},
-        scaling_config=RayScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=(
-                {"CPU": config.scaling.cpus_per_worker, "GPU": config.scaling.gpus_per_worker}
-                if config.scaling.use_gpu
-                else {"CPU": config.scaling.cpus_per_worker}
-            ),
-        ),
+        scaling_config=config.scaling.for_ray_train(),
         run_config=RunConfig(name="pretrain", storage_path=str(staging / "ray_results")),
     )
     try:

@@ -31,7 +31,6 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig
-from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
@@ -571,15 +570,7 @@ def fit(
             "num_train_windows": windows.count(),
             "warm_start_rows": rows_by_id(config.warm_start_from, resolve(config.data)) if config.warm_start_from else None,
         },
-        scaling_config=RayScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=(
-                {"CPU": config.scaling.cpus_per_worker, "GPU": config.scaling.gpus_per_worker}
-                if config.scaling.use_gpu
-                else {"CPU": config.scaling.cpus_per_worker}
-            ),
-        ),
+        scaling_config=config.scaling.for_ray_train(),
         datasets={"train": windows},
         run_config=RunConfig(
             # One folder per invocation: Ray Train restores a run whose folder exists, so a reused name would
