@@ -16,7 +16,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from tqdm import tqdm
+
 VERBOSE_ENV = "POLYREC_VERBOSE"
+BARS_ENV = "POLYREC_PROGRESS_BARS"
 LOG_FILE = "polyrec.log"
 #: The top-level packages whose loggers speak on the console.
 POLYREC_PACKAGES = frozenset({"common", "data", "train", "serve", "cluster", "bench"})
@@ -36,23 +39,26 @@ _LATE_LIBRARY_LOGGERS = ("DeepSpeed", "ray.serve")
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it", in_ray_worker: bool = False) -> Iterator[T]:
-    """One progress bar over ``items`` on the console; from a Ray worker (``in_ray_worker``) the driver draws it
-    (Ray's ``tqdm_ray``), so that it does not arrive as lines of worker output."""
-    if in_ray_worker:
-        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """One progress bar over ``items`` on a terminal; none where the console is a file or a pipe (a log wants the
+    stage lines, not a bar redrawn as a line per refresh)."""
+    yield from tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, disable=not _bars_wanted())
 
-        bar = ray_tqdm(desc=desc, total=total, unit=unit)
-    else:
-        from tqdm import tqdm
 
-        bar = tqdm(desc=desc, total=total, unit=unit, dynamic_ncols=True)
-    try:
-        for item in items:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()  # Ray's bar sends its last state only when closed
+def worker_bar(desc: str, total: int, unit: str):  # noqa: ANN201 (Ray's tqdm_ray.tqdm, or None)
+    """A progress bar a Ray worker updates and the driver draws (Ray's ``tqdm_ray``), so that it does not arrive as
+    lines of worker output; None where the command's console is not a terminal. One per long step, its description
+    updated: with a bar per epoch, Ray 2.60 kept every finished epoch's bar on the console, redrawn."""
+    if not _bars_wanted():
+        return None
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    return ray_tqdm(desc=desc, total=total, unit=unit)
+
+
+def _bars_wanted() -> bool:
+    """Set by ``console_session`` in the command's process and inherited by the Ray processes it starts."""
+    return os.environ.get(BARS_ENV, "1" if sys.stderr.isatty() else "0") == "1"
 
 
 def quiet_train_worker() -> None:
@@ -120,8 +126,9 @@ def _route_libraries_to_root() -> None:
 def console_session(run_folder: Path | None, *, verbose: bool = False) -> Iterator[Path | None]:
     """The console of one command; yields its log file (``run_folder/logs/polyrec.log``; None without a run folder,
     or with ``verbose``, where nothing is rerouted). The environment it sets is put back afterwards."""
-    saved_env = {name: os.environ.get(name) for name in (VERBOSE_ENV, *QUIET_ENV)}
+    saved_env = {name: os.environ.get(name) for name in (VERBOSE_ENV, BARS_ENV, *QUIET_ENV)}
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    os.environ[BARS_ENV] = "1" if sys.stderr.isatty() else "0"
     try:
         if verbose:
             yield None

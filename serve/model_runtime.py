@@ -21,14 +21,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
-from common import storage
 from common.errors import InputError
 from data.features import RatingNormalisation, rating_offsets_by_index
-from data.schema import ITEMS_DIR, PAD_INDEX
+from data.schema import PAD_INDEX
 from serve.config import IndexConfig
 from serve.messages import Candidates, Mode, Ranked, RetrievalRequest
 from serve.state import RegisteredItem
@@ -67,23 +67,9 @@ def build_index(keys: np.ndarray, ids: np.ndarray, config: IndexConfig) -> faiss
     return index
 
 
-def catalogue_details(training_data: str | None, item_ids: list[str]) -> tuple[list[int | None], list[list[str]]]:
-    """Each catalogue item's year and genres, by index (0: padding), from the items of the preprocessing output
-    the artifact was trained on; None and [] where that output has none or is not at hand (an artifact copied
-    without its data): they are shown to people, never read by the model."""
-    years: list[int | None] = [None] * len(item_ids)
-    genres: list[list[str]] = [[] for _ in item_ids]
-    try:
-        items = storage.read_table(storage.resolve(training_data), ITEMS_DIR) if training_data else None
-    except (InputError, OSError):
-        items = None
-    if items is None or not {"year", "genres"} <= set(items.column_names):
-        return years, genres
-    index = {item_id: idx for idx, item_id in enumerate(item_ids)}
-    for item_id, year, names in zip(items["item_id"].to_pylist(), items["year"].to_pylist(), items["genres"].to_pylist()):
-        if item_id in index:
-            years[index[item_id]], genres[index[item_id]] = year, list(names or ())
-    return years, genres
+def _optional_column(table: pa.Table, name: str) -> list:
+    """A column an older artifact may lack (``train.artifact.ITEM_DISPLAY_FIELDS``), None for each row there."""
+    return table[name].to_pylist() if name in table.column_names else [None] * len(table)
 
 
 class ServingModel:
@@ -109,7 +95,8 @@ class ServingModel:
         self.item_ids: list[str] = ["", *items["item_id"].to_pylist()]
         self.titles: list[str] = ["", *(title or "" for title in items["title"].to_pylist())]
         self.attributes: list[list[int]] = [[], *(list(a or ()) for a in items["attributes"].to_pylist())]
-        self.years, self.genres = catalogue_details(self.metadata.get("training_data"), self.item_ids)
+        self.years: list[int | None] = [None, *_optional_column(items, "year")]
+        self.genres: list[list[str]] = [[], *(list(names or ()) for names in _optional_column(items, "genres"))]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
         self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
         self.rating_offsets = rating_offsets_by_index(artifact.users)

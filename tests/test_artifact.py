@@ -143,7 +143,9 @@ def test_frozen_artifact_round_trip(frozen_artifact, tokenizer):
     assert metadata["rating_mean"] == pytest.approx(0.1) and metadata["rating"] == {"shift": 3.0, "scale": 1.0}
     assert metadata["data_manifest_hash"] == "abc123" and metadata["metrics"] == {"test": {"recall@10": 0.5}}
     assert ModelConfig.model_validate(metadata["model_config"]) == loaded.config
-    assert loaded.items.column_names == ["item_idx", "item_id", "title", "text", "attributes"]
+    assert loaded.items.column_names == ["item_idx", "item_id", "title", "text", "attributes", "year", "genres"]
+    assert loaded.items.column("year").to_pylist() == [1990] * NUM_ITEMS  # given: kept
+    assert loaded.items.column("genres").null_count == NUM_ITEMS  # not given: nulls of the declared type
     assert loaded.items.column("title").to_pylist() == TITLES
     assert loaded.users.column("user_id").to_pylist() == [f"u{i}" for i in range(1, NUM_USERS + 1)]
     torch.testing.assert_close(loaded.item_vectors, expected["table"])
@@ -239,3 +241,14 @@ def test_existing_artifact_is_never_overwritten(frozen_artifact):
         save(loaded.model, items, loaded.users, path)
     assert (path / "model.safetensors").read_bytes() == before
     assert not list(path.parent.glob(".*partial*"))
+
+
+def test_a_trained_artifact_carries_what_people_are_shown_of_each_item(trained_run):
+    """Year and genres travel in the artifact, so a service shows them without the training data at hand."""
+    from data import schema
+
+    data = {row["item_id"]: row for row in pq.read_table(Path(trained_run.data) / schema.ITEMS_DIR, columns=["item_id", "year", "genres"]).to_pylist()}
+    items = load_artifact(trained_run.artifact).items.to_pylist()
+    assert len(items) == len(data) and any(row["genres"] for row in items)
+    for row in items:
+        assert (row["year"], row["genres"]) == (data[row["item_id"]]["year"], data[row["item_id"]]["genres"])

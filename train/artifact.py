@@ -12,7 +12,7 @@ Layout of an artifact folder::
     item_vectors.safetensors   "item_vectors": the item table [N+1, d]
     backbone/                  the backbone (LoRA merged) and tokenizer, save_pretrained, so new items
                                can be encoded; absent when the model does not use text
-    items.parquet              item_idx, item_id, title, text, attributes
+    items.parquet              item_idx, item_id, title, text, attributes, year, genres (null where the data has none)
     users.parquet              user_id, user_idx, rating_offset
 
 ``load_artifact`` needs only torch, transformers and safetensors. An artifact may also live at a pyarrow filesystem
@@ -58,6 +58,9 @@ ARTIFACT_FILES = (METADATA_FILE, MODEL_FILE, ITEM_VECTORS_FILE, ITEMS_FILE, USER
 #: chat templates are text).
 BACKBONE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja")
 ITEM_COLUMNS = ("item_idx", "item_id", "title", "text", "attributes")
+#: What people are shown of an item beside its title, kept when the data has it: serving reads it from the artifact, so
+#: an artifact copied without its training data still shows it. Older artifacts lack these columns.
+ITEM_DISPLAY_FIELDS = {"year": pa.int32(), "genres": pa.list_(pa.string())}
 USER_COLUMNS = ("user_id", "user_idx", "rating_offset")
 BACKBONE_PREFIX = "item_encoder.backbone."
 #: Local copies of artifacts read from URIs, one folder per URI and content of its artifact.json.
@@ -112,7 +115,8 @@ def save_artifact(
     model was trained on, whose histories serving loads by default."""
     out_dir = Path(out_dir)
     refuse_existing_artifact(out_dir)
-    item_table = _select(items, ITEM_COLUMNS, "items", optional=("title",)).sort_by("item_idx")
+    item_table = _select(items, ITEM_COLUMNS + tuple(ITEM_DISPLAY_FIELDS), "items", optional={"title": pa.string(), **ITEM_DISPLAY_FIELDS})
+    item_table = item_table.sort_by("item_idx")
     user_table = _select(users, USER_COLUMNS, "users")
 
     model.eval()
@@ -158,13 +162,13 @@ def save_artifact(
     return out_dir
 
 
-def _select(table: pa.Table, columns: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> pa.Table:
+def _select(table: pa.Table, columns: tuple[str, ...], what: str, optional: Mapping[str, pa.DataType] | None = None) -> pa.Table:
     selected = {}
     for name in columns:
         if name in table.column_names:
             selected[name] = table.column(name)
-        elif name in optional:
-            selected[name] = pa.nulls(len(table), pa.string())
+        elif name in (optional or {}):
+            selected[name] = pa.nulls(len(table), optional[name])
         else:
             raise InputError(f"{what} table: missing field '{name}'")
     return pa.table(selected)

@@ -22,6 +22,7 @@ does by default). Nothing is ever downloaded.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -36,7 +37,6 @@ import ray.train
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from ray.experimental import tqdm_ray
 from ray.train import Checkpoint, RunConfig
 from ray.train.torch import TorchTrainer, prepare_data_loader, prepare_model
 from torch import Tensor, nn
@@ -55,6 +55,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from common.config import RayConfig, StageConfig
+from common.console import worker_bar
 from common.errors import InputError
 from common.ray_connect import connect
 from common.storage import read_table, resolve
@@ -63,6 +64,8 @@ from data.features import load_tokenizer
 from data.manifest import load_manifest
 from train.backbone import PRETRAIN_PROVENANCE_FILE, TOKENIZER_FILES, default_backbone_path, pool
 from train.config import ScalingConfig
+
+logger = logging.getLogger(__name__)
 
 Objective = Literal["mlm", "clm", "contrastive"]
 #: The worker's losses and step count, beside the weights in its checkpoint (not part of the output folder).
@@ -205,11 +208,10 @@ def train_epoch(
     config: PretrainConfig,
     *,
     device: torch.device,
-    progress: str | None = None,
+    bar=None,  # noqa: ANN001 (a progress bar, common.console.worker_bar)
 ) -> float:
-    """One pass over ``loader``; the mean loss. ``progress``: the description of a progress bar (Ray's, drawn by the driver)."""
+    """One pass over ``loader``; the mean loss. ``bar``: a progress bar to advance by each step."""
     model.train()
-    bar = tqdm_ray.tqdm(total=len(loader), desc=progress, unit="batch") if progress else None
     total, steps = 0.0, 0
     for batch in loader:
         loss = objective_loss(model, {k: v.to(device) for k, v in batch.items()}, objective, config)
@@ -219,13 +221,9 @@ def train_epoch(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         total, steps = total + float(loss.detach()), steps + 1
-        if bar:
+        if bar is not None:
             bar.update(1)
-    mean = total / max(1, steps)
-    if bar:
-        bar.set_description(f"{progress} loss={mean:.4f}")
-        bar.close()
-    return mean
+    return total / max(1, steps)
 
 
 def pretrain_loop(loop_config: dict[str, Any]) -> None:
@@ -251,11 +249,15 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
     losses = []
+    bar = worker_bar(f"pretrain ({objective})", total=total_steps, unit="batch") if rank == 0 else None
     for epoch in range(config.epochs):
         torch.manual_seed(config.seed * 100_003 + epoch * 1_009 + rank)  # the masking draws
         loader = epoch_loader(epoch)
-        progress = f"[polyrec pretrain] {objective} epoch {epoch + 1}/{config.epochs}" if rank == 0 else None
-        losses.append(train_epoch(model, loader, optimizer, scheduler, objective, config, device=device, progress=progress))
+        if bar is not None:
+            bar.set_description(f"pretrain ({objective}), epoch {epoch + 1}/{config.epochs}")
+        losses.append(train_epoch(model, loader, optimizer, scheduler, objective, config, device=device, bar=bar))
+        if rank == 0:
+            logger.info(f"[polyrec pretrain] epoch {epoch + 1}/{config.epochs} {objective} loss={losses[-1]:.4f}")
         metrics = {"epoch": epoch + 1, "loss": losses[-1]}
         if epoch + 1 < config.epochs:
             ray.train.report(metrics)
@@ -266,6 +268,8 @@ def pretrain_loop(loop_config: dict[str, Any]) -> None:
                 trained_backbone(unwrapped, objective, loop_config["source"]).save_pretrained(folder)
                 Path(folder, PROGRESS_FILE).write_text(json.dumps({"epoch_losses": losses, "steps": total_steps}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None)
+    if bar is not None:
+        bar.close()
 
 
 @dataclass

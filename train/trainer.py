@@ -35,7 +35,7 @@ from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
 from common import storage
-from common.console import progress, quiet_train_worker, verbose
+from common.console import quiet_train_worker, verbose, worker_bar
 from common.errors import InputError
 from common.ray_connect import connect
 from common.storage import Location, read_table, resolve
@@ -277,6 +277,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.info("[polyrec train] resumed at epoch %d from %s", state["epoch"], checkpoint.path)
 
     shard = ray.train.get_dataset_shard("train")
+    steps_per_epoch = math.ceil(loop_config["num_train_windows"] / config.scaling.num_workers / config.batch_size)
+    bar = worker_bar("train", total=(config.epochs - state["epoch"]) * steps_per_epoch, unit="batch") if rank == 0 else None
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.early_stopping_patience:
         epoch = state["epoch"]
         # Reseeding per epoch makes a resumed run continue exactly as an uninterrupted one would.
@@ -286,21 +288,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         sums: dict[str, float] = {}
         steps = 0
         weights: dict[str, float] = {}
-        batches = shard.iter_batches(
+        if bar is not None:
+            bar.set_description(f"train, epoch {epoch + 1}/{config.epochs}")
+        for rows in shard.iter_batches(
             batch_size=config.batch_size,
             batch_format="numpy",
             local_shuffle_buffer_size=config.batch_size * 8,
             local_shuffle_seed=config.seed + epoch,
-        )
-        if rank == 0:
-            steps_per_epoch = math.ceil(loop_config["num_train_windows"] / config.scaling.num_workers / config.batch_size)
-            batches = progress(batches, desc=f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch, unit="batch", in_ray_worker=True)
-        for rows in batches:
+        ):
             batch = {k: v.to(device) for k, v in training_batch(rows, inputs.max_history).items()}
             total, losses, weights = engine(batch)
             engine.backward(total)
             engine.step()
             steps += 1
+            if bar is not None:
+                bar.update(1)
             for name, value in {"total": total, **losses}.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         train_seconds = time.perf_counter() - started
@@ -347,6 +349,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 save_file(weights_state, os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS))
                 Path(ckpt_dir, TRAINER_STATE).write_text(json.dumps(state))
             ray.train.report({**metrics, "best": state["best"]}, checkpoint=Checkpoint.from_directory(ckpt_dir))
+    if bar is not None:
+        bar.close()
     return state
 
 
@@ -450,20 +454,20 @@ def _absolute_start_points(config: TrainConfig) -> dict[str, Any]:
     """``warm_start_from``, ``resume_from`` and the backbone's ``name_or_path`` as absolute paths (URIs as given):
     Ray Train's workers run in directories of their own, where a relative path finds nothing. A local folder that
     is missing fails here, before any worker starts."""
-    absolute: dict[str, Any] = {}
-    for field in ("warm_start_from", "resume_from"):
-        value = getattr(config, field)
-        if value and "://" not in value:
-            path = Path(value).resolve()
-            if not path.is_dir():
-                raise InputError(f"train.{field}: {value} is not a folder")
-            absolute[field] = str(path)
-    backbone = config.model.backbone
-    if config.model.item_encoder.use_text and backbone.name_or_path and "://" not in backbone.name_or_path:
-        path = Path(backbone.name_or_path).resolve()
+
+    def absolute_folder(value: str, setting: str) -> str:
+        if "://" in value:
+            return value
+        path = Path(value).resolve()
         if not path.is_dir():
-            raise InputError(f"train.model.backbone.name_or_path: {backbone.name_or_path} is not a folder")
-        absolute["model"] = config.model.model_copy(update={"backbone": backbone.model_copy(update={"name_or_path": str(path)})})
+            raise InputError(f"train.{setting}: {value} is not a folder")
+        return str(path)
+
+    absolute: dict[str, Any] = {field: absolute_folder(getattr(config, field), field) for field in ("warm_start_from", "resume_from") if getattr(config, field)}
+    backbone = config.model.backbone
+    if config.model.item_encoder.use_text and backbone.name_or_path:
+        name_or_path = absolute_folder(backbone.name_or_path, "model.backbone.name_or_path")
+        absolute["model"] = config.model.model_copy(update={"backbone": backbone.model_copy(update={"name_or_path": name_or_path})})
     return absolute
 
 
