@@ -9,6 +9,7 @@ The Ray processes a command starts learn the choice from the environment (``QUIE
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -34,6 +35,10 @@ QUIET_ENV = {
 }
 #: Loggers that libraries give a console handler of their own when first imported, possibly after the session starts.
 _LATE_LIBRARY_LOGGERS = ("DeepSpeed", "ray.serve")
+#: How polyrec's own lines begin, in this process and in the Ray workers whose output the driver prints.
+STAGE_LINE_PREFIX = "[polyrec"
+#: The logger that receives the Ray processes' other output (the log file's, not the console's).
+WORKER_OUTPUT_LOGGER = "ray.worker_output"
 
 
 T = TypeVar("T")
@@ -157,6 +162,53 @@ class _LazyFileHandler(logging.FileHandler):
         return super()._open()
 
 
+def _print_worker_output(data: dict, ignore_prefix: bool) -> None:  # noqa: ARG001 (Ray's handler signature)
+    """The driver's printer of what Ray's processes write (Ray's ``print_to_stdstream``), quiet: polyrec's lines and
+    Ray's progress-bar updates reach the console, bare; the rest (DeepSpeed's build notes, deprecation warnings of
+    Ray's own actors, the raylet's worker-count warnings, Serve's banner) goes to the log file with its process."""
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    lines = data.get("lines", [])
+    shown = [line for line in lines if RAY_TQDM_MAGIC in line or line.lstrip().startswith(STAGE_LINE_PREFIX)]
+    if len(shown) < len(lines):
+        process = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
+        to_file = logging.getLogger(WORKER_OUTPUT_LOGGER)
+        for line in lines:
+            if line not in shown:
+                to_file.info("(%s) %s", process, line)
+    if shown:
+        _RAY_PRINT_TO_STDSTREAM({**data, "lines": shown}, ignore_prefix=True)
+
+
+_RAY_PRINT_TO_STDSTREAM = None
+
+
+@contextlib.contextmanager
+def _quiet_worker_output() -> Iterator[None]:
+    """Puts ``_print_worker_output`` in the place of Ray's printer of worker output: for a Ray instance the command
+    starts or joins later (``ray.init`` registers the printer it finds then), and for one it has already joined."""
+    global _RAY_PRINT_TO_STDSTREAM
+    from ray._private import worker
+
+    original = _RAY_PRINT_TO_STDSTREAM = worker.print_to_stdstream
+    dispatcher = worker.global_worker_stdstream_dispatcher
+
+    def swap(old, new) -> None:  # noqa: ANN001 (Ray's printer functions)
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, functools.partial(new, *handler.args, **handler.keywords) if getattr(handler, "func", None) is old else handler)
+                for name, handler in dispatcher.handlers
+            ]
+
+    worker.print_to_stdstream = _print_worker_output
+    swap(original, _print_worker_output)
+    try:
+        yield
+    finally:
+        worker.print_to_stdstream = original
+        swap(_print_worker_output, original)
+
+
 @contextlib.contextmanager
 def _quiet_logging(run_folder: Path | None) -> Iterator[Path | None]:
     import ray.data  # configures Ray's and Ray Data's loggers, rerouted below
@@ -177,7 +229,8 @@ def _quiet_logging(run_folder: Path | None) -> Iterator[Path | None]:
     logging.captureWarnings(True)
     _route_libraries_to_root()
     try:
-        yield log_file
+        with _quiet_worker_output():
+            yield log_file
     finally:
         logging.captureWarnings(False)
         for handler in handlers:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,32 @@ def test_a_verbose_session_leaves_every_console_as_it_is(tmp_path):
         assert {name: list(logging.getLogger(name).handlers) for name in handlers} == handlers
     assert not (tmp_path / "logs").exists()
     assert os.environ.get(VERBOSE_ENV) == before  # the Ray processes of a later command learn its own choice
+
+
+def test_a_quiet_session_shows_the_stage_lines_of_ray_workers_and_logs_the_rest(tmp_path, capsys):
+    """What Ray's processes print reaches the driver's console through Ray's log forwarding: a worker's polyrec line
+    shows, bare (no process prefix); a library's build note or warning from a worker goes to the log file."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def worker_prints() -> None:
+        print("[polyrec train] epoch 3/30 total=5.0", flush=True)
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", flush=True)
+
+    with console_session(tmp_path, verbose=False) as log_file:
+        ray.init(num_cpus=1, include_dashboard=False)
+        try:
+            ray.get(worker_prints.remote())
+            deadline = time.monotonic() + 30
+            while "built successfully" not in (log_file.read_text() if log_file.exists() else "") and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            ray.shutdown()
+    console = capsys.readouterr()
+    shown = [line for line in (console.out + console.err).splitlines() if "polyrec" in line or "DeepSpeed" in line]
+    assert shown == ["[polyrec train] epoch 3/30 total=5.0"]
+    logged = log_file.read_text()
+    assert "worker_prints" in logged and "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in logged
 
 
 def test_polyrec_preprocess_prints_its_report_and_nothing_of_rays(tmp_path):

@@ -53,7 +53,7 @@ def rows_by_id(artifact_path: str | Path, data: Location) -> dict[str, np.ndarra
 def carry_rows_by_id(initial: Tensor, source: Tensor, rows: np.ndarray) -> Tensor:
     """``initial`` (a table over the new vocabulary) with row i taken from ``source`` (the artifact's table) wherever
     ``rows[i]`` (from ``rows_by_id``) is a row the source has; the rows of ids it never saw stay as they are."""
-    old_rows = torch.from_numpy(rows[: len(initial)])
+    old_rows = torch.as_tensor(np.array(rows[: len(initial)]))  # a copy: the rows arrive read-only from the object store
     known = (old_rows >= 0) & (old_rows < len(source))
     carried = initial.clone()
     carried[known] = source[old_rows[known]].to(carried.dtype)
