@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 
 from cluster.cli import main as polyrec
 from tests.tiny import tiny_config, tiny_preprocess_config
+
+# Ray Train's controller polls its workers every 2 s by default; a worker's report (one per epoch) waits for the poll
+# that takes the one before, and the run's end is seen at a poll. The tests' epochs take under a second, so they spent
+# more time waiting on polls than training. Set before any test starts Ray: the driver hands it to the controller.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ answering; rollback returns to the version that served before."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -39,16 +38,18 @@ PORT = free_port()  # Serve's HTTP options are fixed when it first starts
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved_key = os.environ.get("POLYREC_API_KEY")
-    os.environ["POLYREC_API_KEY"] = API_KEY  # replicas inherit the environment of the Ray instance
-    # Serving holds about one CPU for as long as it runs; the retraining's Ray Data and Train tasks need theirs.
-    ray.init(num_cpus=4, include_dashboard=False)
-    try:
-        yield
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        os.environ.pop("POLYREC_API_KEY", None) if saved_key is None else os.environ.__setitem__("POLYREC_API_KEY", saved_key)
+    with pytest.MonkeyPatch.context() as environment:  # replicas inherit the environment of the Ray instance
+        environment.setenv("POLYREC_API_KEY", API_KEY)
+        # A replica that cannot load its model fails alike on every try: Serve's 3 tries per replica before it calls the
+        # deployment failed only delay the rollback that the last test checks.
+        environment.setenv("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
+        # Serving holds about one CPU for as long as it runs; the retraining's Ray Data and Train tasks need theirs.
+        ray.init(num_cpus=4, include_dashboard=False)
+        try:
+            yield
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 def start(root: Path, model: str, graph: str) -> Service:

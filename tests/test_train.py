@@ -256,19 +256,24 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_the_last_configured_
     assert rates[4] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: the cosine's midpoint
 
 
-def test_a_second_run_into_the_same_output_starts_afresh(data_dir, tmp_path):
+def test_a_second_run_into_the_same_output_starts_afresh(data_dir, tmp_path, uninterrupted):
     """A finished run's artifact is refused before any training; once it is moved away, a new run into the same
     output (here with another loss weighting, whose state would not even load into the old checkpoints) starts
-    at epoch 1 instead of Ray Train restoring the earlier run from its folder."""
-    first = run_training(tiny_config(data_dir, tmp_path, epochs=2))
+    at epoch 1 instead of Ray Train restoring the earlier run from its folder. The finished run is a copy of the
+    uninterrupted run's output folder (its artifact, checkpoints and Ray Train state), which spares a training."""
+    first = uninterrupted
+    shutil.copytree(Path(first.artifact).parent, tmp_path, dirs_exist_ok=True)
+    first_run_folders = {folder.name for folder in (tmp_path / "ray_results").iterdir()}
+    assert Path(first.latest_checkpoint).parent.name in first_run_folders
     uncertainty = tiny_config(data_dir, tmp_path, epochs=1, model__loss_weighting=LossWeightingConfig(method="uncertainty"))
     with pytest.raises(InputError, match=f"{tmp_path / 'artifact'}: an artifact is already there"):
         run_training(uncertainty)
     shutil.move(tmp_path / "artifact", tmp_path.parent / f"{tmp_path.name}-first-artifact")
     second = run_training(uncertainty)
-    assert [record["epoch"] for record in first.history] == [1, 2]
+    assert [record["epoch"] for record in first.history] == [1, 2, 3]
     assert [record["epoch"] for record in second.history] == [1]
-    assert Path(first.latest_checkpoint).parent != Path(second.latest_checkpoint).parent
+    assert Path(second.latest_checkpoint).parent.parent == tmp_path / "ray_results"
+    assert Path(second.latest_checkpoint).parent.name not in first_run_folders
     # Each run trained with its own config: static weights stay as configured, uncertainty weights move.
     assert first.history[-1]["train/weight_rating"] == pytest.approx(0.5)
     assert second.history[-1]["train/weight_rating"] != pytest.approx(0.5)
