@@ -1,9 +1,10 @@
 """Cleaning with full accounting: every step marks the rows it drops instead of deleting them.
 
-Rows carry their global source ``position`` and two marker columns, ``drop_stage`` and
-``drop_reason`` (null while a row is kept). The ``source`` column ("<file>:<line>") is the widest
-and only needed for dropped rows, so it stays out of the shuffled data: ``split_off_sources``
-separates it, and ``quarantine_records`` looks the dropped rows' sources up by position. A step only looks at rows still kept and marks the ones
+Rows carry their source ``position`` and two marker columns, ``drop_stage`` and
+``drop_reason`` (null while a row is kept). The ``source`` ("<file>:<line>") is the widest column
+and only needed for dropped rows, so it stays out of the shuffled data: a position encodes the input
+part (one file, or one file's rows handed over as a table) and the line or row number there, and
+``quarantine_records`` rebuilds the dropped rows' sources from it. A step only looks at rows still kept and marks the ones
 it drops with ``clean:<step>`` and a reason; the marked rows become the quarantine at the end, so
 nothing disappears silently and each step's before/after counts follow from the markers.
 
@@ -23,7 +24,8 @@ import pyarrow.compute as pc
 from data.config import CleanConfig
 from data.schema import INTERACTIONS, QUARANTINE
 
-POSITION = "position"  # 0-based row of the interaction in the concatenated sources
+POSITION = "position"  # (input part << PART_SHIFT) + line or row number in that part: unique, in source order
+PART_SHIFT = 40  # line and row numbers stay below 2**40
 DROP_STAGE = "drop_stage"
 DROP_REASON = "drop_reason"
 
@@ -42,10 +44,16 @@ def stage(step: str) -> str:
     return f"clean:{step}"
 
 
-def split_off_sources(interactions: pa.Table) -> tuple[pa.Table, pa.ChunkedArray]:
-    """(interactions without ``source`` but with their position, the sources in position order)."""
-    positions = pa.array(np.arange(interactions.num_rows, dtype=np.int64))
-    return interactions.drop_columns(["source"]).append_column(POSITION, positions), interactions["source"]
+def positions(parts: pa.Array | pa.ChunkedArray, numbers: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """The positions of rows from their input ``parts`` and their line or row ``numbers`` there."""
+    return pc.add(pc.shift_left(pc.cast(parts, pa.int64()), PART_SHIFT), pc.cast(numbers, pa.int64()))
+
+
+def sources_at(positions: pa.Array | pa.ChunkedArray, prefixes: pa.Array) -> pa.Array:
+    """The "<file>:<line>" sources of ``positions``; ``prefixes[part]`` is what precedes the number in each part."""
+    parts = pc.shift_right(positions, PART_SHIFT)
+    numbers = pc.bit_wise_and(positions, (1 << PART_SHIFT) - 1)
+    return pc.binary_join_element_wise(prefixes.take(parts), pc.cast(numbers, pa.string()), "")
 
 
 # --- Grouping helpers on sorted columns ---------------------------------------------------------
@@ -233,10 +241,10 @@ def count_dropped(block: pa.Table) -> pa.Table:
 # --- Results --------------------------------------------------------------------------------------
 
 
-def quarantine_records(block: pa.Table, sources: pa.ChunkedArray) -> pa.Table:
-    """The dropped rows in QUARANTINE layout, in source order, each rendered as JSON."""
+def quarantine_records(block: pa.Table, prefixes: pa.Array) -> pa.Table:
+    """The dropped rows in QUARANTINE layout, in source order, each rendered as JSON; ``prefixes`` as for ``sources_at``."""
     dropped = block.filter(pc.is_valid(block[DROP_STAGE])).sort_by(POSITION)
-    dropped = dropped.append_column("source", sources.take(dropped[POSITION]))
+    dropped = dropped.append_column("source", sources_at(dropped[POSITION], prefixes))
     rows = dropped.select(INTERACTIONS.names)
     # NaN is not JSON; a NaN value shows as null (the reason already says it was NaN).
     value = pc.if_else(pc.fill_null(pc.is_nan(rows["value"]), False), pa.scalar(None, pa.float64()), rows["value"])

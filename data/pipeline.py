@@ -4,7 +4,9 @@
 of ``data.schema`` (vocabularies, item features, train/validation/test sequences, the users' histories
 for serving, quarantine, cold items) plus ``manifest.json`` (``data.manifest``), and returns the ``Manifest``.
 
-How the work is spread: the interactions go into a Ray dataset, are hash-partitioned by
+How the work is spread: the readers give the interactions as Ray datasets whose read tasks parse the
+files (``data.readers``); Ray tasks write them, a position in place of each row's source, as Parquet
+files in the staging folder and pass back only the lines refused. Those files are hash-partitioned by
 ``user_id`` once, and every per-user step (duplicates, bot filter, the user side of the k-core,
 histories and splits) then runs inside Ray workers on whole partitions with vectorised code. The
 driver only ever sees small tables: per-block counts (about one row per user and per item), the
@@ -23,12 +25,14 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 import ray.data
 
@@ -57,6 +61,7 @@ from data.schema import (
     COLD_ITEMS,
     COLD_ITEMS_PATH,
     EVAL_SEQUENCE,
+    INTERACTIONS,
     ITEM_VOCAB,
     ITEM_VOCAB_PATH,
     ITEMS_BASE,
@@ -89,28 +94,27 @@ PARTITION_STATS = pa.schema([("metric", pa.string()), ("count", pa.int64())])
 def run_preprocess(config: PreprocessConfig) -> Manifest:
     """Read the configured sources, preprocess them, write the output; see the module docstring."""
     _check_settings(config)
+    _ensure_ray(config.ray)  # the readers' datasets need it
     return preprocess_tables(read_sources([config.source, *config.extra_sources]), config)
 
 
 def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manifest:
     """Preprocess tables already in canonical form (what ``read_sources`` returns).
 
-    ``sources`` is consumed: once its interactions are in Ray's object store the driver's copy is
-    released (``sources.interactions`` becomes an empty table), so the driver never holds both.
+    ``sources`` is consumed: once its interactions are staged the driver's copy is released
+    (``sources.interactions`` becomes an empty table), so the driver never holds both.
     """
     _check_settings(config)
     target = storage.resolve(config.output)
     rating = rating_normalisation(config.features, config.clean)
     tokenizer = _tokenizer_info(config)
-    if sources.interactions.num_rows == 0:
-        raise InputError(f"no interactions were read from {', '.join(sources.files) or 'the sources'}")
     input_files, input_hash = _describe_inputs(sources)
-    num_input_interactions = sources.interactions.num_rows
     staging = storage.open_staging(target)
     try:
         _ensure_ray(config.ray)
+        staged = _stage_interactions(sources, staging)
         with _data_context():
-            result = _Run(sources, config, rating, staging).execute()
+            result = _Run(sources, staged, config, rating, staging).execute()
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -118,7 +122,7 @@ def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manife
             input_files=input_files,
             input_hash=input_hash,
             content_hash=_content_hash(input_hash, config),
-            num_input_interactions=num_input_interactions,
+            num_input_interactions=staged.count,
             rating=rating,
             tokenizer=tokenizer,
             **result,
@@ -133,6 +137,58 @@ def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manife
 def _check_settings(config: PreprocessConfig) -> None:
     template_fields(config.features.text_template)
     rating_normalisation(config.features, config.clean)
+
+
+@dataclass
+class _Staged:
+    """The interactions as Parquet files of ``clean``'s layout in the staging folder's INPUT_DIR."""
+
+    count: int
+    prefixes: pa.Array  # what precedes the number in the sources of each input part (``clean.sources_at``)
+    quarantine: pa.Table  # QUARANTINE of every line the readers refused, the streamed files' first
+
+
+STAGED = pa.schema([*(f for f in INTERACTIONS if f.name != "source"), pa.field(clean.POSITION, pa.int64(), nullable=False)])
+REFUSED = pa.schema([(clean.POSITION, pa.int64()), ("reason", pa.string()), ("record", pa.string())])
+
+
+def _stage_interactions(sources: SourceTables, staging: storage.Location) -> _Staged:
+    """Stage every interaction of ``sources`` by Ray tasks, one input part after the other.
+
+    The rows reach the shuffle as Parquet files rather than as blocks held by the driver: every node
+    can read them, and Ray Data frees each block it read as soon as the shuffle has consumed it.
+    """
+    inputs = sources.interaction_inputs()
+    sources.interactions = sources.interactions.schema.empty_table()
+    prefixes: list[str] = []
+    refused = [REFUSED.empty_table()]
+    for streamed in inputs:
+        try:
+            refused.append(_gather(streamed.rows, _stage_block, REFUSED, first_part=len(prefixes), staging=staging))
+        except InputError as err:
+            # A reader's, raised in a read task: Ray wraps it in the task's traceback and appends its retry advice.
+            raise InputError(str(getattr(err, "cause", err)).split("\n", 1)[0]) from None
+        prefixes += streamed.prefixes
+    input_dir = staging.join(INPUT_DIR)
+    count = pads.dataset(input_dir, filesystem=staging.filesystem, format="parquet").count_rows() if storage.exists(staging, INPUT_DIR) else 0
+    if count == 0:
+        raise InputError(f"no interactions were read from {', '.join(sources.files) or 'the sources'}")
+    rows = pa.concat_tables(refused).sort_by(clean.POSITION)
+    prefix_array = pa.array(prefixes, pa.string())
+    stage = pa.repeat(pa.scalar("read"), rows.num_rows)
+    streamed_quarantine = pa.table([stage, rows["reason"], clean.sources_at(rows[clean.POSITION], prefix_array), rows["record"]], schema=QUARANTINE)
+    return _Staged(count, prefix_array, pa.concat_tables([streamed_quarantine, sources.quarantine]))
+
+
+def _stage_block(block: pa.Table, *, first_part: int, staging: storage.Location) -> pa.Table:
+    """One block of READ_ROWS → its interactions as Parquet files named after their first position; returns the refused lines."""
+    rows = block.append_column(clean.POSITION, clean.positions(pc.add(block["part"], first_part), block["number"]))
+    refused = pc.is_valid(rows["reason"])
+    interactions = rows.filter(pc.invert(refused)).select(STAGED.names).cast(STAGED)
+    for start in range(0, interactions.num_rows, ROWS_PER_INPUT_FILE):
+        part = interactions.slice(start, ROWS_PER_INPUT_FILE)
+        storage.write_table(part, staging, f"{INPUT_DIR}/{part[clean.POSITION][0].as_py():020d}.parquet")
+    return rows.filter(refused).select(REFUSED.names).cast(REFUSED)
 
 
 def _tokenizer_info(config: PreprocessConfig) -> TokenizerInfo:
@@ -255,16 +311,16 @@ def _empty_step_message(step: str, config: CleanConfig) -> str:
 class _Run:
     """One preprocessing run on a Ray cluster, writing into ``staging``."""
 
-    def __init__(self, sources: SourceTables, config: PreprocessConfig, rating: RatingNormalisation, staging: storage.Location):
-        self.sources = sources
+    def __init__(self, sources: SourceTables, staged: _Staged, config: PreprocessConfig, rating: RatingNormalisation, staging: storage.Location):
+        self.staged = staged
         self.config = config
         self.rating = rating
         self.staging = staging
         self.items_table = _distinct_items(sources.items)
-        self.num_input_interactions = sources.interactions.num_rows
+        self.num_input_interactions = staged.count
 
     def execute(self) -> dict[str, Any]:
-        interactions, sources = self._partitioned_and_cleaned()
+        interactions, prefixes = self._partitioned_and_cleaned()
         interactions, kcore_iterations, converged, kept = self._kcore(interactions)
         steps, quarantine = self._accounting(interactions)
         users = build_vocab(kept.filter(pc.equal(kept["kind"], "user"))["key"], "user_id", "user_idx")
@@ -278,7 +334,7 @@ class _Run:
             else splits.RATING_SUMS.empty_table()
         )
         users = users.append_column("rating_offset", pa.array(user_rating_offsets(users["user_id"], sums, self.rating.kind)))
-        split_sizes, cold_withheld = self._write_sequences(interactions, sources, plan, users, items)
+        split_sizes, cold_withheld = self._write_sequences(interactions, prefixes, plan, users, items)
         del interactions
         attributes = self._write_items(items, cold)
         self._write_small_tables(users, items, attributes, cold)
@@ -300,21 +356,8 @@ class _Run:
     # -- cleaning --
 
     def _partitioned_and_cleaned(self) -> tuple[ray.data.Dataset, ray.ObjectRef]:
-        """Steps 1-4, after one hash shuffle that puts each user's rows in one block; also returns
-        the rows' sources, kept aside in the object store for the rows that get dropped.
-
-        The rows reach Ray as Parquet files in the staging folder rather than through
-        ``ray.put``: the driver's copy is freed at once, every node can read them, and Ray Data
-        frees each block it read as soon as the shuffle has consumed it (blocks put by the driver
-        would stay in the object store until the whole shuffle is done).
-        """
-        tracked, sources = clean.split_off_sources(self.sources.interactions)
-        sources_ref = ray.put(sources)
-        self.sources.interactions = self.sources.interactions.schema.empty_table()
-        for number, start in enumerate(range(0, tracked.num_rows, ROWS_PER_INPUT_FILE)):
-            storage.write_table(tracked.slice(start, ROWS_PER_INPUT_FILE), self.staging, f"{INPUT_DIR}/{number:06d}.parquet")
-        del tracked, sources
-        _release_freed_memory()
+        """Steps 1-4 on the staged rows, after one hash shuffle that puts each user's rows in one
+        block; also returns the input parts' source prefixes, in the object store, for the rows that get dropped."""
         cpus = int(ray.cluster_resources().get("CPU", 1))
         partitions = self.config.ray.num_partitions or max(cpus, math.ceil(self.num_input_interactions / ROWS_PER_PARTITION))
         input_dir = self.staging.join(INPUT_DIR)
@@ -322,7 +365,7 @@ class _Run:
         known_items = self.items_table["item_id"].combine_chunks() if self.config.clean.require_item_metadata else None
         cleaned = _map(ds, clean.clean_partition, config=self.config.clean, known_items=known_items).materialize()
         self.staging.filesystem.delete_dir(input_dir)
-        return cleaned, sources_ref
+        return cleaned, ray.put(self.staged.prefixes)
 
     def _kcore(self, cleaned: ray.data.Dataset) -> tuple[ray.data.Dataset, int, bool, pa.Table]:
         """Iterate until every kept user and item meets its bound (or max_kcore_iterations passes).
@@ -350,7 +393,8 @@ class _Run:
     def _accounting(self, ds: ray.data.Dataset) -> tuple[list[StepCount], list[QuarantineCount]]:
         """Before/after counts of each step from the drop markers; InputError at the step that empties the data."""
         dropped = _sum_by(_gather(ds, clean.count_dropped, clean.DROPPED_COUNTS), ["stage", "reason"])
-        read = self.sources.quarantine.select(["stage", "reason"]).append_column("count", pa.array([1] * self.sources.quarantine.num_rows, pa.int64()))
+        read_quarantine = self.staged.quarantine
+        read = read_quarantine.select(["stage", "reason"]).append_column("count", pa.array([1] * read_quarantine.num_rows, pa.int64()))
         quarantine = [QuarantineCount(**row) for row in _sum_by(read, ["stage", "reason"]).to_pylist()]
         quarantine += [QuarantineCount(**row) for row in dropped.to_pylist()]
         steps, before = [], self.num_input_interactions
@@ -375,7 +419,7 @@ class _Run:
         )
 
     def _write_sequences(
-        self, ds: ray.data.Dataset, sources: ray.ObjectRef, plan: splits.SplitPlan, users: pa.Table, items: pa.Table
+        self, ds: ray.data.Dataset, prefixes: ray.ObjectRef, plan: splits.SplitPlan, users: pa.Table, items: pa.Table
     ) -> tuple[dict[str, SplitSize], int]:
         stats = _gather(
             ds,
@@ -387,7 +431,7 @@ class _Run:
             features=self.config.features,
             rating=self.rating,
             staging=self.staging,
-            sources=sources,
+            prefixes=prefixes,
         )
         totals = {row["metric"]: row["count"] for row in _sum_by(stats, ["metric"]).to_pylist()}
         folders = [
@@ -449,7 +493,7 @@ class _Run:
         write(attributes.cast(ATTRIBUTE_VOCAB), self.staging, ATTRIBUTE_VOCAB_PATH)
         cold_rows = items.filter(pc.is_in(items["item_id"], value_set=cold))
         write(cold_rows.cast(COLD_ITEMS), self.staging, COLD_ITEMS_PATH)
-        write(self.sources.quarantine.cast(QUARANTINE), self.staging, f"{QUARANTINE_DIR}/read.parquet")
+        write(self.staged.quarantine.cast(QUARANTINE), self.staging, f"{QUARANTINE_DIR}/read.parquet")
 
 
 def _distinct_items(items: pa.Table) -> pa.Table:
@@ -468,7 +512,7 @@ def _write_partition(
     features: FeatureConfig,
     rating: RatingNormalisation,
     staging: storage.Location,
-    sources: pa.ChunkedArray,
+    prefixes: pa.Array,
 ) -> pa.Table:
     """One user partition → its quarantine, sequence and user-history shards; returns row counts.
 
@@ -480,7 +524,7 @@ def _write_partition(
     counts |= {"train_interactions": 0, "cold_withheld": 0}
     if block.num_rows:
         name = f"part-{pc.min(block[clean.POSITION]).as_py():012d}.parquet"
-        quarantine = clean.quarantine_records(block, sources)
+        quarantine = clean.quarantine_records(block, prefixes)
         if quarantine.num_rows:
             storage.write_table(quarantine, staging, f"{QUARANTINE_DIR}/{name}")
         sequences = splits.build_sequences(block, plan=plan, users=users, items=items, features=features, rating=rating)

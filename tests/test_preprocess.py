@@ -435,6 +435,20 @@ def test_unwritable_output_is_an_input_error(tmp_path) -> None:
         preprocess_tables(_sources(CORRUPTED, ["i1"]), _config(blocker / "out"))
 
 
+def test_a_ratings_file_unreadable_past_its_first_block_is_named_in_one_line(tmp_path) -> None:
+    """The reader checks the first block itself; the rest is parsed by a Ray task, whose error reaches
+    the user as the reader's message, without Ray's traceback."""
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    lines = [f"{n % 50 + 1},{n % 7 + 1},4.0,{T0 + n}" for n in range(200_000)]
+    (folder / "ratings.csv").write_bytes("\n".join(["userId,movieId,rating,timestamp", *lines, "1,2,4.0,"]).encode() + b"\xff\n")
+    (folder / "movies.csv").write_text("movieId,title,genres\n1,Heat (1995),Crime\n")
+    config = PreprocessConfig(source={"format": "movielens-csv", "path": str(folder)}, output=str(tmp_path / "out"), ray=RayDataConfig(num_partitions=2))
+    with pytest.raises(InputError) as raised:
+        run_preprocess(config)
+    assert str(raised.value).startswith(f"{folder / 'ratings.csv'}: cannot be read: ") and "\n" not in str(raised.value)
+
+
 def test_bad_text_template_is_an_input_error(tmp_path) -> None:
     with pytest.raises(InputError, match="features.text_template"):
         preprocess_tables(_sources(CORRUPTED, ["i1"]), _config(tmp_path, features=FeatureConfig(text_template="{plot}")))

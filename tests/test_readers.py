@@ -6,18 +6,35 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig, SourceFormat
 from data.readers import READERS, SourceTables, read_source, read_sources
 from data.schema import FEEDBACK_LOG, INTERACTIONS, ITEMS_BASE, QUARANTINE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local() -> Iterator[None]:
+    """The interaction files are read by Ray tasks."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _read(config: SourceConfig) -> SourceTables:
+    return read_source(config).collected()
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -50,7 +67,7 @@ def _item(item_id: str, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def ml100k() -> SourceTables:
-    return read_source(SourceConfig())
+    return _read(SourceConfig())
 
 
 def test_embedded_movielens_100k(ml100k: SourceTables) -> None:
@@ -96,7 +113,7 @@ def test_corrupted_lines_are_quarantined_and_the_rest_kept(tmp_path: Path, ml100
         lines[number - 1] = line
     (folder / "u.data").write_text("\n".join(lines) + "\n")
 
-    tables = read_source(SourceConfig(path=str(folder)))
+    tables = _read(SourceConfig(path=str(folder)))
 
     assert _quarantined(tables) == [
         ("expected 4 fields, got 3", "u.data:10", bad[10]),
@@ -119,7 +136,7 @@ def test_movielens_1m(tmp_path: Path) -> None:
     _write(tmp_path / "movies.dat", movies, encoding="latin-1")
     _write(tmp_path / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n")
 
-    tables = read_source(SourceConfig(format="movielens-1m", path=str(tmp_path)))
+    tables = _read(SourceConfig(format="movielens-1m", path=str(tmp_path)))
 
     _assert_schemas(tables)
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "event", "value", "source") == [
@@ -144,7 +161,7 @@ def test_movielens_1m_bad_lines_report_fields_not_colons(tmp_path: Path) -> None
     _write(tmp_path / "ratings.dat", "1::1193::5::978300760\n1::661::3\n2::3408::x::978300275\n2::1193::4::978300276\n")
     _write(tmp_path / "movies.dat", "1193::Movie (1975)::Drama\n")
 
-    tables = read_source(SourceConfig(format="movielens-1m", path=str(tmp_path)))
+    tables = _read(SourceConfig(format="movielens-1m", path=str(tmp_path)))
 
     assert _quarantined(tables) == [
         ("expected 4 fields, got 3", "ratings.dat:2", "1::661::3"),
@@ -179,7 +196,7 @@ def _movielens_csv(folder: Path, ratings: str) -> Path:
 def test_movielens_csv_with_quoted_titles_and_tags(tmp_path: Path) -> None:
     folder = _movielens_csv(tmp_path, "1,1,4.0,1147880044\n1,11,3.5,1147868817\n\n2,209171,0.5,1147868828\n")
 
-    tables = read_source(SourceConfig(format="movielens-csv", path=str(folder)))
+    tables = _read(SourceConfig(format="movielens-csv", path=str(folder)))
 
     _assert_schemas(tables)
     # The blank line 4 is neither an interaction nor quarantined, and later lines keep their numbers.
@@ -204,7 +221,7 @@ def test_movielens_csv_bad_lines(tmp_path: Path) -> None:
     ratings = "1,1,4.0,1147880044\n1,11,3.5\n1,11,abc,1147868817\n2,11,,1147868817\n2,1,5.0,1147868828\n"
     folder = _movielens_csv(tmp_path, ratings)
 
-    tables = read_source(SourceConfig(format="movielens-csv", path=str(folder)))
+    tables = _read(SourceConfig(format="movielens-csv", path=str(folder)))
 
     assert _quarantined(tables) == [
         ("expected 4 fields, got 3", "ratings.csv:3", "1,11,3.5"),
@@ -212,6 +229,45 @@ def test_movielens_csv_bad_lines(tmp_path: Path) -> None:
         ("rating missing", "ratings.csv:5", "2,11,,1147868817"),
     ]
     assert tables.interactions.column("source").to_pylist() == ["ratings.csv:2", "ratings.csv:6"]
+
+
+def test_the_driver_parses_only_the_first_block_of_a_large_ratings_file(tmp_path: Path) -> None:
+    """The ratings are parsed by a Ray task: while the source is read and its rows counted, the driver's
+    Arrow allocations stay far below what the parsed file takes. (The reader parses the first block here,
+    to refuse an unusable file at once, and pyarrow reads a fixed amount ahead of it: about 40 MB.)"""
+    count = 4_000_000
+    rng = np.random.default_rng(0)
+    ratings = pa.table(
+        {
+            "userId": rng.integers(1, 10_000, count),
+            "movieId": rng.choice([1, 11, 209171], count),
+            "rating": rng.integers(1, 11, count) / 2,
+            "timestamp": rng.integers(1_000_000_000, 1_500_000_000, count),
+        }
+    )
+    folder = _movielens_csv(tmp_path, "")
+    pacsv.write_csv(ratings, folder / "ratings.csv", pacsv.WriteOptions(quoting_style="none"))
+    pool = pa.default_memory_pool()
+    before = peak = pool.bytes_allocated()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.005):
+            peak = max(peak, pool.bytes_allocated())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        tables = read_source(SourceConfig(format="movielens-csv", path=str(folder)))
+        read = tables.streamed[0].rows.count()
+        peak = max(peak, pool.bytes_allocated())
+    finally:
+        done.set()
+        sampler.join()
+
+    assert read == count and tables.interactions.num_rows == 0
+    assert peak - before < ratings.nbytes / 2
 
 
 # --- Amazon reviews ----------------------------------------------------------------------------
@@ -251,7 +307,7 @@ def test_amazon_2018_with_a_truncated_line(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
 
-    tables = read_source(SourceConfig(format="amazon", path=str(reviews), items_path=str(meta)))
+    tables = _read(SourceConfig(format="amazon", path=str(reviews), items_path=str(meta)))
 
     _assert_schemas(tables)
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "event", "value", "source") == [
@@ -288,7 +344,7 @@ def test_amazon_2023_gzipped(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
 
-    tables = read_source(SourceConfig(format="amazon", path=str(reviews), items_path=str(meta)))
+    tables = _read(SourceConfig(format="amazon", path=str(reviews), items_path=str(meta)))
 
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "value", "source") == [
         ("AGKH", "B00YQ6X8EO", 1588687728, 5.0, "All_Beauty.jsonl.gz:1"),
@@ -323,7 +379,7 @@ def test_table_csv_with_a_mapping_and_millisecond_timestamps(tmp_path: Path) -> 
         timestamp_unit="ms",
     )  # fmt: skip
 
-    tables = read_source(config)
+    tables = _read(config)
 
     _assert_schemas(tables)
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "event", "value", "source") == [
@@ -361,7 +417,7 @@ def test_table_parquet_with_iso_timestamps(tmp_path: Path) -> None:
         ),
     )  # fmt: skip
 
-    tables = read_source(config)
+    tables = _read(config)
 
     march_4 = 1614816000  # 2021-03-04T00:00:00Z
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "event", "value", "source") == [
@@ -401,7 +457,7 @@ def test_feedback_log_folder(tmp_path: Path) -> None:
         ("e4", 1_700_000_003_999, "u2", "i3", "like", None),
     ])  # fmt: skip
 
-    tables = read_source(SourceConfig(format="feedback", path=str(log)))
+    tables = _read(SourceConfig(format="feedback", path=str(log)))
 
     _assert_schemas(tables)
     assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "event", "value", "source") == [
@@ -420,7 +476,7 @@ def test_feedback_log_folder(tmp_path: Path) -> None:
 def test_read_sources_appends_the_feedback_log(tmp_path: Path, ml100k: SourceTables) -> None:
     log = _feedback(tmp_path / "log.parquet", [("e1", 1_700_000_000_000, "196", "242", "rate", 5.0)])
 
-    tables = read_sources([SourceConfig(), SourceConfig(format="feedback", path=str(log))])
+    tables = read_sources([SourceConfig(), SourceConfig(format="feedback", path=str(log))]).collected()
 
     assert tables.interactions.num_rows == 100_001
     assert tables.interactions.slice(0, 100_000).equals(ml100k.interactions)

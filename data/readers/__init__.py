@@ -2,7 +2,10 @@
 
 ``read_source`` turns one ``SourceConfig`` into ``SourceTables``: interactions in source order, the
 item text fields, the user attributes when the source has them, and one quarantine row for every
-line that could not be read (why, where, and the raw line); every other line is kept.
+line that could not be read (why, where, and the raw line); every other line is kept. The interaction
+files (MovieLens ratings, a generic table) are read by Ray tasks, batch by batch, into a Ray dataset
+(``SourceTables.streamed``): the driver holds the small files only. ``SourceTables.collected()`` brings
+everything into the driver, for small sources.
 
 ``READERS`` maps each ``source.format`` to its reader, one module per source family:
 
@@ -29,6 +32,7 @@ from data.readers.canonical import SourceTables
 from data.readers.feedback import read_feedback
 from data.readers.generic_table import read_generic_table
 from data.readers.movielens import read_movielens_1m, read_movielens_100k, read_movielens_csv
+from data.schema import INTERACTIONS
 
 __all__ = ["READERS", "SourceTables", "read_source", "read_sources"]
 
@@ -58,10 +62,12 @@ def read_sources(configs: list[SourceConfig]) -> SourceTables:
     parts = [read_source(config) for config in configs]
     users = [part.users for part in parts if part.users is not None]
     return SourceTables(
-        interactions=pa.concat_tables([part.interactions for part in parts]),
+        # Each source's interactions stay apart, in source order: a file's own are not read into the driver.
+        interactions=INTERACTIONS.empty_table(),
         items=pa.concat_tables([part.items for part in parts]),
         # Sources may know different user attributes; a user lacking one gets null there.
         users=pa.concat_tables(users, promote_options="permissive") if users else None,
         quarantine=pa.concat_tables([part.quarantine for part in parts]),
         files=[name for part in parts for name in part.files],
+        streamed=[inputs for part in parts for inputs in part.interaction_inputs()],
     )

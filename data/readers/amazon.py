@@ -1,16 +1,17 @@
 """Amazon reviews, the 2018 and 2023 releases (JSON lines, optionally gzipped), with the item metadata file
 as ``source.items_path``; the release is told apart by the fields of the first good record.
 
-The files are small enough to read in a Python loop, one record at a time; a line that is not a JSON
-object, or a record missing a field, goes to the quarantine with its line.
+The files are read in a Python loop, one record at a time, the reviews by a Ray task batch by batch; a
+line that is not a JSON object, or a record missing a field, goes to the quarantine with its line.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import pyarrow as pa
 
 from common.errors import InputError
 from data.config import SourceConfig
-from data.readers.canonical import SourceTables, source_tables
+from data.readers.canonical import READ_ROWS, SourceTables, source_tables, stream_interactions
 from data.readers.files import Refused, quarantine_table, require_file
-from data.schema import INTERACTIONS, ITEMS_BASE
+from data.schema import ITEMS_BASE
 
 
 @dataclass(frozen=True)
@@ -61,46 +62,68 @@ class _BadField(ValueError):
     """A record's field is missing or unusable; the message is the quarantine reason."""
 
 
+#: Reviews per block of the read task's output.
+_REVIEWS_PER_BATCH = 100_000
+
+
 def read_amazon(config: SourceConfig) -> SourceTables:
     if config.path is None:
         raise InputError("source.path: required for format 'amazon' (a reviews JSON-lines file)")
     path = Path(config.path)
-    refused: list[Refused] = []
+    first_records = (record for _, record, _ in _json_records(path, lambda *refused: None))
+    variant = next((_amazon_release(path, record, _AMAZON_REVIEWS, "reviews") for record in first_records), None)
+    interactions = stream_interactions(path, f"{path.name}:", functools.partial(_review_rows, path, variant, config.default_event))
+    files, items, refused = [path], ITEMS_BASE.empty_table(), []
+    if config.items_path is not None:
+        files.append(Path(config.items_path))
+        items = _read_amazon_metadata(files[-1], refused)
+    return source_tables(files, interactions, items, None, [quarantine_table(refused)])
+
+
+def _review_rows(path: Path, variant: _AmazonReviews | None, event: str) -> Iterator[pa.Table]:
+    """READ_ROWS of the reviews, batch by batch; ``variant`` is None when no line holds a JSON object."""
     rows: list[dict[str, Any]] = []
-    variant: _AmazonReviews | None = None
-    for source, record, text in _json_records(path, refused):
-        variant = variant or _amazon_release(path, record, _AMAZON_REVIEWS, "reviews")
+    refused: list[dict[str, Any]] = []
+
+    def refuse(number: int, reason: str, text: str) -> None:
+        refused.append({"part": 0, "number": number, "reason": reason, "record": text})
+
+    for number, record, text in _json_records(path, refuse):
+        assert variant is not None  # the first record told the release
         try:
             rows.append(
                 {
                     "user_id": str(_field(record, variant.user)),
                     "item_id": str(_field(record, *variant.items)),
                     "timestamp": _json_integer(record, variant.timestamp) // variant.seconds_per_unit,
-                    "event": config.default_event,
+                    "event": event,
                     "value": _json_number(record, variant.rating),
-                    "source": source,
+                    "part": 0,
+                    "number": number,
                 }
             )
         except _BadField as problem:
-            refused.append((str(problem), source, text))
-    if variant is None and not refused:
-        raise InputError(f"{path}: no interactions in the file")
-    files, items = [path], ITEMS_BASE.empty_table()
-    if config.items_path is not None:
-        files.append(Path(config.items_path))
-        items = _read_amazon_metadata(files[-1], refused)
-    return source_tables(files, pa.Table.from_pylist(rows, schema=INTERACTIONS), items, None, [quarantine_table(refused)])
+            refuse(number, str(problem), text)
+        if len(rows) + len(refused) == _REVIEWS_PER_BATCH:
+            yield pa.Table.from_pylist(rows + refused, schema=READ_ROWS)
+            rows.clear()
+            refused.clear()
+    yield pa.Table.from_pylist(rows + refused, schema=READ_ROWS)
 
 
 def _read_amazon_metadata(path: Path, refused: list[Refused]) -> pa.Table:
     rows: list[dict[str, Any]] = []
     variant: _AmazonMetadata | None = None
-    for source, record, text in _json_records(path, refused):
+
+    def refuse(number: int, reason: str, text: str) -> None:
+        refused.append((reason, f"{path.name}:{number}", text))
+
+    for number, record, text in _json_records(path, refuse):
         variant = variant or _amazon_release(path, record, _AMAZON_METADATA, "metadata")
         try:
             item_id = str(_field(record, *variant.items))
         except _BadField as problem:
-            refused.append((str(problem), source, text))
+            refuse(number, str(problem), text)
             continue
         main_category = _strings(record.get(variant.main_category)) if variant.main_category else []
         rows.append(
@@ -115,24 +138,25 @@ def _read_amazon_metadata(path: Path, refused: list[Refused]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ITEMS_BASE)
 
 
-def _json_records(path: Path, refused: list[Refused]) -> Iterator[tuple[str, dict[str, Any], str]]:
-    """(source, record, line) for every line holding a JSON object; other non-blank lines go to ``refused``."""
+def _json_records(path: Path, refuse: Callable[[int, str, str], None]) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """(line number, record, line) for every line holding a JSON object; other non-blank lines go to
+    ``refuse(line number, reason, line)``."""
     require_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            source, text = f"{path.name}:{number}", line.decode("utf-8", errors="replace").rstrip("\r\n")
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
             try:
                 record = json.loads(line)
             except ValueError as err:
-                refused.append((f"not valid JSON: {err}", source, text))
+                refuse(number, f"not valid JSON: {err}", text)
                 continue
             if isinstance(record, dict):
-                yield source, record, text
+                yield number, record, text
             else:
-                refused.append(("not a JSON object", source, text))
+                refuse(number, "not a JSON object", text)
 
 
 def _amazon_release(path: Path, record: dict[str, Any], releases: dict[str, Any], what: str) -> Any:

@@ -4,17 +4,20 @@ came from, plus the rows the parser itself refused.
 Where a row came from is ``"<file>:<line>"`` (1-based) for text files and ``"<file>:row <n>"`` (0-based, as
 ``Table.slice`` counts) for Parquet. Delimited text files (MovieLens, generic CSV) are parsed by
 ``pyarrow.csv`` and checked column-wise, never line by line in Python: ml-25m has 25M ratings. Parsing is
-single-threaded so that pyarrow reports the line number of each row with the wrong field count. It first asks
-pyarrow for typed columns, which is fastest; only when some value does not convert is the file read again as
-text, so that the column checks of ``data.readers.columns`` can name each bad line instead of the whole file
-failing.
+single-threaded so that pyarrow reports the line number of each row with the wrong field count.
+
+Interaction files are parsed batch by batch (``delimited_batches``, ``parquet_batches``, in a Ray read task), all
+columns as text, so that the column checks of ``data.readers.columns`` name each bad line. The small files
+read whole (``read_delimited``) first ask pyarrow for typed columns, which is fastest; only when some value does
+not convert is the file read again as text.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -87,52 +90,101 @@ def quarantine_table(rows: list[Refused]) -> pa.Table:
     return pa.table(columns, schema=QUARANTINE)
 
 
-def read_delimited(
-    path: Path,
-    kinds: dict[str, ColumnKind],
-    *,
-    separator: str = ",",
-    column_names: list[str] | None = None,
-    encoding: str = "utf8",
-    quoted: bool = True,
-) -> FileRows:
-    """Parse a delimited text file; ``kinds`` types the columns the caller converts, the rest stay text.
+@dataclass(frozen=True)
+class Delimited:
+    """How a delimited text file is written. ``column_names`` is for files without a header line; a
+    separator of several characters (the ``::`` of MovieLens-1M) is read as a tab."""
 
-    ``column_names`` is for files without a header line. A separator of several characters (the
-    ``::`` of MovieLens-1M) is replaced by a tab before parsing.
-    """
+    separator: str = ","
+    column_names: list[str] | None = None
+    encoding: str = "utf8"
+    quoted: bool = True
+
+    @property
+    def multi_char(self) -> bool:
+        return len(self.separator) > 1
+
+    def open(self, path: Path) -> Any:
+        """What pyarrow's CSV readers take: the path (decompressed by its extension), or a stream that
+        reads the multi-character separator as a tab."""
+        if not self.multi_char:
+            return str(path)
+        return pa.PythonFile(_SeparatorAsTab(path.open("rb"), self.separator.encode()), mode="r")
+
+    def options(self, reject: Callable[[pacsv.InvalidRow], str]) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions]:
+        read = pacsv.ReadOptions(use_threads=False, encoding=self.encoding, column_names=self.column_names)
+        parse = pacsv.ParseOptions(
+            delimiter="\t" if self.multi_char else self.separator,
+            quote_char='"' if self.quoted else False,
+            invalid_row_handler=reject,
+            # Blank lines become all-null rows (dropped later; so are lines of bare separators) rather than
+            # vanishing, which keeps the line numbers exact.
+            ignore_empty_lines=False,
+        )
+        return read, parse
+
+    def rejected_row(self, row: pacsv.InvalidRow) -> tuple[int, str, str]:
+        text = row.text.replace("\t", self.separator) if self.multi_char else row.text
+        return row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}", text
+
+    def render(self, rows: pa.Table) -> list[str]:
+        texts = [pc.fill_null(pc.cast(column, pa.string()), "") for column in rows.columns]
+        return pc.binary_join_element_wise(*texts, self.separator).to_pylist()
+
+    @property
+    def first_line(self) -> int:
+        return 1 if self.column_names else 2
+
+
+class _SeparatorAsTab(io.RawIOBase):
+    """A binary file whose ``separator`` reads as a tab."""
+
+    def __init__(self, raw: io.BufferedIOBase, separator: bytes):
+        self._raw, self._separator = raw, separator
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        # Never end a read inside a separator, so that it is replaced exactly as in the whole file.
+        while chunk and any(chunk.endswith(self._separator[:cut]) for cut in range(1, len(self._separator))):
+            more = self._raw.read(1)
+            if not more:
+                break
+            chunk += more
+        return chunk.replace(self._separator, b"\t")
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _without_blank_rows(raw: FileRows) -> FileRows:
+    if raw.table.num_rows == 0 or min(column.null_count for column in raw.table.columns) == 0:
+        return raw
+    blank = functools.reduce(pc.and_, [pc.is_null(column) for column in raw.table.columns])
+    return raw.filtered(~blank.to_numpy(zero_copy_only=False))
+
+
+def read_delimited(path: Path, kinds: dict[str, ColumnKind], layout: Delimited = Delimited()) -> FileRows:
+    """Parse a delimited text file whole; ``kinds`` types the columns the caller converts, the rest stay text."""
     require_file(path)
-    multi_char = len(separator) > 1
-    data = pa.py_buffer(path.read_bytes().replace(separator.encode(), b"\t")) if multi_char else None
-
-    def source() -> Any:
-        # pyarrow decompresses by file extension when given a path; a stream can be read only once.
-        return pa.BufferReader(data) if multi_char else str(path)
-
     rejected: list[tuple[int, str, str]] = []
 
     def reject(row: pacsv.InvalidRow) -> str:
-        text = row.text.replace("\t", separator) if multi_char else row.text
-        rejected.append((row.number, f"expected {row.expected_columns} fields, got {row.actual_columns}", text))
+        rejected.append(layout.rejected_row(row))
         return "skip"
 
-    read_options = pacsv.ReadOptions(use_threads=False, encoding=encoding, column_names=column_names)
-    parse_options = pacsv.ParseOptions(
-        delimiter="\t" if multi_char else separator,
-        quote_char='"' if quoted else False,
-        invalid_row_handler=reject,
-        # Blank lines become all-null rows (dropped below; so are lines of bare separators) rather than
-        # vanishing, which keeps the line numbers exact.
-        ignore_empty_lines=False,
-    )
+    read_options, parse_options = layout.options(reject)
 
     def read(types: dict[str, pa.DataType]) -> pa.Table:
         rejected.clear()
         convert = pacsv.ConvertOptions(column_types=types, null_values=[""], strings_can_be_null=True)
-        return pacsv.read_csv(source(), read_options=read_options, parse_options=parse_options, convert_options=convert)
+        return pacsv.read_csv(layout.open(path), read_options=read_options, parse_options=parse_options, convert_options=convert)
 
     try:
-        names = column_names or _csv_header(source(), read_options, parse_options)
+        names = layout.column_names or _csv_header(layout.open(path), read_options, parse_options)
         try:
             table = read({name: _ARROW_TYPES[kinds.get(name, "text")] for name in names})
         except pa.ArrowInvalid:
@@ -140,26 +192,71 @@ def read_delimited(
     except pa.ArrowInvalid as err:
         raise InputError(f"{path}: cannot be read: {err}") from None
 
-    first_line = 1 if column_names else 2
     skipped = [number for number, _, _ in rejected]
-    lines = np.arange(first_line, first_line + table.num_rows + len(skipped))
+    lines = np.arange(layout.first_line, layout.first_line + table.num_rows + len(skipped))
     if skipped:
         lines = lines[~np.isin(lines, skipped)]
+    return _without_blank_rows(FileRows(path, table, lines, f"{path.name}:", layout.render, list(rejected)))
 
-    def render(rows: pa.Table) -> list[str]:
-        texts = [pc.fill_null(pc.cast(column, pa.string()), "") for column in rows.columns]
-        return pc.binary_join_element_wise(*texts, separator).to_pylist()
 
-    raw = FileRows(path, table, lines, f"{path.name}:", render, list(rejected))
-    if min(column.null_count for column in table.columns) > 0:
-        blank = functools.reduce(pc.and_, [pc.is_null(column) for column in table.columns])
-        raw = raw.filtered(~blank.to_numpy(zero_copy_only=False))
-    return raw
+def delimited_batches(path: Path, layout: Delimited) -> Iterator[FileRows]:
+    """Parse a delimited text file batch by batch, every column as text (a value that does not convert
+    must not fail the whole file once part of it is passed on); the last batch holds the rejected lines
+    after the last row. Bad input raises ``InputError`` naming the file."""
+    require_file(path)
+    rejected: list[tuple[int, str, str]] = []  # in line order; pyarrow parses ahead of the batch it returns
+
+    def reject(row: pacsv.InvalidRow) -> str:
+        rejected.append(layout.rejected_row(row))
+        return "skip"
+
+    read_options, parse_options = layout.options(reject)
+    next_line = layout.first_line
+
+    def batch_rows(table: pa.Table) -> FileRows:
+        """The batch's rows with their lines: the next ``num_rows`` lines that pyarrow did not reject."""
+        nonlocal next_line, rejected
+        end, skipped = next_line + table.num_rows, 0
+        while (now := sum(1 for number, _, _ in rejected if number < end)) != skipped:
+            end, skipped = end + now - skipped, now
+        mine = [row for row in rejected if row[0] < end]
+        rejected = [row for row in rejected if row[0] >= end]
+        lines = np.arange(next_line, end)
+        if mine:
+            lines = lines[~np.isin(lines, [number for number, _, _ in mine])]
+        next_line = end
+        return _without_blank_rows(FileRows(path, table, lines, f"{path.name}:", layout.render, mine))
+
+    try:
+        names = layout.column_names or _csv_header(layout.open(path), read_options, parse_options)
+        rejected.clear()  # reading the header parsed the first block
+        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True)
+        with pacsv.open_csv(layout.open(path), read_options=read_options, parse_options=parse_options, convert_options=convert) as reader:
+            for batch in reader:
+                yield batch_rows(pa.Table.from_batches([batch]))
+    except pa.ArrowInvalid as err:
+        raise InputError(f"{path}: cannot be read: {err}") from None
+    yield batch_rows(pa.table({name: pa.array([], pa.string()) for name in names}))
 
 
 def _csv_header(source: Any, read_options: pacsv.ReadOptions, parse_options: pacsv.ParseOptions) -> list[str]:
     with pacsv.open_csv(source, read_options=read_options, parse_options=parse_options) as reader:
         return reader.schema.names
+
+
+def parquet_batches(path: Path) -> Iterator[FileRows]:
+    """A Parquet file batch by batch, numbered from row 0."""
+    require_file(path)
+    try:
+        with pq.ParquetFile(path) as parquet:
+            first = 0
+            for batch in parquet.iter_batches():
+                yield replace(FileRows.of_parquet(path, pa.Table.from_batches([batch]), path.name), positions=np.arange(first, first + batch.num_rows))
+                first += batch.num_rows
+            if not first:
+                yield FileRows.of_parquet(path, parquet.schema_arrow.empty_table(), path.name)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file: {err}") from None
 
 
 def read_parquet(path: Path) -> FileRows:
@@ -177,22 +274,34 @@ def json_rows(rows: pa.Table) -> list[str]:
 
 def read_table_file(path: Path, kinds: dict[str, ColumnKind]) -> FileRows:
     """A generic table by its extension: Parquet, CSV or tab-separated (optionally compressed)."""
+    layout = _table_layout(path)
+    return read_parquet(path) if layout is None else read_delimited(path, kinds, layout)
+
+
+def table_file_batches(path: Path) -> Iterator[FileRows]:
+    """``read_table_file`` batch by batch, as ``parquet_batches`` and ``delimited_batches`` parse them."""
+    layout = _table_layout(path)
+    return parquet_batches(path) if layout is None else delimited_batches(path, layout)
+
+
+def position_prefix(path: Path) -> str:
+    """What precedes the line (text) or row (Parquet) number in the sources of a generic table's rows."""
+    return f"{path.name}:row " if _table_layout(path) is None else f"{path.name}:"
+
+
+def _table_layout(path: Path) -> Delimited | None:
+    """How a generic table file is written, by its extension; None for Parquet."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".zst", ".lz4"):
         suffixes = suffixes[:-1]
     kind = suffixes[-1] if suffixes else "(no extension)"
     if kind in (".parquet", ".pq"):
-        return read_parquet(path)
+        return None
     if kind in (".csv", ".tsv"):
-        return read_delimited(path, kinds, separator="\t" if kind == ".tsv" else ",")
+        return Delimited(separator="\t" if kind == ".tsv" else ",")
     raise InputError(f"{path}: unknown table file type {kind!r}; expected .parquet, .csv or .tsv")
 
 
 def require_file(path: Path, holds: str = "") -> None:
     if not path.is_file():
         raise InputError(f"{path}: file not found{holds}")
-
-
-def require_rows(raw: FileRows) -> None:
-    if raw.table.num_rows == 0 and not raw.rejected:
-        raise InputError(f"{raw.path}: no interactions in the file")

@@ -3,6 +3,7 @@ whose columns ``source.columns`` maps to the canonical fields."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,9 @@ import pyarrow.compute as pc
 
 from common.errors import InputError
 from data.config import SourceConfig
-from data.readers.canonical import SourceTables, interactions_from, items_from, source_tables, users_from
+from data.readers.canonical import SourceTables, items_from, read_rows_from, read_rows_of, source_tables, stream_interactions, users_from
 from data.readers.columns import CheckedColumn, integers, kept, numbers, text_ids, texts, timestamps
-from data.readers.files import ColumnKind, FileRows, read_table_file, require_rows
+from data.readers.files import FileRows, position_prefix, read_table_file, table_file_batches
 from data.schema import ITEM_TEXT_FIELDS, ITEMS_BASE
 
 #: The list<string> item fields; a text column is split into one by ``columns.list_separator``.
@@ -27,23 +28,24 @@ def read_generic_table(config: SourceConfig) -> SourceTables:
     unknown = sorted(set(mapping.item_fields) - set(ITEM_TEXT_FIELDS))
     if unknown:
         raise InputError(f"columns.item_fields: unknown field(s) {unknown}; known: {', '.join(ITEM_TEXT_FIELDS)}")
-    kinds: dict[str, ColumnKind] = {mapping.timestamp: "text" if config.timestamp_unit == "iso" else "integer"}
-    if mapping.value:
-        kinds[mapping.value] = "number"
-    raw = read_table_file(Path(config.path), kinds)
-    require_rows(raw)
+    path = Path(config.path)
     mapped = {"user_id": mapping.user_id, "item_id": mapping.item_id, "timestamp": mapping.timestamp}
     mapped |= {"event": mapping.event, "value": mapping.value}
-    raw.require_columns({column: f"columns.{name}" for name, column in mapped.items() if column})
-    interactions, quarantine, _ = interactions_from(
-        raw,
-        text_ids(raw, mapping.user_id),
-        text_ids(raw, mapping.item_id),
-        timestamps(raw, mapping.timestamp, config.timestamp_unit),
-        CheckedColumn(mapping.value, numbers(raw, mapping.value), "not a number", False) if mapping.value else None,
-        CheckedColumn(mapping.event, texts(raw, mapping.event), "empty") if mapping.event else config.default_event,
-    )
-    files, quarantines = [raw.path], [quarantine]
+
+    def read_rows(raw: FileRows) -> pa.Table:
+        raw.require_columns({column: f"columns.{name}" for name, column in mapped.items() if column})
+        return read_rows_from(
+            raw,
+            text_ids(raw, mapping.user_id),
+            text_ids(raw, mapping.item_id),
+            timestamps(raw, mapping.timestamp, config.timestamp_unit),
+            CheckedColumn(mapping.value, numbers(raw, mapping.value), "not a number", False) if mapping.value else None,
+            CheckedColumn(mapping.event, texts(raw, mapping.event), "empty") if mapping.event else config.default_event,
+        )
+
+    interactions = stream_interactions(path, position_prefix(path), functools.partial(read_rows_of, functools.partial(table_file_batches, path), read_rows))
+    files: list[Path] = [path]
+    quarantines: list[pa.Table] = []
     items, users = ITEMS_BASE.empty_table(), None
     if config.items_path is not None:
         items_raw = read_table_file(Path(config.items_path), {})

@@ -6,6 +6,7 @@ Ids are integers, kept as their decimal text; titles lose their "(year)", which 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ import pyarrow.compute as pc
 
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, SourceConfig
-from data.readers.canonical import SourceTables, interactions_from, items_from, source_tables, users_from
+from data.readers.canonical import SourceTables, StreamedInteractions, items_from, read_rows_from, read_rows_of, source_tables, stream_interactions, users_from
 from data.readers.columns import CheckedColumn, integer_ids, integers, keep_valid, kept, numbers, texts, timestamps
-from data.readers.files import read_delimited, require_file, require_rows
+from data.readers.files import Delimited, FileRows, delimited_batches, read_delimited, require_file
 
 _TITLE_WITH_YEAR = r"^(?P<title>.*?)\s*\((?P<year>\d{4})(?:[-–]\d{4})?\)\s*$"
 _NO_GENRES = "(no genres listed)"
@@ -70,26 +71,23 @@ class _MovieLensLayout:
     def contents(self) -> str:
         return ", ".join(name for name in (self.ratings, self.movies, self.users) if name)
 
-    def read_ratings(self, folder: Path, event: str) -> tuple[pa.Table, pa.Table]:
+    def read_ratings(self, folder: Path, event: str) -> StreamedInteractions:
         user, item, rating, timestamp = self.rating_columns
-        raw = read_delimited(
-            self.file(folder, self.ratings),
-            {user: "integer", item: "integer", rating: "number", timestamp: "integer"},
-            separator=self.separator,
-            column_names=None if self.csv else list(self.rating_columns),
-            quoted=self.csv,
-        )
-        require_rows(raw)
-        raw.require_columns(dict.fromkeys(self.rating_columns))
-        interactions, quarantine, _ = interactions_from(
-            raw,
-            integer_ids(raw, user),
-            integer_ids(raw, item),
-            timestamps(raw, timestamp, "s"),
-            CheckedColumn(rating, numbers(raw, rating), "not a number"),
-            event,
-        )
-        return interactions, quarantine
+        path = self.file(folder, self.ratings)
+        layout = Delimited(self.separator, None if self.csv else list(self.rating_columns), quoted=self.csv)
+
+        def read_rows(raw: FileRows) -> pa.Table:
+            raw.require_columns(dict.fromkeys(self.rating_columns))
+            return read_rows_from(
+                raw,
+                integer_ids(raw, user),
+                integer_ids(raw, item),
+                timestamps(raw, timestamp, "s"),
+                CheckedColumn(rating, numbers(raw, rating), "not a number"),
+                event,
+            )
+
+        return stream_interactions(path, f"{path.name}:", functools.partial(read_rows_of, functools.partial(delimited_batches, path, layout), read_rows))
 
     def read_users(self, folder: Path, separator: str, attributes: list[str]) -> tuple[pa.Table | None, list[pa.Table], list[Path]]:
         """Users, their quarantine and the file, if the folder has a users file (some releases have none)."""
@@ -97,7 +95,7 @@ class _MovieLensLayout:
         if path is None or not path.is_file():
             return None, [], []
         columns = ["user_id", *attributes]
-        raw = read_delimited(path, {"user_id": "integer"}, separator=separator, column_names=columns, quoted=False)
+        raw = read_delimited(path, {"user_id": "integer"}, Delimited(separator, columns, quoted=False))
         users, quarantine = users_from(raw, integer_ids(raw, "user_id"))
         return users, [quarantine], [path]
 
@@ -117,7 +115,7 @@ _ML_100K_GENRES = (
 def read_movielens_100k(config: SourceConfig) -> SourceTables:
     layout = _ML_100K
     folder = layout.folder(config)
-    interactions, rating_quarantine = layout.read_ratings(folder, config.default_event)
+    interactions = layout.read_ratings(folder, config.default_event)
     files = [folder / layout.ratings]
     genres = _ML_100K_GENRES
     if (folder / "u.genre").is_file():
@@ -128,10 +126,7 @@ def read_movielens_100k(config: SourceConfig) -> SourceTables:
     raw = read_delimited(
         layout.file(folder, layout.movies),
         {"item_id": "integer", **dict.fromkeys(genres, "integer")},
-        separator="|",
-        column_names=["item_id", "title", "release_date", "video_release_date", "url", *genres],
-        encoding=layout.movie_encoding,
-        quoted=False,
+        Delimited("|", ["item_id", "title", "release_date", "video_release_date", "url", *genres], layout.movie_encoding, quoted=False),
     )
 
     def item_fields(keep: pa.Array | None) -> dict[str, Any]:
@@ -144,21 +139,18 @@ def read_movielens_100k(config: SourceConfig) -> SourceTables:
 
     items, item_quarantine = items_from(raw, integer_ids(raw, "item_id"), item_fields)
     users, user_quarantines, user_files = layout.read_users(folder, "|", ["age", "gender", "occupation", "zip"])
-    quarantines = [rating_quarantine, item_quarantine, *user_quarantines]
+    quarantines = [item_quarantine, *user_quarantines]
     return source_tables([*files, raw.path, *user_files], interactions, items, users, quarantines)
 
 
 def read_movielens_1m(config: SourceConfig) -> SourceTables:
     layout = _ML_1M
     folder = layout.folder(config)
-    interactions, rating_quarantine = layout.read_ratings(folder, config.default_event)
+    interactions = layout.read_ratings(folder, config.default_event)
     raw = read_delimited(
         layout.file(folder, layout.movies),
         {"item_id": "integer"},
-        separator="::",
-        column_names=["item_id", "title", "genres"],
-        encoding=layout.movie_encoding,
-        quoted=False,
+        Delimited("::", ["item_id", "title", "genres"], layout.movie_encoding, quoted=False),
     )
 
     def item_fields(keep: pa.Array | None) -> dict[str, Any]:
@@ -168,16 +160,16 @@ def read_movielens_1m(config: SourceConfig) -> SourceTables:
     items, item_quarantine = items_from(raw, integer_ids(raw, "item_id"), item_fields)
     users, user_quarantines, user_files = layout.read_users(folder, "::", ["gender", "age", "occupation", "zip"])
     files = [folder / layout.ratings, raw.path, *user_files]
-    return source_tables(files, interactions, items, users, [rating_quarantine, item_quarantine, *user_quarantines])
+    return source_tables(files, interactions, items, users, [item_quarantine, *user_quarantines])
 
 
 def read_movielens_csv(config: SourceConfig) -> SourceTables:
     layout = _ML_CSV
     folder = layout.folder(config)
-    interactions, rating_quarantine = layout.read_ratings(folder, config.default_event)
+    interactions = layout.read_ratings(folder, config.default_event)
     raw = read_delimited(layout.file(folder, layout.movies), {"movieId": "integer"})
     raw.require_columns(dict.fromkeys(["movieId", "title", "genres"]))
-    files, quarantines = [folder / layout.ratings, raw.path], [rating_quarantine]
+    files, quarantines = [folder / layout.ratings, raw.path], []
     tags = pa.table({"movieId": pa.array([], pa.string()), "tags": pa.array([], pa.list_(pa.string()))})
     if (folder / "tags.csv").is_file():
         tags, tag_quarantine = _tags_per_movie(folder / "tags.csv")
