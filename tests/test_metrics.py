@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 
+from common.console import BARS_ENV
 from common.errors import InputError
 from data.schema import EVAL_SEQUENCE, TRAIN_SEQUENCE
 from train.batching import left_pad
@@ -248,6 +249,20 @@ def test_popularity_baseline_by_hand():
     assert raw["rating/rmse"] == pytest.approx(2 * metrics["rating/rmse"])
     assert raw["rating/mae"] == pytest.approx(2 * metrics["rating/mae"])
     assert raw["HR@2"] == metrics["HR@2"]
+
+
+def test_a_labelled_evaluation_shows_one_bar_over_its_batches_on_a_terminal(monkeypatch, capsys):
+    """The test-split evaluation is a long step of ``polyrec train``: with bars wanted (a terminal) it draws one bar
+    over its batches (3 rows in batches of 2: 2 batches); without, nothing; the metrics are the same either way."""
+    options = dict(ks=(1, 2), num_items=5, max_history=3, batch_size=2)
+    monkeypatch.setenv(BARS_ENV, "1")
+    with_bar = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), **options, progress_label="evaluate polyrec")
+    drawn = capsys.readouterr().err
+    assert "evaluate polyrec" in drawn and "2/2" in drawn
+    monkeypatch.setenv(BARS_ENV, "0")
+    without = evaluate(PopularityScorer(_tiny_train(), 5), _tiny_eval(), **options, progress_label="evaluate polyrec")
+    assert capsys.readouterr().err == ""
+    assert with_bar == without
 
 
 # --- The Ray Data path ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from common import storage
+from common.console import progress
 from common.errors import InputError
 from data.features import RatingDenormaliser
 from data.manifest import load_manifest
@@ -278,6 +279,7 @@ def evaluate(
     rating_denormalise: RatingDenormaliser | None = None,
     coverage_k: int = 10,
     actors: ActorPool | None = None,
+    progress_label: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a scorer on ``EVAL_SEQUENCE`` rows: in this process (``rows`` a table), or with ``actors`` on a pool
     of Ray Data actors (``scorer`` then a picklable factory with no arguments, ``rows`` a table, a Parquet folder / URI
@@ -289,13 +291,17 @@ def evaluate(
     (AUC, log loss, accuracy, precision, recall, F1) on rows with a known like, when the scorer
     predicts likes; ``rating/rmse`` and ``rating/mae`` on rows with a rating, when the scorer
     predicts ratings: on the raw scale when ``rating_denormalise`` is given, else normalised.
+    ``progress_label``: a command's console shows a bar over the batches under this label (in this process only).
     """
     shape = {"num_items": num_items, "max_history": max_history, "coverage_k": coverage_k}
     batch_size = rows_per_batch(batch_size, num_items)
     if actors is None:
         _check_columns(rows.column_names, "evaluation table")
+        parts = _row_slices(rows, batch_size)
+        if progress_label is not None:
+            parts = progress(parts, desc=progress_label, total=-(-rows.num_rows // batch_size), unit="batch")
         with _inference(scorer):
-            per_row = [score_rows(scorer, part, **shape) for part in _row_slices(rows, batch_size)]
+            per_row = [score_rows(scorer, part, **shape) for part in parts]
     else:
         per_row = _score_on_actors(scorer, rows, shape, batch_size, actors)
     return summarise(
@@ -404,8 +410,15 @@ def evaluate_with_popularity(
     (a factory) scores on a Ray Data actor pool, reading the same rows as ``scorer_rows`` when given."""
     options = dict(ks=ks, num_items=num_items, max_history=max_history, batch_size=batch_size)
     return {
-        "polyrec": evaluate(scorer, table if scorer_rows is None else scorer_rows, **options, rating_denormalise=scorer_ratings or data_ratings, actors=actors),
-        "popularity": evaluate(popularity, table, **options, rating_denormalise=data_ratings),
+        "polyrec": evaluate(
+            scorer,
+            table if scorer_rows is None else scorer_rows,
+            **options,
+            rating_denormalise=scorer_ratings or data_ratings,
+            actors=actors,
+            progress_label="evaluate polyrec",
+        ),
+        "popularity": evaluate(popularity, table, **options, rating_denormalise=data_ratings, progress_label="evaluate popularity"),
     }
 
 
