@@ -182,8 +182,7 @@ def main() -> None:
         )
         if args.batch_wait_ms is not None:
             wait = BatchingConfig(batch_wait_timeout_s=args.batch_wait_ms / 1000)
-            config.retrieval.batching = config.ranking.batching = wait
-            config.state.lookup_batching = wait.model_copy(update={"max_batch_size": config.state.lookup_batching.max_batch_size})
+            config.retrieval.batching = config.ranking.batching = config.recommender_batching = wait
         use_throughput_env()  # as `polyrec serve` starts its local instance: the no-op gets the same settings
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
@@ -315,8 +314,8 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
             f"Model: `{metadata.get('model_version')}` (a `polyrec train` artifact), its users' histories from `{training_data}`; "
             f'requests `{{"user_id": <known user>, "k": 10}}` over {len(bodies)} real users; `ServeConfig` '
             f"({config.retrieval.num_candidates} candidates, {config.rerank.diversity}, batches of up to "
-            f"{config.retrieval.batching.max_batch_size} whose first request waits {config.retrieval.batching.batch_wait_timeout_s * 1000:g} ms "
-            f"for company (user lookups: {config.state.lookup_batching.batch_wait_timeout_s * 1000:g} ms), default autoscaling). "
+            f"{config.recommender_batching.max_batch_size} requests (colocated; split: of each stage's calls) whose first waits "
+            f"{config.recommender_batching.batch_wait_timeout_s * 1000:g} ms for company, default autoscaling). "
             "Stock no-op: one deployment returning a constant, Serve's stock settings, on its own Ray instance, measured first. "
             "Fast no-op: the same deployment beside polyrec with polyrec's settings "
             f"({', '.join(f'{k}={v}' for k, v in SERVE_THROUGHPUT_ENV.items())}), in alternating turns with recommend "

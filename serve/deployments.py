@@ -1,10 +1,10 @@
 """The Ray Serve deployments of the recommendation graph; ``serve.app`` binds them into either layout
 (``ServeConfig.graph``).
 
-Ingress: the HTTP API (``serve.http``); it runs ``serve.recommendation.run_stages`` for each request,
+Ingress: the HTTP API (``serve.http``); it has each request recommended (``serve.recommendation.run_stages``),
 answers, and hands the impressions to the FeedbackLogger. Given the Retriever, Ranker and ReRanker (the
 split graph) it calls them; without them (the colocated graph, where it is deployed as the Recommender)
-it runs those stages in its own replica by their code. UserStateStore: the one copy of the server-side
+it runs those stages in its own replica by their code, concurrent requests together. UserStateStore: the one copy of the server-side
 state. FeedbackLogger: the durable feedback log, concurrent appends batched into one fsync.
 """
 
@@ -41,8 +41,8 @@ from serve.config import ServeConfig
 from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key
-from serve.messages import Query, Ranked
-from serve.recommendation import ColocatedStages, HandleStages, RankingStage, RetrievalStage, run_stages
+from serve.messages import Candidates, Query, Ranked, RetrievalRequest
+from serve.recommendation import ColocatedStages, HandleStages, RankingStage, RetrievalStage
 from serve.rerank import final_items
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
@@ -59,12 +59,28 @@ def _cause(error: BaseException) -> BaseException:
 
 @serve.deployment
 class Retriever(RetrievalStage):
-    """Split graph: the retrieval stage, and the item and model lookups."""
+    """Split graph: the retrieval stage, and the item and model lookups. Concurrent calls are retrieved together."""
+
+    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+        super().__init__(config, store)
+        set_batching(self.retrieve, config.retrieval.batching)
+
+    @batched
+    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
+        return await self.retrieve_batch(requests)
 
 
 @serve.deployment
 class Ranker(RankingStage):
-    """Split graph: the ranking stage."""
+    """Split graph: the ranking stage. Concurrent calls are ranked together."""
+
+    def __init__(self, config: ServeConfig):
+        super().__init__(config)
+        set_batching(self.rank, config.ranking.batching)
+
+    @batched
+    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
+        return await self.rank_batch(batch)
 
 
 @serve.deployment
@@ -95,9 +111,10 @@ class Ingress:
     def __init__(self, config: ServeConfig, store: DeploymentHandle, feedback_logger: DeploymentHandle, *stage_deployments: DeploymentHandle):
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
-        self.stages: HandleStages | ColocatedStages = HandleStages(store, *stage_deployments) if stage_deployments else ColocatedStages(config, store)
         self.model = config.model
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
+        latency = self.metrics.stage_latency
+        self.stages = HandleStages(config, latency, store, *stage_deployments) if stage_deployments else ColocatedStages(config, latency, store)
         configure(app, config, self.metrics)
         self.history_events = set(config.state.history_events)
         self.accepted_events = set(config.accepted_events)
@@ -126,7 +143,7 @@ class Ingress:
         request_id = uuid.uuid4().hex
         query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
         async with self._deadline():
-            recommendation = await run_stages(query, self.stages, self.config, self.metrics.stage_latency)
+            recommendation = await self.stages.recommend(query)
         if recommendation.mode != "personal":
             self.metrics.cold_starts.inc(tags={"mode": recommendation.mode})
         if body.context:

@@ -174,12 +174,14 @@ def _check_key(request: Request, given: str | None) -> None:
         raise HTTPException(401, "missing or wrong X-API-Key header")
 
 
-def require_api_key(request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
+# The checks are coroutines so that FastAPI runs them in the event loop: a plain function's dependency is run in a
+# worker thread, a thread hop on every request.
+async def require_api_key(request: Request, given: Annotated[str | None, Security(API_KEY_HEADER)]) -> None:
     """Write endpoints need ``X-API-Key`` when the service has a key (``ServeConfig.api_key_env`` / ``api_key_file``)."""
     _check_key(request, given)
 
 
-def require_read_key(request: Request) -> None:
+async def require_read_key(request: Request) -> None:
     """Reads need the key too with ``ServeConfig.protect_reads``."""
     if request.app.state.protect_reads:
         _check_key(request, request.headers.get("x-api-key"))

@@ -2,13 +2,15 @@
 user the model knows nothing about) → ranking → re-ranking; and the two ways its stages run.
 
 ``run_stages`` is the sequence, the same in both graphs (``ServeConfig.graph``, built by ``serve.app``),
-in the replica that serves the HTTP API; every stage is timed in ``polyrec_stage_latency_ms`` where it
-is awaited (``StageLatency``). Its stages (``Stages``) are calls to the split graph's deployments
-(``HandleStages``: UserStateStore, Retriever, Ranker, ReRanker) or, in the colocated graph, run in that
-replica (``ColocatedStages``) by the code of those deployments: ``RetrievalStage`` and ``RankingStage``,
-which batch concurrent requests into one forward pass, and ``serve.rerank.final_items``. Every stage of
-one request uses the model version the ingress chose when the request arrived, so a version swap never
-mixes two versions in one answer.
+in the replica that serves the HTTP API, over a batch of requests; every stage is timed in
+``polyrec_stage_latency_ms`` where it is awaited (``StageLatency``). Its stages (``Stages``) are calls to
+the split graph's deployments (``HandleStages``: UserStateStore, Retriever, Ranker, ReRanker, a call per
+request, which those deployments batch) or, in the colocated graph, run in that replica (``ColocatedStages``)
+by the code of those deployments: ``RetrievalStage``, ``RankingStage`` and ``serve.rerank.final_items``.
+There the whole request is batched: concurrent requests go through one user lookup and one pass of the
+model together, which is what makes a busy replica cheaper per request. Every stage of one request uses
+the model version the ingress chose when the request arrived, so a version swap never mixes two versions
+in one answer.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Histogram
 
 from serve.api import HistoryItem, RecommendedItem
@@ -41,20 +43,23 @@ T = TypeVar("T")
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
+#: A batch's final items: per request, (position in its ``Ranked``, its ``because``), best first.
+Chosen = list[list[tuple[int, list[str]]]]
+
 
 class Stages(Protocol):
-    """The stages of a recommendation, for one request each, and the catalogue lookups of the
+    """The stages of a recommendation, each over a batch of requests, and the catalogue lookups of the
     model version at ``path``."""
 
-    def context(self, user_id: str) -> Awaitable[UserContext]: ...
+    def contexts(self, user_ids: list[str]) -> Awaitable[list[UserContext]]: ...
 
     def popular(self, n: int) -> Awaitable[list[tuple[str, int]]]: ...
 
-    def retrieve(self, request: RetrievalRequest) -> Awaitable[Candidates]: ...
+    def retrieve_batch(self, requests: list[RetrievalRequest]) -> Awaitable[list[Candidates]]: ...
 
-    def rank(self, candidates: Candidates) -> Awaitable[Ranked]: ...
+    def rank_batch(self, batch: list[Candidates]) -> Awaitable[list[Ranked]]: ...
 
-    def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> Awaitable[list[tuple[int, list[str]]]]: ...
+    def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Awaitable[Chosen]: ...
 
     def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[ItemExists | None]: ...
 
@@ -63,29 +68,46 @@ class Stages(Protocol):
     def describe(self, path: str) -> Awaitable[dict]: ...
 
 
+async def _each(calls: list[DeploymentResponse]) -> list[Any]:
+    """Every call's answer, in order. Cancelled (a deadline passed), it cancels the calls, so the other replicas
+    may stop working on them."""
+    try:
+        return list(await asyncio.gather(*calls))
+    except asyncio.CancelledError:
+        for call in calls:
+            call.cancel()
+        raise
+
+
 @dataclass
 class HandleStages:
-    """The split graph's stages: a call to the deployment of each (the Retriever's for lookups)."""
+    """The split graph's stages: a call to the deployment of each, per request (the deployments batch concurrent
+    calls), and the Retriever's lookups. The Ingress's batches are of one request."""
 
+    config: ServeConfig
+    latency: StageLatency
     store: DeploymentHandle
     retriever: DeploymentHandle
     ranker: DeploymentHandle
     reranker: DeploymentHandle
 
-    def context(self, user_id: str) -> Awaitable[UserContext]:
-        return self.store.context.remote(user_id)
+    async def recommend(self, query: Query) -> Recommendation:
+        return (await run_stages([query], self, self.config, self.latency))[0]
+
+    def contexts(self, user_ids: list[str]) -> Awaitable[list[UserContext]]:
+        return self.store.contexts.remote(user_ids)
 
     def popular(self, n: int) -> Awaitable[list[tuple[str, int]]]:
         return self.store.popular.remote(n)
 
-    def retrieve(self, request: RetrievalRequest) -> Awaitable[Candidates]:
-        return self.retriever.retrieve.remote(request)
+    def retrieve_batch(self, requests: list[RetrievalRequest]) -> Awaitable[list[Candidates]]:
+        return _each([self.retriever.retrieve.remote(request) for request in requests])
 
-    def rank(self, candidates: Candidates) -> Awaitable[Ranked]:
-        return self.ranker.rank.remote(candidates)
+    def rank_batch(self, batch: list[Candidates]) -> Awaitable[list[Ranked]]:
+        return _each([self.ranker.rank.remote(candidates) for candidates in batch])
 
-    def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> Awaitable[list[tuple[int, list[str]]]]:
-        return self.reranker.rerank.remote(ranked, k, drop)
+    def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Awaitable[Chosen]:
+        return _each([self.reranker.rerank.remote(ranked, k, drop) for ranked, k, drop in zip(batch, ks, drops)])
 
     def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[ItemExists | None]:
         return self.retriever.check_new_item.remote(path, item_id, text)
@@ -120,27 +142,38 @@ class StageLatency:
             self.histogram.observe((time.perf_counter() - started) * 1000, tags={"stage": stage})
 
 
-async def run_stages(query: Query, stages: Stages, config: ServeConfig, latency: StageLatency) -> Recommendation:
-    """The recommendation for ``query``, each stage timed as ``latency``'s stage of its name."""
+async def run_stages(queries: list[Query], stages: Stages, config: ServeConfig, latency: StageLatency) -> list[Recommendation]:
+    """The recommendation for each of ``queries``, each stage timed (once for the batch) as ``latency``'s stage of its name."""
     timed = latency.timed
-    context = await timed("state", stages.context(query.user_id))
-    drop = sorted(set(context.seen) | set(query.history) | set(query.exclude))
-    request = RetrievalRequest(
-        model=query.model,
-        user_id=query.user_id,
-        history=context.history + query.history,
-        history_ratings=context.history_ratings + [math.nan] * len(query.history),  # a request's own history has no ratings
-        interests=query.interests,
-        num_candidates=config.retrieval.num_candidates + query.k,
-        registry_version=context.registry_version,
-        exclude=drop,
-    )
-    candidates = await timed("retrieve", stages.retrieve(request))
-    if candidates.mode is None:
-        request.popular = await timed("popular", stages.popular(config.state.popular_items))
-        candidates = await timed("retrieve", stages.retrieve(request))
-    ranked = await timed("rank", stages.rank(candidates))
-    chosen = await timed("rerank", stages.rerank(ranked, query.k, drop))
+    contexts = await timed("state", stages.contexts([query.user_id for query in queries]))
+    drops = [sorted(set(context.seen) | set(query.history) | set(query.exclude)) for query, context in zip(queries, contexts)]
+    requests = [
+        RetrievalRequest(
+            model=query.model,
+            user_id=query.user_id,
+            history=context.history + query.history,
+            history_ratings=context.history_ratings + [math.nan] * len(query.history),  # a request's own history has no ratings
+            interests=query.interests,
+            num_candidates=config.retrieval.num_candidates + query.k,
+            registry_version=context.registry_version,
+            exclude=drop,
+        )
+        for query, context, drop in zip(queries, contexts, drops)
+    ]
+    candidates = await timed("retrieve", stages.retrieve_batch(requests))
+    unknown = [i for i, found in enumerate(candidates) if found.mode is None]
+    if unknown:  # users the model knows nothing about: popular items instead
+        popular = await timed("popular", stages.popular(config.state.popular_items))
+        for i in unknown:
+            requests[i].popular = popular
+        for i, found in zip(unknown, await timed("retrieve", stages.retrieve_batch([requests[i] for i in unknown]))):
+            candidates[i] = found
+    ranked = await timed("rank", stages.rank_batch(candidates))
+    chosen = await timed("rerank", stages.rerank_batch(ranked, [query.k for query in queries], drops))
+    return [_recommendation(one_ranked, one_chosen, found.ignored_history) for one_ranked, one_chosen, found in zip(ranked, chosen, candidates)]
+
+
+def _recommendation(ranked: Ranked, chosen: list[tuple[int, list[str]]], ignored_history: list[str]) -> Recommendation:
     history_titles = dict(zip(ranked.history_ids, ranked.history_titles))
     items = [
         RecommendedItem(
@@ -155,7 +188,7 @@ async def run_stages(query: Query, stages: Stages, config: ServeConfig, latency:
         )
         for i, because in chosen
     ]
-    return Recommendation(model_version=ranked.model_version, mode=ranked.mode, items=items, ignored_history=candidates.ignored_history)
+    return Recommendation(model_version=ranked.model_version, mode=ranked.mode, items=items, ignored_history=ignored_history)
 
 
 # --- the stages in the replica: the Retriever's and Ranker's code, and the colocated graph's ---------
@@ -195,12 +228,11 @@ def _grouped(requests: Sequence[Any], run: Callable[[str, list[Any]], list[T]]) 
 
 class RetrievalStage(_ModelHolder):
     """Retrieval, and the item and model lookups, over the replica's model versions with the items
-    registered in the UserStateStore (the Retriever; the first of the ColocatedStages)."""
+    registered in the UserStateStore (the Retriever's code; the first of the ColocatedStages)."""
 
     def __init__(self, config: ServeConfig, store: DeploymentHandle):
         super().__init__(config)
         self.store = store
-        set_batching(self.retrieve, config.retrieval.batching)
 
     async def _synced(self, path: str, registry_version: int | None = None) -> ServingModel:
         """The model with every registered item up to ``registry_version`` (None: the latest)."""
@@ -209,8 +241,7 @@ class RetrievalStage(_ModelHolder):
             model.sync_registry(await self.store.registered_since.remote(model.registry_version))
         return model
 
-    @batched
-    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
+    async def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[Candidates]:
         for path in {request.model for request in requests}:
             await self._synced(path, max(r.registry_version for r in requests if r.model == path))
         retrieval = self.config.retrieval
@@ -233,14 +264,9 @@ class RetrievalStage(_ModelHolder):
 
 
 class RankingStage(_ModelHolder):
-    """Multi-task scores and the final score of each candidate (the Ranker; the second of the ColocatedStages)."""
+    """Multi-task scores and the final score of each candidate (the Ranker's code; the second of the ColocatedStages)."""
 
-    def __init__(self, config: ServeConfig):
-        super().__init__(config)
-        set_batching(self.rank, config.ranking.batching)
-
-    @batched
-    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
+    async def rank_batch(self, batch: list[Candidates]) -> list[Ranked]:
         for path in {candidates.model for candidates in batch}:
             await self._loaded(path)
         weights = self.config.ranking.weights
@@ -249,20 +275,24 @@ class RankingStage(_ModelHolder):
 
 class ColocatedStages(RetrievalStage, RankingStage):
     """The colocated graph's stages, in the ingress replica, by the code of the split graph's
-    Retriever, Ranker and ReRanker: retrieval and ranking batched across concurrent requests as
-    those deployments batch them, re-ranking in line, and the requests' user lookups gathered into
-    one call to the UserStateStore, which stays the one copy of the user state."""
+    Retriever, Ranker and ReRanker. Concurrent requests are batched whole (``ServeConfig.recommender_batching``):
+    one call to the UserStateStore, which stays the one copy of the user state, for the batch's user
+    lookups, one pass of the model for its retrieval and one for its ranking, then re-ranking in line."""
 
-    def __init__(self, config: ServeConfig, store: DeploymentHandle):
+    def __init__(self, config: ServeConfig, latency: StageLatency, store: DeploymentHandle):
         super().__init__(config, store)
-        set_batching(self.context, config.state.lookup_batching)
+        self.latency = latency
+        set_batching(self.recommend, config.recommender_batching)
 
     @batched
-    async def context(self, user_ids: list[str]) -> list[UserContext]:
+    async def recommend(self, queries: list[Query]) -> list[Recommendation]:
+        return await run_stages(queries, self, self.config, self.latency)
+
+    async def contexts(self, user_ids: list[str]) -> list[UserContext]:
         return await self.store.contexts.remote(user_ids)
 
     async def popular(self, n: int) -> list[tuple[str, int]]:
         return await self.store.popular.remote(n)
 
-    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
-        return final_items(ranked, k, drop, self.config.rerank)
+    async def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Chosen:
+        return [final_items(ranked, k, drop, self.config.rerank) for ranked, k, drop in zip(batch, ks, drops)]

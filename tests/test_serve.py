@@ -13,6 +13,7 @@ comes last.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -38,7 +40,8 @@ from ray.serve.schema import ServeDeploySchema
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
 from data.feedback_log import read_feedback_log
-from serve.config import FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
+from serve.batching import batched, set_batching
+from serve.config import BatchingConfig, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
@@ -300,6 +303,29 @@ def test_colocated_graph_serves_and_runs_the_stages_in_one_recommender(colocated
     assert [len(answer["items"]) for answer in colocated_answers] == [body["k"] for body in compared_requests()]
 
 
+def assert_same_answer(ours: dict, theirs: dict) -> None:
+    """The same recommendation (but for its request id), up to float error in the scores."""
+    assert {**ours, "request_id": None, "items": None} == {**theirs, "request_id": None, "items": None}
+    assert [item["item_id"] for item in ours["items"]] == [item["item_id"] for item in theirs["items"]]
+    for our_item, their_item in zip(ours["items"], theirs["items"]):
+        assert our_item == {
+            **their_item,
+            "score": pytest.approx(their_item["score"], abs=1e-5),
+            "p_like": pytest.approx(their_item["p_like"], abs=1e-5),
+            "rating": pytest.approx(their_item["rating"], abs=1e-4),
+        }
+
+
+def test_colocated_graph_answers_concurrent_requests_as_it_answers_each_alone(colocated_answers, colocated_client, colocated_service):
+    """Concurrent requests of every path (personal, popular, interests, ignored history) are recommended in shared
+    batches; each gets the answer it gets alone."""
+    bodies = compared_requests() * 2  # 12: within what a replica admits at once
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: recommend(colocated_client, **body), bodies))
+    for answer, alone in zip(answers, colocated_answers * 2, strict=True):
+        assert_same_answer(answer, alone)
+
+
 def test_colocated_graph_logs_impressions(colocated_client, colocated_service):
     check_impressions_are_logged_with_positions_and_version(colocated_client, colocated_service)
 
@@ -411,16 +437,7 @@ def test_impressions_are_logged_with_positions_and_version(client, service):
 
 def test_split_graph_answers_like_the_colocated_graph(colocated_answers, client):
     for body, colocated in zip(compared_requests(), colocated_answers, strict=True):
-        split = recommend(client, **body)
-        assert {**split, "request_id": None, "items": None} == {**colocated, "request_id": None, "items": None}
-        assert [item["item_id"] for item in split["items"]] == [item["item_id"] for item in colocated["items"]]
-        for ours, theirs in zip(split["items"], colocated["items"]):
-            assert ours == {
-                **theirs,
-                "score": pytest.approx(theirs["score"], abs=1e-5),
-                "p_like": pytest.approx(theirs["p_like"], abs=1e-5),
-                "rating": pytest.approx(theirs["rating"], abs=1e-4),
-            }
+        assert_same_answer(recommend(client, **body), colocated)
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -730,6 +747,49 @@ def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_p
     assert again.context("1").registry_version == 1
     with pytest.raises(ItemExists):
         again.register("new-1", "", "other", ts=2)
+
+
+class Doubler:
+    """A replica's batched method that records its batches and runs each until ``release`` is set."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        set_batching(self.double, BatchingConfig(max_batch_size=max_batch_size))
+
+    @batched
+    async def double(self, numbers: list[int]) -> list[int]:
+        self.batches.append(numbers)
+        await self.release.wait()
+        if -1 in numbers:
+            raise ValueError("no negatives")
+        return [2 * n for n in numbers]
+
+
+def test_a_batch_is_what_arrived_while_the_previous_batch_ran():
+    async def scenario() -> None:
+        replica = Doubler(max_batch_size=3)
+        replica.release.set()
+        assert await replica.double(5) == 10  # alone: a batch of one, at once
+        replica.release.clear()
+        first = asyncio.create_task(replica.double(1))
+        await asyncio.sleep(0)  # the first batch starts and waits for release
+        waiting = [asyncio.create_task(replica.double(n)) for n in (2, 3, 4, 5, 6)]
+        await asyncio.sleep(0)  # they are queued
+        given_up = waiting.pop(1)
+        given_up.cancel()  # a caller that gave up is left out of its batch
+        replica.release.set()
+        assert await asyncio.gather(first, *waiting) == [2, 4, 8, 10, 12]
+        assert replica.batches == [[5], [1], [2, 4, 5], [6]]
+
+        failing = [asyncio.create_task(replica.double(n)) for n in (7, -1)]
+        for call in failing:
+            with pytest.raises(ValueError, match="no negatives"):  # the batch's error is each of its callers'
+                await call
+        assert replica.batches[-1] == [7, -1]
+        assert await replica.double(8) == 16  # and the queue goes on
+
+    asyncio.run(scenario())
 
 
 def test_mmr_trades_relevance_for_novelty_as_computed_by_hand():
