@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns per level, alternating the no-op and recommend")
     parser.add_argument("--feedback-events", type=int, default=20_000)
     parser.add_argument("--feedback-batch", type=int, default=200)
-    parser.add_argument("--batch-wait-ms", type=float, help="override how long retrieval, ranking and user-lookup batches wait for company")
+    parser.add_argument("--batch-wait-ms", type=float, help="override how long a batch of requests waits for company")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args()
 
@@ -181,8 +181,7 @@ def main() -> None:
             port=port,
         )
         if args.batch_wait_ms is not None:
-            wait = BatchingConfig(batch_wait_timeout_s=args.batch_wait_ms / 1000)
-            config.retrieval.batching = config.ranking.batching = config.recommender_batching = wait
+            config.request_batching = BatchingConfig(batch_wait_timeout_s=args.batch_wait_ms / 1000)
         use_throughput_env()  # as `polyrec serve` starts its local instance: the no-op gets the same settings
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
@@ -314,8 +313,8 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
             f"Model: `{metadata.get('model_version')}` (a `polyrec train` artifact), its users' histories from `{training_data}`; "
             f'requests `{{"user_id": <known user>, "k": 10}}` over {len(bodies)} real users; `ServeConfig` '
             f"({config.retrieval.num_candidates} candidates, {config.rerank.diversity}, batches of up to "
-            f"{config.recommender_batching.max_batch_size} requests (colocated; split: of each stage's calls) whose first waits "
-            f"{config.recommender_batching.batch_wait_timeout_s * 1000:g} ms for company, default autoscaling). "
+            f"{config.request_batching.max_batch_size} requests whose first waits "
+            f"{config.request_batching.batch_wait_timeout_s * 1000:g} ms for company, default autoscaling). "
             "Stock no-op: one deployment returning a constant, Serve's stock settings, on its own Ray instance, measured first. "
             "Fast no-op: the same deployment beside polyrec with polyrec's settings "
             f"({', '.join(f'{k}={v}' for k, v in SERVE_THROUGHPUT_ENV.items())}), in alternating turns with recommend "

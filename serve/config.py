@@ -102,8 +102,8 @@ def _default_deployments() -> dict[str, DeploymentOptions]:
 class AdmissionConfig(StageConfig):
     """Load shedding: past capacity a request is refused quickly with 503 and Retry-After instead of waiting."""
 
-    #: Requests an ingress replica works on at once; beyond them it answers 503 at once, before any work. Two of the
-    #: colocated graph's batches (``recommender_batching.max_batch_size``): one running, one forming, so that an
+    #: Requests an ingress replica works on at once; beyond them it answers 503 at once, before any work. Two of its
+    #: batches (``request_batching.max_batch_size``): one running, one forming, so that an
     #: admitted request waits at most about twice what it does at capacity (bench/overload.py measures capacity);
     #: Serve's own queue bounds (``DeploymentOptions``) stay loose, as its router is costly to wait in.
     max_in_progress: int = Field(32, ge=1)
@@ -150,14 +150,12 @@ class RetrievalConfig(StageConfig):
     index: IndexConfig = Field(default_factory=IndexConfig)
     #: Weight of the ``interests`` text in the query of a user who also has a history (1 without one).
     interests_weight: float = Field(0.5, ge=0, le=1)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)  # split graph: the Retriever's
 
 
 class RankingConfig(StageConfig):
     """final score = retrieval · retrieval logit + like · p(like) + rating · predicted rating (raw scale)."""
 
     weights: dict[Literal["retrieval", "like", "rating"], float] = Field(default_factory=lambda: {"retrieval": 1.0, "like": 1.0, "rating": 0.2})
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)  # split graph: the Ranker's
 
 
 class ReRankConfig(StageConfig):
@@ -201,10 +199,9 @@ class StateConfig(StageConfig):
 
 class ServeConfig(StageConfig):
     #: ``colocated``: one Recommender deployment serves the API and runs retrieval, ranking and
-    #: re-ranking in its replica, concurrent requests together (``recommender_batching``), so that a
-    #: recommendation's only call to another replica is the user lookup in the UserStateStore (one call
-    #: for the batch) instead of four calls: the default, because on a few cores such a call costs more
-    #: CPU than the model.
+    #: re-ranking in its replica, so that a recommendation's only call to another replica is the user
+    #: lookup in the UserStateStore instead of four calls: the default, because on a few cores such a
+    #: call costs more CPU than the model.
     #: ``split``: an Ingress and one deployment per stage (Retriever, Ranker,
     #: ReRanker), each scaled and placed on its own: the layout of the cluster config
     #: (``serve/serve_config.yaml``, the RayService), where stages get their own nodes or GPUs.
@@ -249,9 +246,9 @@ class ServeConfig(StageConfig):
     internal_access_log: bool = False
     max_loaded_models: int = Field(2, ge=1)  # model versions held per replica (current + previous)
     torch_threads: int = Field(1, ge=1)  # per replica: replicas share a few cores
-    #: Colocated graph: concurrent requests a Recommender replica takes as one batch (one user lookup, one
-    #: pass of the model; per request the model's work is 2.4× cheaper in batches of 8 than alone).
-    recommender_batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    #: Concurrent requests an ingress replica (Recommender, Ingress) takes as one batch: one user lookup, one pass
+    #: of each stage (per request the model's work is 2.4× cheaper in batches of 8 than alone).
+    request_batching: BatchingConfig = Field(default_factory=BatchingConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ranking: RankingConfig = Field(default_factory=RankingConfig)
     rerank: ReRankConfig = Field(default_factory=ReRankConfig)

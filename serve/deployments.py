@@ -4,7 +4,8 @@
 Ingress: the HTTP API (``serve.http``); it has each request recommended (``serve.recommendation.run_stages``),
 answers, and hands the impressions to the FeedbackLogger. Given the Retriever, Ranker and ReRanker (the
 split graph) it calls them; without them (the colocated graph, where it is deployed as the Recommender)
-it runs those stages in its own replica by their code, concurrent requests together. UserStateStore: the one copy of the server-side
+it runs those stages in its own replica by their code. Either way concurrent requests go through the
+stages together. UserStateStore: the one copy of the server-side
 state. FeedbackLogger: the durable feedback log, concurrent appends batched into one fsync.
 """
 
@@ -41,8 +42,8 @@ from serve.config import ServeConfig
 from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key
-from serve.messages import Candidates, Query, Ranked, RetrievalRequest
-from serve.recommendation import ColocatedStages, HandleStages, RankingStage, RetrievalStage
+from serve.messages import Query, Ranked
+from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingStage, RetrievalStage
 from serve.rerank import final_items
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
@@ -59,39 +60,23 @@ def _cause(error: BaseException) -> BaseException:
 
 @serve.deployment
 class Retriever(RetrievalStage):
-    """Split graph: the retrieval stage, and the item and model lookups. Concurrent calls are retrieved together."""
-
-    def __init__(self, config: ServeConfig, store: DeploymentHandle):
-        super().__init__(config, store)
-        set_batching(self.retrieve, config.retrieval.batching)
-
-    @batched
-    async def retrieve(self, requests: list[RetrievalRequest]) -> list[Candidates]:
-        return await self.retrieve_batch(requests)
+    """Split graph: the retrieval stage (a batch of requests a call), and the item and model lookups."""
 
 
 @serve.deployment
 class Ranker(RankingStage):
-    """Split graph: the ranking stage. Concurrent calls are ranked together."""
-
-    def __init__(self, config: ServeConfig):
-        super().__init__(config)
-        set_batching(self.rank, config.ranking.batching)
-
-    @batched
-    async def rank(self, batch: list[Candidates]) -> list[Ranked]:
-        return await self.rank_batch(batch)
+    """Split graph: the ranking stage (a batch of requests a call)."""
 
 
 @serve.deployment
 class ReRanker:
-    """Split graph: the re-ranking stage."""
+    """Split graph: the re-ranking stage (a batch of requests a call)."""
 
     def __init__(self, config: ServeConfig):
         self.config = config.rerank
 
-    async def rerank(self, ranked: Ranked, k: int, drop: list[str]) -> list[tuple[int, list[str]]]:
-        return final_items(ranked, k, drop, self.config)
+    async def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Chosen:
+        return [final_items(ranked, k, drop, self.config) for ranked, k, drop in zip(batch, ks, drops)]
 
 
 # --- Ingress ---------------------------------------------------------------------------------

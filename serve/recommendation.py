@@ -2,13 +2,12 @@
 user the model knows nothing about) → ranking → re-ranking; and the two ways its stages run.
 
 ``run_stages`` is the sequence, the same in both graphs (``ServeConfig.graph``, built by ``serve.app``),
-in the replica that serves the HTTP API, over a batch of requests; every stage is timed in
-``polyrec_stage_latency_ms`` where it is awaited (``StageLatency``). Its stages (``Stages``) are calls to
-the split graph's deployments (``HandleStages``: UserStateStore, Retriever, Ranker, ReRanker, a call per
-request, which those deployments batch) or, in the colocated graph, run in that replica (``ColocatedStages``)
-by the code of those deployments: ``RetrievalStage``, ``RankingStage`` and ``serve.rerank.final_items``.
-There the whole request is batched: concurrent requests go through one user lookup and one pass of the
-model together, which is what makes a busy replica cheaper per request. Every stage of one request uses
+in the replica that serves the HTTP API, over a batch of concurrent requests (``RequestBatching``): one user
+lookup and one pass of each stage for the batch, which is what makes a busy replica cheaper per request.
+Every stage is timed in ``polyrec_stage_latency_ms`` where it is awaited (``StageLatency``). Its stages
+(``Stages``) are calls to the split graph's deployments (``HandleStages``: UserStateStore, Retriever, Ranker,
+ReRanker, one call per batch) or, in the colocated graph, run in that replica (``ColocatedStages``) by the
+code of those deployments: ``RetrievalStage``, ``RankingStage`` and ``serve.rerank.final_items``. Every stage of one request uses
 the model version the ingress chose when the request arrived, so a version swap never mixes two versions
 in one answer.
 """
@@ -20,12 +19,11 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Histogram
 
 from serve.api import HistoryItem, RecommendedItem
@@ -68,31 +66,34 @@ class Stages(Protocol):
     def describe(self, path: str) -> Awaitable[dict]: ...
 
 
-async def _each(calls: list[DeploymentResponse]) -> list[Any]:
-    """Every call's answer, in order. Cancelled (a deadline passed), it cancels the calls, so the other replicas
-    may stop working on them."""
-    try:
-        return list(await asyncio.gather(*calls))
-    except asyncio.CancelledError:
-        for call in calls:
-            call.cancel()
-        raise
+class RequestBatching:
+    """An ingress replica's concurrent requests taken as one batch (``ServeConfig.request_batching``) through
+    ``run_stages``: one user lookup, one retrieval, one ranking and one re-ranking for the batch."""
+
+    def __init__(self, config: ServeConfig, latency: StageLatency):
+        self.config = config
+        self.latency = latency
+        set_batching(self.recommend, config.request_batching)
+
+    @batched
+    async def recommend(self, queries: list[Query]) -> list[Recommendation]:
+        return await run_stages(queries, self, self.config, self.latency)  # a subclass gives the stages
 
 
-@dataclass
-class HandleStages:
-    """The split graph's stages: a call to the deployment of each, per request (the deployments batch concurrent
-    calls), and the Retriever's lookups. The Ingress's batches are of one request."""
+class HandleStages(RequestBatching):
+    """The split graph's stages: for a batch of requests, a call to the deployment of each; and the Retriever's lookups."""
 
-    config: ServeConfig
-    latency: StageLatency
-    store: DeploymentHandle
-    retriever: DeploymentHandle
-    ranker: DeploymentHandle
-    reranker: DeploymentHandle
-
-    async def recommend(self, query: Query) -> Recommendation:
-        return (await run_stages([query], self, self.config, self.latency))[0]
+    def __init__(
+        self,
+        config: ServeConfig,
+        latency: StageLatency,
+        store: DeploymentHandle,
+        retriever: DeploymentHandle,
+        ranker: DeploymentHandle,
+        reranker: DeploymentHandle,
+    ):
+        super().__init__(config, latency)
+        self.store, self.retriever, self.ranker, self.reranker = store, retriever, ranker, reranker
 
     def contexts(self, user_ids: list[str]) -> Awaitable[list[UserContext]]:
         return self.store.contexts.remote(user_ids)
@@ -101,13 +102,13 @@ class HandleStages:
         return self.store.popular.remote(n)
 
     def retrieve_batch(self, requests: list[RetrievalRequest]) -> Awaitable[list[Candidates]]:
-        return _each([self.retriever.retrieve.remote(request) for request in requests])
+        return self.retriever.retrieve_batch.remote(requests)
 
     def rank_batch(self, batch: list[Candidates]) -> Awaitable[list[Ranked]]:
-        return _each([self.ranker.rank.remote(candidates) for candidates in batch])
+        return self.ranker.rank_batch.remote(batch)
 
     def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Awaitable[Chosen]:
-        return _each([self.reranker.rerank.remote(ranked, k, drop) for ranked, k, drop in zip(batch, ks, drops)])
+        return self.reranker.rerank_batch.remote(batch, ks, drops)
 
     def check_new_item(self, path: str, item_id: str, text: str) -> Awaitable[ItemExists | None]:
         return self.retriever.check_new_item.remote(path, item_id, text)
@@ -273,20 +274,14 @@ class RankingStage(_ModelHolder):
         return _grouped(batch, lambda path, group: self.models.get(path).rank(group, weights))
 
 
-class ColocatedStages(RetrievalStage, RankingStage):
-    """The colocated graph's stages, in the ingress replica, by the code of the split graph's
-    Retriever, Ranker and ReRanker. Concurrent requests are batched whole (``ServeConfig.recommender_batching``):
-    one call to the UserStateStore, which stays the one copy of the user state, for the batch's user
-    lookups, one pass of the model for its retrieval and one for its ranking, then re-ranking in line."""
+class ColocatedStages(RequestBatching, RetrievalStage, RankingStage):
+    """The colocated graph's stages, in the ingress replica, by the code of the split graph's Retriever, Ranker
+    and ReRanker: a batch's user lookups in one call to the UserStateStore, which stays the one copy of the user
+    state, one pass of the model for its retrieval and one for its ranking, then re-ranking in line."""
 
     def __init__(self, config: ServeConfig, latency: StageLatency, store: DeploymentHandle):
-        super().__init__(config, store)
-        self.latency = latency
-        set_batching(self.recommend, config.recommender_batching)
-
-    @batched
-    async def recommend(self, queries: list[Query]) -> list[Recommendation]:
-        return await run_stages(queries, self, self.config, self.latency)
+        RetrievalStage.__init__(self, config, store)
+        RequestBatching.__init__(self, config, latency)
 
     async def contexts(self, user_ids: list[str]) -> list[UserContext]:
         return await self.store.contexts.remote(user_ids)

@@ -319,10 +319,14 @@ def assert_same_answer(ours: dict, theirs: dict) -> None:
 def test_colocated_graph_answers_concurrent_requests_as_it_answers_each_alone(colocated_answers, colocated_client, colocated_service):
     """Concurrent requests of every path (personal, popular, interests, ignored history) are recommended in shared
     batches; each gets the answer it gets alone."""
+    assert_concurrent_answers_are_the_lone_ones(colocated_client, colocated_answers)
+
+
+def assert_concurrent_answers_are_the_lone_ones(client: httpx.Client, lone_answers: list[dict]) -> None:
     bodies = compared_requests() * 2  # 12: within what a replica admits at once
     with ThreadPoolExecutor(len(bodies)) as pool:
-        answers = list(pool.map(lambda body: recommend(colocated_client, **body), bodies))
-    for answer, alone in zip(answers, colocated_answers * 2, strict=True):
+        answers = list(pool.map(lambda body: recommend(client, **body), bodies))
+    for answer, alone in zip(answers, lone_answers * 2, strict=True):
         assert_same_answer(answer, alone)
 
 
@@ -438,6 +442,7 @@ def test_impressions_are_logged_with_positions_and_version(client, service):
 def test_split_graph_answers_like_the_colocated_graph(colocated_answers, client):
     for body, colocated in zip(compared_requests(), colocated_answers, strict=True):
         assert_same_answer(recommend(client, **body), colocated)
+    assert_concurrent_answers_are_the_lone_ones(client, colocated_answers)
 
 
 # --- bad input -------------------------------------------------------------------------------
