@@ -237,7 +237,7 @@ def model_work(config: ServeConfig, training_data: str, users: list[str]) -> str
     return (
         f"- model work alone (retrieve + rank + re-rank + explain, in-process, 1 thread): {'; '.join(lines)}. "
         "The rest is Serve transport: the bare endpoint is one call from the proxy; a split recommendation five "
-        "(proxy → Ingress → UserStateStore, Retriever, Ranker, ReRanker); a colocated one the proxy's call to the "
+        "(proxy → Ingress, then one per batch of requests to each of UserStateStore, Retriever, Ranker, ReRanker); a colocated one the proxy's call to the "
         "Recommender, plus its user lookups in the UserStateStore, one call per batch of concurrent requests."
     )
 
