@@ -50,21 +50,23 @@ class _Calls(Generic[T, R]):
                 await self._run(batch)
 
     async def _gather(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
-        """Add the calls waiting now, then those arriving within the wait, up to the batch size (of callers still waiting)."""
-        limit = self.settings.max_batch_size
+        """Add the calls waiting now, then those arriving within the wait, up to the batch size; calls whose
+        callers gave up meanwhile take no place."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.batch_wait_timeout_s
-        while sum(not answer.done() for _, answer in batch) < limit:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                return
+        while len(batch) < self.settings.max_batch_size:
+            if self.queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                try:
+                    call = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    return
+            else:
+                call = self.queue.get_nowait()
+            if not call[1].done():
+                batch.append(call)
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

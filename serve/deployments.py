@@ -44,7 +44,7 @@ from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key
 from serve.messages import Query, Ranked
 from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingStage, RetrievalStage
-from serve.rerank import final_items
+from serve.rerank import final_items_of_batch
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 
 logger = logging.getLogger("ray.serve")
@@ -76,7 +76,7 @@ class ReRanker:
         self.config = config.rerank
 
     async def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Chosen:
-        return [final_items(ranked, k, drop, self.config) for ranked, k, drop in zip(batch, ks, drops)]
+        return final_items_of_batch(batch, ks, drops, self.config)
 
 
 # --- Ingress ---------------------------------------------------------------------------------

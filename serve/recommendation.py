@@ -7,7 +7,7 @@ lookup and one pass of each stage for the batch, which is what makes a busy repl
 Every stage is timed in ``polyrec_stage_latency_ms`` where it is awaited (``StageLatency``). Its stages
 (``Stages``) are calls to the split graph's deployments (``HandleStages``: UserStateStore, Retriever, Ranker,
 ReRanker, one call per batch) or, in the colocated graph, run in that replica (``ColocatedStages``) by the
-code of those deployments: ``RetrievalStage``, ``RankingStage`` and ``serve.rerank.final_items``. Every stage of one request uses
+code of those deployments: ``RetrievalStage``, ``RankingStage`` and ``serve.rerank.final_items_of_batch``. Every stage of one request uses
 the model version the ingress chose when the request arrived, so a version swap never mixes two versions
 in one answer.
 """
@@ -31,7 +31,7 @@ from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
 from serve.messages import Candidates, Query, Ranked, Recommendation, RetrievalRequest
-from serve.rerank import final_items
+from serve.rerank import final_items_of_batch
 from serve.state import ItemExists, UserContext
 
 if TYPE_CHECKING:
@@ -290,4 +290,4 @@ class ColocatedStages(RequestBatching, RetrievalStage, RankingStage):
         return await self.store.popular.remote(n)
 
     async def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Chosen:
-        return [final_items(ranked, k, drop, self.config.rerank) for ranked, k, drop in zip(batch, ks, drops)]
+        return final_items_of_batch(batch, ks, drops, self.config.rerank)

@@ -13,7 +13,7 @@ the history items with the largest attention contribution × similarity to the i
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -21,9 +21,15 @@ from serve.config import ReRankConfig
 from serve.messages import Ranked
 
 
+def final_items_of_batch(
+    batch: Sequence[Ranked], ks: Sequence[int], drops: Sequence[Collection[str]], config: ReRankConfig
+) -> list[list[tuple[int, list[str]]]]:
+    """The re-ranking stage (the ReRanker's, or the last of the colocated graph's) for a batch of requests."""
+    return [final_items(ranked, k, drop, config) for ranked, k, drop in zip(batch, ks, drops, strict=True)]
+
+
 def final_items(ranked: Ranked, k: int, drop: Collection[str], config: ReRankConfig) -> list[tuple[int, list[str]]]:
-    """The re-ranking stage (the ReRanker's, or the last of the colocated graph's): the final ``k`` candidates
-    (positions in ``ranked``), best first, each with its ``because``."""
+    """One request's final ``k`` candidates (positions in ``ranked``), best first, each with its ``because``."""
     positions = rerank(ranked, k, drop, config)
     return list(zip(positions, explain(ranked, positions, config.because_size)))
 
