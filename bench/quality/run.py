@@ -6,7 +6,8 @@ and popularity, on one split and by one evaluator, with one command::
 ``FILE`` is a preprocessing config (``data.config.PreprocessConfig``: a MovieLens folder, a ``table`` source, Amazon
 files, ...); without it, the embedded MovieLens-100K. The command preprocesses the data with polyrec, builds the
 peers' virtual environment if it is missing (``setup_peers.sh``: RecBole 1.2.1 needs numpy < 2), trains the peers
-on that split in it (``peers.py``), trains polyrec once per seed, each ``--variant`` and a cold-item split, scores
+on that split in it (``peers.py``), trains polyrec once per seed and each ``--variant``, then the default and every
+variant once more on a cold-item split (``COLD_ITEM_FRACTION`` of the items withheld from training), scores
 everything with polyrec's own metric functions and writes the section "Quality on NAME" of bench/RESULTS.md (NAME:
 ``--name``, by default the config file's stem).
 
@@ -286,6 +287,31 @@ def data_shape(data_dir: Path, manifest: Manifest) -> dict[str, Any]:
     }
 
 
+def cold_start(args: argparse.Namespace, work: Path, reuse: bool, variants: list[tuple[str | None, dict]], runs_of) -> dict[str, dict]:
+    """The cold-item check, per model (the default, ``None``, and each variant; first seed): the same data with
+    ``COLD_ITEM_FRACTION`` of the items withheld from training, scored on the test targets among them, where only an
+    item's content can place it."""
+    cold_dir = work / "cold-data"
+    cold_manifest = preprocessed(preprocessing_config(args.preprocess_config, cold_dir, cold=True), reuse)
+    cold_split = split_hash(cold_dir)
+    cold_test = read_table(resolve(str(cold_dir)), f"{schema.SEQUENCES_DIR}/test")
+    random_hr = random_hit_rate(cold_test, cold_manifest.num_items, 10, np.flatnonzero(cold_test["is_cold_target"].to_numpy(zero_copy_only=False)))
+    out = {}
+    for variant, overrides in variants:
+        runs = runs_of(variant, overrides, args.seeds[:1], cold_dir, cold_split)
+        if runs:
+            seed, run = next(iter(runs.items()))
+            metrics = run["metrics"]["polyrec"]
+            out[variant or "polyrec"] = {
+                "seed": seed,
+                "num_rows": int(metrics.get("cold/num_rows", 0)),
+                "HR@10": metrics.get("cold/HR@10", 0.0),
+                "NDCG@10": metrics.get("cold/NDCG@10", 0.0),
+                "random_HR@10": random_hr,
+            }
+    return out
+
+
 def measure(args: argparse.Namespace, name: str) -> dict:
     import ray
 
@@ -329,20 +355,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     if not results["polyrec"]:
         raise SystemExit(f"no kept polyrec result for this split and config in {kept}: run without --report-only first")
     if not args.skip_cold:
-        cold_dir = work / "cold-data"
-        cold_manifest = preprocessed(preprocessing_config(args.preprocess_config, cold_dir, cold=True), reuse)
-        cold_split = split_hash(cold_dir)
-        cold_runs = runs_of(None, {}, args.seeds[:1], cold_dir, cold_split)
-        if cold_runs:
-            cold_test = read_table(resolve(str(cold_dir)), f"{schema.SEQUENCES_DIR}/test")
-            cold_rows = np.flatnonzero(cold_test["is_cold_target"].to_numpy(zero_copy_only=False))
-            metrics = next(iter(cold_runs.values()))["metrics"]["polyrec"]
-            results["cold"] = {
-                "num_rows": int(metrics.get("cold/num_rows", 0)),
-                "HR@10": metrics.get("cold/HR@10", 0.0),
-                "NDCG@10": metrics.get("cold/NDCG@10", 0.0),
-                "random_HR@10": random_hit_rate(cold_test, cold_manifest.num_items, 10, cold_rows),
-            }
+        results["cold"] = cold_start(args, work, reuse, [(None, {}), *variants], runs_of)
     if ray.is_initialized():
         ray.shutdown()
     test = read_table(resolve(str(data_dir)), f"{schema.SEQUENCES_DIR}/test")
@@ -468,6 +481,22 @@ def report(results: dict) -> str:
         for name, metrics in (("SVD++ (Surprise)", svdpp), ("popularity", popularity)):
             if metrics:
                 lines.append(f"| {name} | " + " | ".join(cell(metrics, key) for key in ("rating/rmse", "rating/mae", "like/auc")) + " |")
+    cold = results.get("cold", {})
+    if cold:
+        any_run = next(iter(cold.values()))
+        lines += [
+            "",
+            f"Cold items: the same data with {COLD_ITEM_FRACTION:.0%} of the items withheld from training, each model trained "
+            f"on it once (seed {any_run['seed']}) and scored on the {any_run['num_rows']} test targets among the withheld items, "
+            "which only their content (text, attributes) can place; a random ranking gets HR@10 "
+            f"{any_run['random_HR@10']:.4f} there:",
+            "",
+            "| model | cold HR@10 | cold NDCG@10 | HR@10 / random |",
+            "|---|---:|---:|---:|",
+        ]
+        for model, run in cold.items():
+            label = "polyrec" if model == "polyrec" else f"polyrec {model}"
+            lines.append(f"| {label} | {run['HR@10']:.4f} | {run['NDCG@10']:.4f} | {run['HR@10'] / run['random_HR@10']:.1f}× |")
     lines += ["", "Targets (on polyrec's mean):", ""]
     lines += [f"- {verdict}" for verdict in verdicts(results, polyrec_mean, svdpp)]
     lines += ["", "Defaults and the data's shape (each default that could depend on the data, its rule, and whether this data meets it):", ""]
@@ -511,12 +540,12 @@ def verdicts(results: dict, polyrec: dict[str, float], svdpp: dict[str, float] |
             f"like AUC: polyrec {polyrec['like/auc']:.4f} vs SVD++'s rating as a like score {svdpp['like/auc']:.4f} "
             f"(target: above: {'met' if polyrec['like/auc'] > svdpp['like/auc'] else 'missed'})"
         )
-    cold = results.get("cold")
+    cold = results.get("cold", {}).get("polyrec")
     if cold:
         ratio = cold["HR@10"] / cold["random_HR@10"]
         out.append(
             f"cold items ({COLD_ITEM_FRACTION:.0%} of items withheld from training, {cold['num_rows']} test targets among them; "
-            f"seed {next(iter(results['polyrec']))}): HR@10 {cold['HR@10']:.4f} against {cold['random_HR@10']:.4f} for a random "
+            f"seed {cold['seed']}): HR@10 {cold['HR@10']:.4f} against {cold['random_HR@10']:.4f} for a random "
             f"ranking = {ratio:.1f}× (target ≥ 10×: {'met' if ratio >= 10 else 'missed'}); NDCG@10 {cold['NDCG@10']:.4f}"
         )
     return out
