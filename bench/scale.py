@@ -6,9 +6,11 @@ bench/_work/scale/ and a section of bench/RESULTS.md built from them:
 * ``steps``: training steps of the default model (MiniLM text, frozen; id embeddings; every task) on a synthetic
   catalogue of N items with ml-100k's shape of interactions (943 users, 100k events, Zipf item popularity), with the
   full or the sampled softmax. The text cache is filled with random vectors instead of encoding N template texts
-  (``encode`` measures that one-off cost), so a step costs what it costs after the cache. Plain PyTorch AdamW
-  in one process (no Ray Train / DeepSpeed around it); the epoch time is the measured time per step times the
-  steps in an epoch.
+  (``encode`` measures that one-off cost), so a step costs what it costs after the cache. The trainer's optimizers
+  in one process (no Ray Train / DeepSpeed around it): PyTorch AdamW, and for sparse tables the trainer's
+  ``TableOptimizer``; the epoch time is the measured time per step times the steps in an epoch. ``paired`` runs the
+  full and the sampled step alternating on the same batches, ``tables`` the sampled step with dense and with sparse
+  tables.
 * ``encode``: MiniLM's throughput on template item texts (the one-off text cache of a catalogue).
 * ``quality``: `polyrec train` as a user runs it (Ray Train + DeepSpeed) on the real ml-100k, full against
   sampled softmax: epoch time and test NDCG@10.
@@ -98,33 +100,44 @@ def synthetic_catalog(num_items: int, seed: int = 0):
     return CatalogFeatures(tokens, tokens.clone(), attributes, torch.zeros(num_items + 1, dtype=torch.bool))
 
 
-def training_step(num_items: int, loss: str):
-    """(whether the loss is sampled, a function that trains one step on a batch and returns its seconds)."""
+def training_step(num_items: int, loss: str, sparse_tables: str = "auto"):
+    """(whether the loss is sampled, whether the tables are sparse, a function that trains one step on a batch and
+    returns its seconds). The per-item and per-user tables are chosen as the trainer chooses them
+    (``optimizer.sparse_tables``) and then trained by its ``TableOptimizer``, the rest by AdamW."""
     import torch
 
     from train.config import TrainConfig
     from train.model import PolyrecModel
+    from train.trainer import TableOptimizer, make_tables_sparse
     from train.weighting import LossWeighting
 
     torch.manual_seed(0)
-    config = TrainConfig().model
+    train_config = TrainConfig()
+    train_config.optimizer.sparse_tables = sparse_tables
+    config = train_config.model
     config.tasks.retrieval_loss = loss
     model = PolyrecModel(config, ML100K_USERS, num_items, NUM_GENRES, synthetic_catalog(num_items), rating_mean=0.0)
     model.item_encoder.text_embeddings.normal_()
     model.item_encoder.text_cache_ready = True
     weighting = LossWeighting(config.loss_weighting, model.task_names)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    tables = make_tables_sparse(model, train_config)
+    in_tables = {id(table.weight) for table in tables}
+    optimizers = [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in in_tables], lr=2e-3)]
+    if tables:
+        optimizers.append(TableOptimizer(tables, train_config, num_train_windows=ML100K_EVENTS).optimizer)
     model.train()
 
     def step(batch: dict) -> float:
         started = time.perf_counter()
         total, _ = weighting(model.calculate_loss(batch), None)
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         total.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         return time.perf_counter() - started
 
-    return model.sampled_retrieval, step
+    return model.sampled_retrieval, bool(tables), step
 
 
 def synthetic_batches(windows, count: int, batch_size: int):
@@ -140,7 +153,7 @@ def run_paired(num_items: int, steps: int, batch_size: int = 32) -> dict:
     """Full and sampled steps alternating on the same batches in one process, so that load from other jobs on the
     machine falls on both alike: the ratio is the robust figure."""
     windows, _ = synthetic_windows(num_items)
-    steps_by_loss = {loss: training_step(num_items, loss)[1] for loss in ("full", "sampled")}
+    steps_by_loss = {loss: training_step(num_items, loss, sparse_tables="off")[2] for loss in ("full", "sampled")}
     times: dict[str, list[float]] = {loss: [] for loss in steps_by_loss}
     for batch in synthetic_batches(windows, steps + 2, batch_size):
         for loss, step in steps_by_loss.items():
@@ -149,9 +162,21 @@ def run_paired(num_items: int, steps: int, batch_size: int = 32) -> dict:
     return {"items": num_items, "steps_timed": steps, **{f"{loss}_step_s": value for loss, value in medians.items()}}
 
 
+def run_tables(num_items: int, steps: int, batch_size: int = 32) -> dict:
+    """The sampled step with dense tables (one AdamW over everything) and with sparse ones (``TableOptimizer``),
+    alternating on the same batches in one process."""
+    windows, _ = synthetic_windows(num_items)
+    steps_by_tables = {tables: training_step(num_items, "sampled", sparse_tables=setting)[2] for tables, setting in (("dense", "off"), ("sparse", "on"))}
+    times: dict[str, list[float]] = {tables: [] for tables in steps_by_tables}
+    for batch in synthetic_batches(windows, steps + 2, batch_size):
+        for tables, step in steps_by_tables.items():
+            times[tables].append(step(batch))
+    return {"items": num_items, "steps_timed": steps, **{f"{tables}_step_s": float(np.median(values[2:])) for tables, values in times.items()}}
+
+
 def run_steps(num_items: int, loss: str, steps: int, batch_size: int = 32) -> dict:
     windows, events = synthetic_windows(num_items)
-    sampled, step = training_step(num_items, loss)
+    sampled, sparse, step = training_step(num_items, loss)
     times = [step(batch) for batch in synthetic_batches(windows, steps + 2, batch_size)][2:]  # two warm-up steps
     step_s = float(np.mean(times))
     steps_per_epoch = math.ceil(windows.num_rows / batch_size)
@@ -159,6 +184,7 @@ def run_steps(num_items: int, loss: str, steps: int, batch_size: int = 32) -> di
         "items": num_items,
         "loss": loss,
         "sampled": sampled,
+        "sparse_tables": sparse,
         "events": events,
         "windows": windows.num_rows,
         "steps_timed": steps,
@@ -283,6 +309,7 @@ def in_process(*args: str, timeout: float = 1800) -> None:
 STEP_RUNS = [(1_682, "full"), (1_682, "sampled"), (5_000, "full"), (5_000, "sampled"), (20_000, "full"), (20_000, "sampled")]
 STEP_RUNS += [(100_000, "full"), (100_000, "sampled"), (1_000_000, "auto")]
 PAIRED_RUNS = [1_682, 5_000, 20_000]
+TABLE_RUNS = [1_682, 100_000, 1_000_000]
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -290,6 +317,8 @@ def run_all(args: argparse.Namespace) -> None:
         in_process("steps", "--items", str(items), "--loss", loss, "--steps", str(args.steps))
     for items in PAIRED_RUNS:
         in_process("paired", "--items", str(items))
+    for items in TABLE_RUNS:
+        in_process("tables", "--items", str(items))
     in_process("encode")
     for items in (100_000, 1_000_000):
         in_process("index", "--items", str(items))
@@ -309,19 +338,38 @@ def step_findings() -> list[str]:
         if paired:
             full, sampled = paired["full_step_s"], paired["sampled_step_s"]
             ratios.append(f"{full:.3f} s against {sampled:.3f} s ({full / sampled:.1f}x) at {items:,} items")
-    smallest, largest = load("paired-1682"), load("steps-1000000-auto")
     lines = []
     if ratios:
         lines.append(
             "The machine was shared with other jobs (load 2-5), which moves single runs by up to 2x; the full and the sampled step "
-            f"alternating on the same batches in one process (`paired`, median of 10) give the robust comparison: {'; '.join(ratios)}."
+            f"alternating on the same batches in one process (`paired`, median of 10, tables dense in both) give the robust "
+            f"comparison: {'; '.join(ratios)}."
         )
-    if smallest and largest:
-        lines.append(
-            f"The sampled step at 1M items costs {largest['step_s'] / smallest['sampled_step_s']:.1f}x the paired one at 1,682 items (595x the "
-            "items), so it is not yet logarithmic in the catalogue. Not profiled; the likely cause is the per-item tables (the id embedding, "
-            "64 floats per item, and the item biases): their gradients are dense, so every step zeroes, fills and AdamW-updates every row."
-        )
+    tables = {items: load(f"tables-{items}") for items in TABLE_RUNS}
+    if all(tables.values()):
+        smallest, largest = tables[TABLE_RUNS[0]], tables[TABLE_RUNS[-1]]
+        lines += [
+            "",
+            "The per-item and per-user tables (id embeddings, biases), dense (one AdamW over every parameter: each step zeroes, "
+            "fills and updates every row) against sparse (`optimizer.sparse_tables`: sparse gradients and a row-wise "
+            "`torch.optim.SparseAdam` for the rows a step touched), the sampled step alternating on the same batches in one "
+            "process (`tables`, median of 10):",
+            "",
+            "| items | dense tables (s / step) | sparse tables (s / step) | dense / sparse |",
+            "|---:|---:|---:|---:|",
+        ]
+        for items, run in tables.items():
+            dense, sparse = run["dense_step_s"], run["sparse_step_s"]
+            lines.append(f"| {items:,} | {dense:.3f} | {sparse:.3f} | {dense / sparse:.1f}x |")
+        growth_dense = largest["dense_step_s"] / smallest["dense_step_s"]
+        growth_sparse = largest["sparse_step_s"] / smallest["sparse_step_s"]
+        lines += [
+            "",
+            f"From {TABLE_RUNS[0]:,} to {TABLE_RUNS[-1]:,} items ({TABLE_RUNS[-1] / TABLE_RUNS[0]:.0f}x the items, "
+            f"{math.log(TABLE_RUNS[-1]) / math.log(TABLE_RUNS[0]):.1f}x their logarithm) the sampled step grows {growth_dense:.1f}x with "
+            f"dense tables and {growth_sparse:.1f}x with sparse ones; `sparse_tables: auto` switches them on with the sampled softmax "
+            "(ZeRO-0, fp32: CPU training).",
+        ]
     return lines
 
 
@@ -330,19 +378,23 @@ def report() -> str:
     lines += [
         "Training steps on synthetic catalogues: ml-100k's shape of interactions (943 users, ~100k events, Zipf item",
         "popularity, ~4k training windows, batch 32) over N items; the default model (MiniLM text cache filled with random",
-        "vectors: the one-off encoding is below; id embeddings; every task); plain PyTorch AdamW in one process, two",
+        "vectors: the one-off encoding is below; id embeddings; every task); the trainer's optimizers in one process (AdamW,",
+        "and SparseAdam for the tables where `optimizer.sparse_tables: auto` makes them sparse: with the sampled softmax), two",
         "warm-up steps, then the mean of the timed steps times the steps of an epoch. Peak memory: the process's peak RSS.",
         "",
-        "| items | retrieval loss | steps timed | s / step | epoch (s) | peak RSS (GiB) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| items | retrieval loss | tables | steps timed | s / step | epoch (s) | peak RSS (GiB) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     for items, loss in STEP_RUNS:
         result = load(f"steps-{items}-{loss}")
         if result is None:
-            lines.append(f"| {items:,} | {loss} | | did not finish (out of memory or time) | | |")
+            lines.append(f"| {items:,} | {loss} | | | did not finish (out of memory or time) | | |")
             continue
         name = f"{loss} ({'sampled' if result['sampled'] else 'full'})" if loss == "auto" else loss
-        lines.append(f"| {items:,} | {name} | {result['steps_timed']} | {result['step_s']:.3f} | {result['epoch_s']:.0f} | {result['peak_rss_gib']:.1f} |")
+        tables = "sparse" if result.get("sparse_tables") else "dense"
+        lines.append(
+            f"| {items:,} | {name} | {tables} | {result['steps_timed']} | {result['step_s']:.3f} | {result['epoch_s']:.0f} | {result['peak_rss_gib']:.1f} |"
+        )
     lines += ["", *step_findings()]
     encode = load("encode")
     if encode:
@@ -419,6 +471,9 @@ def main() -> None:
     paired = commands.add_parser("paired")
     paired.add_argument("--items", type=int, required=True)
     paired.add_argument("--steps", type=int, default=10)
+    table_steps = commands.add_parser("tables")
+    table_steps.add_argument("--items", type=int, required=True)
+    table_steps.add_argument("--steps", type=int, default=10)
     encode = commands.add_parser("encode")
     encode.add_argument("--texts", type=int, default=2048)
     quality = commands.add_parser("quality")
@@ -441,6 +496,8 @@ def main() -> None:
         save(f"steps-{args.items}-{args.loss}", run_steps(args.items, args.loss, args.steps))
     elif args.command == "paired":
         save(f"paired-{args.items}", run_paired(args.items, args.steps))
+    elif args.command == "tables":
+        save(f"tables-{args.items}", run_tables(args.items, args.steps))
     elif args.command == "encode":
         save("encode", run_encode(args.texts))
     elif args.command == "quality":

@@ -17,9 +17,10 @@ from serve.model_runtime import ServingModel, build_index
 from serve.runner import run_service
 from tests.serving_fixtures import build_random_artifact, build_training_data
 from tests.test_serve import free_port, item_text
-from train.config import ModelConfig, TaskConfig
+from train.config import ModelConfig, TaskConfig, TrainConfig
 from train.evaluate import SCORE_CELLS_PER_BATCH, rows_per_batch
 from train.model import CatalogFeatures, PolyrecModel
+from train.trainer import TableOptimizer, make_tables_sparse
 
 LARGE = 50_000
 
@@ -48,7 +49,8 @@ def test_evaluation_ranks_a_large_catalogue_a_few_rows_at_a_time():
 
 
 class LongestDimension(TorchDispatchMode):
-    """Records the longest dimension of every tensor an operation allocates (views of existing tensors allocate nothing)."""
+    """Records the longest dimension of every tensor an operation allocates (views of existing tensors and in-place
+    updates, which return a tensor they were given, allocate nothing; a sparse tensor allocates its stored rows)."""
 
     longest = 0
 
@@ -56,9 +58,11 @@ class LongestDimension(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.is_view:
             return out
+        given = {id(arg) for arg in [*args, *(kwargs or {}).values()] if isinstance(arg, torch.Tensor)}
         for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim():
-                self.longest = max(self.longest, *tensor.shape)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() and id(tensor) not in given:
+                shape = (tensor._nnz(), *tensor.shape[tensor.sparse_dim() :]) if tensor.is_sparse else tensor.shape
+                self.longest = max(self.longest, *shape)
         return out
 
 
@@ -89,20 +93,37 @@ def a_training_batch() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("retrieval_loss", ["auto", "full"])
-def test_a_training_step_on_a_large_catalogue_builds_no_catalogue_sized_tensor_with_the_sampled_softmax(retrieval_loss, one_thread):
+@pytest.mark.parametrize(("retrieval_loss", "sparse_tables"), [("auto", "auto"), ("auto", "off"), ("full", "auto")])
+def test_a_training_step_on_a_large_catalogue_builds_no_catalogue_sized_tensor_with_the_sampled_softmax(retrieval_loss, sparse_tables, one_thread):
+    """Forward, backward and the tables' optimizer step, as the trainer chooses them (``optimizer.sparse_tables``),
+    after a first step, which allocates the optimizer's moments once."""
     model = large_catalogue_model(retrieval_loss).train()
-    with LongestDimension() as watch:
+    config = TrainConfig(optimizer={"sparse_tables": sparse_tables})
+    tables = make_tables_sparse(model, config)
+    assert model.sampled_retrieval == (retrieval_loss == "auto") and bool(tables) == (sparse_tables == "auto" and model.sampled_retrieval)
+    optimizer = TableOptimizer(tables, config, num_train_windows=100) if tables else None
+
+    def step() -> dict[str, torch.Tensor]:
         losses = model.calculate_loss(a_training_batch())
-    assert model.sampled_retrieval == (retrieval_loss == "auto")
-    assert all(torch.isfinite(loss) for loss in losses.values())
-    if retrieval_loss == "full":  # the watch sees the catalogue when it is there
+        assert all(torch.isfinite(loss) for loss in losses.values())
+        model.zero_grad()
+        sum(losses.values()).backward()
+        if optimizer is not None:
+            optimizer.step()
+        return losses
+
+    step()
+    with LongestDimension() as watch:
+        step()
+    if not tables:  # the watch sees the catalogue when it is there: the full softmax's logits, or a dense table's gradient
         assert watch.longest == LARGE + 1
         return
-    # Only the step's own items (40 inputs, 40 targets) and the 64 negatives: nothing as long as the catalogue.
-    assert watch.longest <= 4 * 10 * 2 + 64
-    sum(losses.values()).backward()
-    touched = model.item_encoder.id_embedding.weight.grad.abs().sum(1).nonzero().squeeze(1)
+    # The step's own items (40 inputs, 40 targets) and the 64 negatives, and gradients as long as the longest dense
+    # parameter (none grows with the catalogue): nothing as long as the catalogue.
+    in_tables = {id(table.weight) for table in tables}
+    longest_dense = max(max(param.shape) for param in model.parameters() if id(param) not in in_tables)
+    assert watch.longest <= max(4 * 10 * 2 + 64, longest_dense) < LARGE
+    touched = model.item_encoder.id_embedding.weight.grad.coalesce().indices()[0]
     assert 0 < len(touched) <= 4 * 11 + 64
 
 

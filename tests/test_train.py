@@ -25,8 +25,11 @@ from train.config import LossWeightingConfig, TrainConfig
 from train.evaluate import evaluate
 from train.trainer import (
     CONSOLIDATED_WEIGHTS,
+    DEEPSPEED_DIR,
+    TableOptimizer,
     build_model,
     load_training_inputs,
+    make_tables_sparse,
     read_train_sequences,
     run_training,
     training_batch,
@@ -34,6 +37,7 @@ from train.trainer import (
     warm_start,
 )
 from train.transfer import rows_by_id
+from train.weighting import LossWeighting
 
 pytestmark = pytest.mark.slow
 
@@ -85,11 +89,102 @@ def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
     assert set(result.test_metrics) >= {"polyrec", "popularity"}
 
 
+def sampled_config(data_dir: str, output, **overrides) -> TrainConfig:
+    """``tiny_config`` with the sampled retrieval loss, under which the per-item and per-user tables train with sparse
+    gradients and their own row-wise optimizer (``optimizer.sparse_tables: auto``)."""
+    config = tiny_config(data_dir, output, **overrides)
+    config.model.tasks.retrieval_loss = "sampled"
+    return config
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """Three epochs on one worker, never interrupted: the reference for the resume and recovery tests.
-    The id-only ablation is trained after it, which leaves its weights alone."""
-    return run_training(tiny_config(data_dir, tmp_path_factory.mktemp("straight"), epochs=3, ablations=["id_only"]))
+    """Three epochs on one worker, never interrupted: the reference for the resume and recovery tests, which so
+    restore DeepSpeed's optimizer and the sparse tables' one. The id-only ablation is trained after it, which leaves
+    its weights alone."""
+    return run_training(sampled_config(data_dir, tmp_path_factory.mktemp("straight"), epochs=3, ablations=["id_only"]))
+
+
+def test_the_tables_train_beside_deepspeeds_optimizer_and_their_state_is_checkpointed(uninterrupted):
+    states = torch.load(Path(uninterrupted.latest_checkpoint, DEEPSPEED_DIR, "state", "mp_rank_00_model_states.pt"), weights_only=False)
+    tables = states["table_optimizer"]
+    steps = sum(record["steps"] for record in uninterrupted.history)
+    # id embedding, user embedding, the rating task's user and item biases, the like task's item biases: each stepped
+    # once per training step, and left out of DeepSpeed's optimizer
+    assert [int(entry["step"]) for entry in tables["state"].values()] == [steps] * 5
+    assert states["table_schedule"]["last_epoch"] == steps
+    model = load_artifact(uninterrupted.artifact).model
+    trained = sum(1 for param in model.parameters() if param.requires_grad)
+    assert sum(len(group["params"]) for group in states["optimizer"]["param_groups"]) == trained - 5
+
+
+def test_sparse_tables_update_only_the_rows_a_step_touched(data_dir):
+    """Row-wise Adam: a user's rows stay as they are through a step without that user, where a dense Adam would move
+    them on its momentum."""
+    config = sampled_config(data_dir, "unused")
+    model = build_model(config, load_training_inputs(data_dir, read_train_sequences(resolve(data_dir))))
+    tables = make_tables_sparse(model, config)
+    names = {id(module): name for name, module in model.named_modules()}
+    assert sorted(names[id(table)] for table in tables) == [
+        "item_encoder.id_embedding",
+        "tasks.like.item_bias",
+        "tasks.rating.item_bias",
+        "tasks.rating.user_bias",
+        "user_model.user_embedding",
+    ]
+    optimizer = TableOptimizer(tables, config, num_train_windows=100)
+    weighting = LossWeighting(config.model.loss_weighting, model.task_names)
+    model.train()
+
+    def step(users: list[int]) -> dict[str, torch.Tensor]:
+        items = torch.arange(1, 7).repeat(len(users), 1)
+        batch = {
+            "input_items": items[:, :-1],
+            "target_items": items[:, 1:],
+            "target_ratings": torch.full((len(users), 5), 4.0),
+            "target_likes": torch.ones(len(users), 5, dtype=torch.long),
+            "user_idx": torch.tensor(users),
+        }
+        total, _ = weighting(model.calculate_loss(batch), None)
+        optimizer.optimizer.zero_grad()
+        total.backward()
+        assert all(table.weight.grad.is_sparse for table in tables)
+        optimizer.step()
+        return {name: model.get_submodule(name).weight.detach().clone() for name in ("user_model.user_embedding", "tasks.rating.user_bias")}
+
+    before = step([4])  # the warm-up's first step has a learning rate of 0
+    first = step([1, 2])
+    second = step([3])
+    for name in first:
+        assert not torch.equal(first[name][[1, 2]], before[name][[1, 2]]), name
+        assert torch.equal(second[name][[1, 2]], first[name][[1, 2]]), name  # untouched by the second step
+        assert not torch.equal(second[name][3], first[name][3]), name
+        assert torch.equal(second[name][5:], before[name][5:]), name
+
+
+def test_sparse_tables_are_chosen_where_they_pay_and_deepspeed_can_reduce_them(data_dir):
+    inputs = load_training_inputs(data_dir, read_train_sequences(resolve(data_dir)))
+    for overrides, sampled, expected in (
+        ({}, True, 5),  # sampled softmax, ZeRO-0, fp32 on CPU
+        ({}, False, 0),  # a full softmax touches every item row each step
+        ({"deepspeed__zero_stage": 2}, True, 0),  # DeepSpeed's ZeRO optimizers flatten every gradient
+        ({"optimizer__sparse_tables": "off"}, True, 0),
+        ({"optimizer__sparse_tables": "on"}, False, 5),
+    ):
+        config = sampled_config(data_dir, "unused", **overrides) if sampled else tiny_config(data_dir, "unused", **overrides)
+        assert len(make_tables_sparse(build_model(config, inputs), config)) == expected, overrides
+    with pytest.raises(ValueError, match="optimizer.sparse_tables: on needs deepspeed.zero_stage 0 and fp32 precision \\(here stage 2, fp32\\)"):
+        TrainConfig.model_validate({"optimizer": {"sparse_tables": "on"}, "deepspeed": {"zero_stage": 2}})
+
+
+def test_two_workers_train_sparse_tables(data_dir, tmp_path):
+    """DeepSpeed averages the sparse gradients of the two ranks (by all-gather); every task's table gets one each step,
+    so that no rank stands in a dense zero gradient for a missing one."""
+    result = run_training(sampled_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5, epochs=2))
+    assert [record["epoch"] for record in result.history] == [1, 2]
+    retrieval = [record["train/loss_retrieval"] for record in result.history]
+    assert retrieval[-1] < retrieval[0], retrieval
+    assert load_artifact(result.artifact).model.num_items > 0
 
 
 def test_id_only_ablation_is_trained_without_text_and_evaluated_beside_the_model(data_dir, uninterrupted):
@@ -116,7 +211,7 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, tmp_path, uninterrupted):
     after_two_epochs = next(checkpoint for checkpoint, metrics in uninterrupted.checkpoints if metrics["epoch"] == 2)
-    resumed = run_training(tiny_config(data_dir, tmp_path / "resumed", epochs=3, resume_from=after_two_epochs))
+    resumed = run_training(sampled_config(data_dir, tmp_path / "resumed", epochs=3, resume_from=after_two_epochs))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == uninterrupted.history[:2]  # carried over from the checkpoint, not re-run
     _assert_same_weights(_weights(resumed), _weights(uninterrupted))
@@ -171,7 +266,7 @@ def test_worker_crash_recovers_from_latest_checkpoint(data_dir, tmp_path, monkey
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv("POLYREC_FAIL_AFTER_EPOCH", "2")
     monkeypatch.setenv("POLYREC_FAIL_AFTER_EPOCH_MARKER", str(marker))
-    crashed = run_training(tiny_config(data_dir, tmp_path / "crash", epochs=3, max_failures=1))
+    crashed = run_training(sampled_config(data_dir, tmp_path / "crash", epochs=3, max_failures=1))
     assert marker.exists(), "the fault was not injected"
     assert [r["epoch"] for r in crashed.history] == [1, 2, 3]
     _assert_same_weights(_weights(crashed), _weights(uninterrupted))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import RayConfig, StageConfig
 
@@ -114,6 +114,13 @@ class OptimizerConfig(StageConfig):
     #: After the warm-up: "constant", or "cosine" decay to ``min_lr_ratio`` × lr at the last configured epoch.
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    #: The per-item and per-user tables (id embeddings, biases) get sparse gradients and a row-wise Adam
+    #: (``torch.optim.SparseAdam``, on the same learning-rate schedule) that updates only the rows a step touched.
+    #: A dense AdamW zeroes, fills and updates every row each step, which made a sampled step at 1M items cost 7x one at
+    #: 1.7k (bench/RESULTS.md, "Scale: catalogues"). The tables get no weight decay then. "auto": on with the sampled
+    #: retrieval loss (a full softmax touches every item's row each step anyway), where DeepSpeed reduces sparse
+    #: gradients: ZeRO stage 0 in fp32, i.e. CPU training (on a GPU the dense update is cheap).
+    sparse_tables: Literal["auto", "on", "off"] = "auto"
 
 
 class DeepSpeedConfig(StageConfig):
@@ -178,3 +185,24 @@ class TrainConfig(StageConfig):
     model_version: str | None = None  # None: a timestamp
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        if self.deepspeed.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.deepspeed.precision
+
+    @property
+    def sparse_tables_supported(self) -> bool:
+        """Whether DeepSpeed reduces sparse gradients in this setting: ZeRO stage 0 and fp32 (its other optimizers
+        flatten every gradient into dense buffers)."""
+        return self.deepspeed.zero_stage == 0 and self.precision == "fp32"
+
+    @model_validator(mode="after")
+    def _sparse_tables_fit(self) -> TrainConfig:
+        if self.optimizer.sparse_tables == "on" and not self.sparse_tables_supported:
+            raise ValueError(
+                f"optimizer.sparse_tables: on needs deepspeed.zero_stage 0 and fp32 precision (here stage "
+                f"{self.deepspeed.zero_stage}, {self.precision}); use auto or off"
+            )
+        return self

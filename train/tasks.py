@@ -226,7 +226,9 @@ class RatingTask(Task):
         targets = batch["target_items"][valid]
         users = batch["user_idx"].unsqueeze(1).expand_as(valid)[valid]
         predicted = self.predict(query[valid], targets, items.lookup(targets), users)
-        return F.mse_loss(predicted, ratings[valid].float()) if len(targets) else query.sum() * 0.0
+        # Without targets the loss still reads the task's tables: DeepSpeed gives a parameter left without a gradient a
+        # dense zero one, which a sparse table (``optimizer.sparse_tables``) cannot take.
+        return F.mse_loss(predicted, ratings[valid].float()) if len(targets) else predicted.sum() * 0.0
 
     def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         return self.predict(query.unsqueeze(1), item_idx, item_vectors, user_idx.unsqueeze(1))
@@ -250,7 +252,7 @@ class LikeTask(Task):
         valid = (batch["target_items"] > 0) & (likes >= 0)
         targets = batch["target_items"][valid]
         logits = self.logit(query[valid], targets, items.lookup(targets))
-        return F.binary_cross_entropy_with_logits(logits, likes[valid].float()) if len(targets) else query.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(logits, likes[valid].float()) if len(targets) else logits.sum() * 0.0
 
     def score(self, query: Tensor, item_idx: Tensor, item_vectors: Tensor, user_idx: Tensor) -> Tensor:
         return torch.sigmoid(self.logit(query.unsqueeze(1), item_idx, item_vectors))

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from train.config import TrainConfig
 from train.evaluate import PopularityScorer, evaluate, evaluate_with_popularity, write_report
 from train.model import CatalogFeatures, PolyrecModel
 from train.plots import plot_training_curves
+from train.tasks import VocabularyTable
 from train.tracking import TrackedRun, start_tracking
 from train.transfer import load_state_by_id, rows_by_id
 from train.weighting import LossWeighting
@@ -162,9 +163,7 @@ def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, t
 
 
 def deepspeed_config(config: TrainConfig, use_gpu: bool) -> dict[str, Any]:
-    precision = config.deepspeed.precision
-    if precision == "auto":
-        precision = "bf16" if use_gpu else "fp32"
+    precision = config.precision
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     if config.deepspeed.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -199,18 +198,60 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _parameter_groups(module: TrainingModule, config: TrainConfig) -> list[dict[str, Any]]:
-    """The trained parameters: the backbone's (LoRA adapters or all its weights) at ``backbone_lr``, the rest at ``lr``."""
+def _parameter_groups(module: TrainingModule, config: TrainConfig, sparse: Sequence[VocabularyTable] = ()) -> list[dict[str, Any]]:
+    """The parameters DeepSpeed's optimizer trains: the backbone's (LoRA adapters or all its weights) at
+    ``backbone_lr``, the rest at ``lr``; not the ``sparse`` tables (``TableOptimizer``)."""
     backbone_encoder = module.model.item_encoder.backbone
     in_backbone = {id(param) for param in backbone_encoder.parameters()} if backbone_encoder is not None else set()
+    left_out = {id(table.weight) for table in sparse}
     backbone, rest = [], []
     for param in module.parameters():
-        if param.requires_grad:
+        if param.requires_grad and id(param) not in left_out:
             (backbone if id(param) in in_backbone else rest).append(param)
     groups = [{"params": rest, "lr": config.optimizer.lr}]
     if backbone:
         groups.append({"params": backbone, "lr": config.optimizer.backbone_lr})
     return groups
+
+
+def make_tables_sparse(model: PolyrecModel, config: TrainConfig) -> list[VocabularyTable]:
+    """The model's per-item and per-user tables, switched to sparse gradients, where ``optimizer.sparse_tables``
+    asks for them; none otherwise."""
+    setting = config.optimizer.sparse_tables
+    if setting == "off" or (setting == "auto" and not (model.sampled_retrieval and config.sparse_tables_supported)):
+        return []
+    tables = [module for module in model.modules() if isinstance(module, VocabularyTable)]
+    for table in tables:
+        table.sparse = True
+    return tables
+
+
+class TableOptimizer:
+    """Row-wise Adam (``torch.optim.SparseAdam``) for the sparse tables, on the learning-rate schedule of the rest.
+
+    It steps as a post-hook of DeepSpeed's optimizer: after DeepSpeed averaged the sparse gradients over the ranks and
+    clipped the gradient norm over every parameter, and before it zeroes the gradients. Its state travels in the
+    DeepSpeed checkpoint's client state."""
+
+    def __init__(self, tables: list[VocabularyTable], config: TrainConfig, num_train_windows: int):
+        self.optimizer = torch.optim.SparseAdam([table.weight for table in tables], lr=config.optimizer.lr, betas=config.optimizer.betas)
+        self.schedule = _learning_rate_schedule(config, num_train_windows)(self.optimizer)
+
+    def step_after(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.schedule.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"table_optimizer": self.optimizer.state_dict(), "table_schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, client_state: dict[str, Any], checkpoint: str) -> None:
+        if "table_optimizer" not in client_state:
+            raise InputError(f"{checkpoint}: trained without sparse tables (optimizer.sparse_tables), so it cannot resume with them")
+        self.optimizer.load_state_dict(client_state["table_optimizer"])
+        self.schedule.load_state_dict(client_state["table_schedule"])
 
 
 def _learning_rate_schedule(config: TrainConfig, num_train_windows: int):
@@ -259,19 +300,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if config.warm_start_from:
         warm_start(model, config.warm_start_from, loop_config["warm_start_rows"], announce=rank == 0)
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
+    tables = make_tables_sparse(model, config)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
-        model_parameters=_parameter_groups(module, config),
+        model_parameters=_parameter_groups(module, config, tables),
         config=deepspeed_config(config, use_gpu),
         lr_scheduler=_learning_rate_schedule(config, loop_config["num_train_windows"]),
     )
+    table_optimizer = TableOptimizer(tables, config, loop_config["num_train_windows"]) if tables else None
+    if table_optimizer is not None:
+        table_optimizer.step_after(engine.optimizer)
+        if rank == 0:
+            logger.info("[polyrec train] the per-item and per-user tables train sparse, row by row (optimizer.sparse_tables)")
     device = engine.device
 
     state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     checkpoint = ray.train.get_checkpoint() or (Checkpoint(config.resume_from) if config.resume_from else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR))
+            _, client_state = engine.load_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR))
+            if table_optimizer is not None:
+                table_optimizer.load_state_dict(client_state, checkpoint.path)
             state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
         if rank == 0:
             logger.info("[polyrec train] resumed at epoch %d from %s", state["epoch"], checkpoint.path)
@@ -343,7 +392,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             )
         _fault_injection(epoch + 1)
         with tempfile.TemporaryDirectory() as ckpt_dir:
-            engine.save_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR), tag="state")
+            engine.save_checkpoint(os.path.join(ckpt_dir, DEEPSPEED_DIR), tag="state", client_state=table_optimizer.state_dict() if table_optimizer else {})
             weights_state = _consolidated_state_dict(engine)
             if rank == 0:
                 save_file(weights_state, os.path.join(ckpt_dir, CONSOLIDATED_WEIGHTS))
