@@ -100,7 +100,7 @@ def synthetic_catalog(num_items: int, seed: int = 0):
     return CatalogFeatures(tokens, tokens.clone(), attributes, torch.zeros(num_items + 1, dtype=torch.bool))
 
 
-def training_step(num_items: int, loss: str, sparse_tables: str = "auto"):
+def training_step(num_items: int, loss: str, sparse_tables: str | bool = "auto"):
     """(whether the loss is sampled, whether the tables are sparse, a function that trains one step on a batch and
     returns its seconds). The per-item and per-user tables are chosen as the trainer chooses them
     (``optimizer.sparse_tables``) and then trained by its ``TableOptimizer``, the rest by AdamW."""
@@ -153,7 +153,7 @@ def run_paired(num_items: int, steps: int, batch_size: int = 32) -> dict:
     """Full and sampled steps alternating on the same batches in one process, so that load from other jobs on the
     machine falls on both alike: the ratio is the robust figure."""
     windows, _ = synthetic_windows(num_items)
-    steps_by_loss = {loss: training_step(num_items, loss, sparse_tables="off")[2] for loss in ("full", "sampled")}
+    steps_by_loss = {loss: training_step(num_items, loss, sparse_tables=False)[2] for loss in ("full", "sampled")}
     times: dict[str, list[float]] = {loss: [] for loss in steps_by_loss}
     for batch in synthetic_batches(windows, steps + 2, batch_size):
         for loss, step in steps_by_loss.items():
@@ -166,7 +166,7 @@ def run_tables(num_items: int, steps: int, batch_size: int = 32) -> dict:
     """The sampled step with dense tables (one AdamW over everything) and with sparse ones (``TableOptimizer``),
     alternating on the same batches in one process."""
     windows, _ = synthetic_windows(num_items)
-    steps_by_tables = {tables: training_step(num_items, "sampled", sparse_tables=setting)[2] for tables, setting in (("dense", "off"), ("sparse", "on"))}
+    steps_by_tables = {tables: training_step(num_items, "sampled", sparse_tables=setting)[2] for tables, setting in (("dense", False), ("sparse", True))}
     times: dict[str, list[float]] = {tables: [] for tables in steps_by_tables}
     for batch in synthetic_batches(windows, steps + 2, batch_size):
         for tables, step in steps_by_tables.items():

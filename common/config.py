@@ -34,11 +34,19 @@ class StageConfig(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as err:
             where = path or "config"
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
-            raise InputError(f"{where}: {problems}") from None
+            raise InputError(f"{where}: {'; '.join(_problem(error) for error in err.errors())}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _problem(error: dict[str, Any]) -> str:
+    """One validation error as the user reads it: the setting, then what is wrong (a validator's own words without
+    pydantic's "Value error, "; a validator of a whole section names its settings itself)."""
+    raised = error.get("ctx", {}).get("error") if error["type"] == "value_error" else None
+    message = str(raised) if raised is not None else error["msg"]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message
 
 
 class RayConfig(StageConfig):

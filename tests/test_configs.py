@@ -45,3 +45,14 @@ def test_every_config_under_configs_loads() -> None:
 
     for path in CONFIGS.glob("train*.yaml"):
         TrainConfig.from_yaml(path)
+
+
+def test_a_setting_that_contradicts_another_is_refused_in_the_users_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A validator across settings names them in its message; nothing of pydantic's own wording is added."""
+    bad = tmp_path / "train.yaml"
+    bad.write_text("optimizer:\n  sparse_tables: true\ndeepspeed:\n  zero_stage: 2\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"polyrec train: error: {bad}: optimizer.sparse_tables: true needs deepspeed.zero_stage 0 and fp32 precision (here stage 2, fp32); use auto or false"
+    )

@@ -93,7 +93,7 @@ def a_training_batch() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize(("retrieval_loss", "sparse_tables"), [("auto", "auto"), ("auto", "off"), ("full", "auto")])
+@pytest.mark.parametrize(("retrieval_loss", "sparse_tables"), [("auto", "auto"), ("auto", False), ("full", "auto")])
 def test_a_training_step_on_a_large_catalogue_builds_no_catalogue_sized_tensor_with_the_sampled_softmax(retrieval_loss, sparse_tables, one_thread):
     """Forward, backward and the tables' optimizer step, as the trainer chooses them (``optimizer.sparse_tables``),
     after a first step, which allocates the optimizer's moments once."""

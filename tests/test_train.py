@@ -168,13 +168,13 @@ def test_sparse_tables_are_chosen_where_they_pay_and_deepspeed_can_reduce_them(d
         ({}, True, 5),  # sampled softmax, ZeRO-0, fp32 on CPU
         ({}, False, 0),  # a full softmax touches every item row each step
         ({"deepspeed__zero_stage": 2}, True, 0),  # DeepSpeed's ZeRO optimizers flatten every gradient
-        ({"optimizer__sparse_tables": "off"}, True, 0),
-        ({"optimizer__sparse_tables": "on"}, False, 5),
+        ({"optimizer__sparse_tables": False}, True, 0),
+        ({"optimizer__sparse_tables": True}, False, 5),
     ):
         config = sampled_config(data_dir, "unused", **overrides) if sampled else tiny_config(data_dir, "unused", **overrides)
         assert len(make_tables_sparse(build_model(config, inputs), config)) == expected, overrides
-    with pytest.raises(ValueError, match="optimizer.sparse_tables: on needs deepspeed.zero_stage 0 and fp32 precision \\(here stage 2, fp32\\)"):
-        TrainConfig.model_validate({"optimizer": {"sparse_tables": "on"}, "deepspeed": {"zero_stage": 2}})
+    with pytest.raises(ValueError, match="optimizer.sparse_tables: true needs deepspeed.zero_stage 0 and fp32 precision \\(here stage 2, fp32\\)"):
+        TrainConfig.model_validate({"optimizer": {"sparse_tables": True}, "deepspeed": {"zero_stage": 2}})
 
 
 def test_two_workers_train_sparse_tables(data_dir, tmp_path):

@@ -119,8 +119,8 @@ class OptimizerConfig(StageConfig):
     #: A dense AdamW zeroes, fills and updates every row each step, which made a sampled step at 1M items cost 7x one at
     #: 1.7k (bench/RESULTS.md, "Scale: catalogues"). The tables get no weight decay then. "auto": on with the sampled
     #: retrieval loss (a full softmax touches every item's row each step anyway), where DeepSpeed reduces sparse
-    #: gradients: ZeRO stage 0 in fp32, i.e. CPU training (on a GPU the dense update is cheap).
-    sparse_tables: Literal["auto", "on", "off"] = "auto"
+    #: gradients: ZeRO stage 0 in fp32, i.e. CPU training (on a GPU the dense update is cheap). true: always, false: never.
+    sparse_tables: Literal["auto"] | bool = "auto"
 
 
 class DeepSpeedConfig(StageConfig):
@@ -200,9 +200,9 @@ class TrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _sparse_tables_fit(self) -> TrainConfig:
-        if self.optimizer.sparse_tables == "on" and not self.sparse_tables_supported:
+        if self.optimizer.sparse_tables is True and not self.sparse_tables_supported:
             raise ValueError(
-                f"optimizer.sparse_tables: on needs deepspeed.zero_stage 0 and fp32 precision (here stage "
-                f"{self.deepspeed.zero_stage}, {self.precision}); use auto or off"
+                f"optimizer.sparse_tables: true needs deepspeed.zero_stage 0 and fp32 precision (here stage "
+                f"{self.deepspeed.zero_stage}, {self.precision}); use auto or false"
             )
         return self

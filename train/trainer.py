@@ -218,7 +218,7 @@ def make_tables_sparse(model: PolyrecModel, config: TrainConfig) -> list[Vocabul
     """The model's per-item and per-user tables, switched to sparse gradients, where ``optimizer.sparse_tables``
     asks for them; none otherwise."""
     setting = config.optimizer.sparse_tables
-    if setting == "off" or (setting == "auto" and not (model.sampled_retrieval and config.sparse_tables_supported)):
+    if setting is False or (setting == "auto" and not (model.sampled_retrieval and config.sparse_tables_supported)):
         return []
     tables = [module for module in model.modules() if isinstance(module, VocabularyTable)]
     for table in tables:
