@@ -353,7 +353,7 @@ def step_findings() -> list[str]:
             "The per-item and per-user tables (id embeddings, biases), dense (one AdamW over every parameter: each step zeroes, "
             "fills and updates every row) against sparse (`optimizer.sparse_tables`: sparse gradients and a row-wise "
             "`torch.optim.SparseAdam` for the rows a step touched), the sampled step alternating on the same batches in one "
-            "process (`tables`, median of 10):",
+            "process (`tables`, median of 10; these runs and the sampled rows above alone on the machine):",
             "",
             "| items | dense tables (s / step) | sparse tables (s / step) | dense / sparse |",
             "|---:|---:|---:|---:|",
@@ -374,7 +374,7 @@ def step_findings() -> list[str]:
 
 
 def report() -> str:
-    lines = [SECTION, "", f"Machine: {machine('torch', 'faiss')}. Every figure from one run.", ""]
+    lines = [SECTION, "", f"Machine: {machine('torch', 'faiss')}. Each figure from one run of its command (the JSON under bench/_work/scale/).", ""]
     lines += [
         "Training steps on synthetic catalogues: ml-100k's shape of interactions (943 users, ~100k events, Zipf item",
         "popularity, ~4k training windows, batch 32) over N items; the default model (MiniLM text cache filled with random",
@@ -422,10 +422,11 @@ def report() -> str:
         full, sampled = quality["full"], quality["sampled"]
         lines += [
             "",
-            f"The sampled softmax's epoch took {sampled['epoch_s'] / full['epoch_s']:.2f}x the full one's here and its test NDCG@10 was "
-            f"{sampled['test_ndcg10'] / full['test_ndcg10']:.2f}x the full one's, one seed each: on a small catalogue sampling loses "
-            "nothing measurable either. `retrieval_loss: auto` still trains the full softmax up to 5,000 items, the setting the "
-            "quality benchmark's three seeds were measured with; these runs are too short and too few to move it.",
+            f"The sampled softmax's epoch (its tables sparse: `optimizer.sparse_tables: auto`) took {sampled['epoch_s'] / full['epoch_s']:.2f}x "
+            f"the full one's here and its test NDCG@10 was {sampled['test_ndcg10'] / full['test_ndcg10']:.2f}x the full one's, one seed each: "
+            "on a small catalogue sampling and the row-wise optimizer lose nothing measurable either. `retrieval_loss: auto` still "
+            "trains the full softmax up to 5,000 items, the setting the quality benchmark's three seeds were measured with; these "
+            "runs are too short and too few to move it.",
         ]
     lines += [
         "",

@@ -116,8 +116,8 @@ class OptimizerConfig(StageConfig):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     #: The per-item and per-user tables (id embeddings, biases) get sparse gradients and a row-wise Adam
     #: (``torch.optim.SparseAdam``, on the same learning-rate schedule) that updates only the rows a step touched.
-    #: A dense AdamW zeroes, fills and updates every row each step, which made a sampled step at 1M items cost 7x one at
-    #: 1.7k (bench/RESULTS.md, "Scale: catalogues"). The tables get no weight decay then. "auto": on with the sampled
+    #: A dense AdamW zeroes, fills and updates every row each step: from 1.7k to 1M items the sampled step grew 6.7x with
+    #: dense tables, 1.1x with sparse ones (bench/RESULTS.md, "Scale: catalogues"). The tables get no weight decay then. "auto": on with the sampled
     #: retrieval loss (a full softmax touches every item's row each step anyway), where DeepSpeed reduces sparse
     #: gradients: ZeRO stage 0 in fp32, i.e. CPU training (on a GPU the dense update is cheap). true: always, false: never.
     sparse_tables: Literal["auto"] | bool = "auto"
