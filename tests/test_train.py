@@ -1,5 +1,5 @@
-"""Ray Train + DeepSpeed training on CPU workers: a 2-worker ZeRO-2 run, resume from a checkpoint, recovery from a
-worker crash, and the exported artifact."""
+"""Ray Train + DeepSpeed training on CPU workers: a 2-worker run, resume from a checkpoint, recovery from a worker
+crash, the exported artifact, and the sparse per-item and per-user tables."""
 
 from __future__ import annotations
 
@@ -59,8 +59,19 @@ def _weights(result) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(result.latest_checkpoint, CONSOLIDATED_WEIGHTS))
 
 
-def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
-    config = tiny_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5, deepspeed__zero_stage=2, epochs=5)
+def sampled_config(data_dir: str, output, **overrides) -> TrainConfig:
+    """``tiny_config`` with the sampled retrieval loss, under which the per-item and per-user tables train with sparse
+    gradients and their own row-wise optimizer (``optimizer.sparse_tables: auto``)."""
+    config = tiny_config(data_dir, output, **overrides)
+    config.model.tasks.retrieval_loss = "sampled"
+    return config
+
+
+def test_two_worker_training_learns_and_exports(data_dir, tmp_path):
+    """Two workers under ZeRO-0 with the sampled softmax, so the tables train sparse and DeepSpeed averages their
+    sparse gradients (by all-gather); every task's tables get one each step, so no rank stands in a dense zero for a
+    missing one. ZeRO-1 to 3 on two workers: tests/test_large_model_paths.py."""
+    config = sampled_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5, epochs=5)
     result = run_training(config)
 
     history = result.history
@@ -87,14 +98,6 @@ def test_two_worker_zero2_training_learns_and_exports(data_dir, tmp_path):
     assert os.path.exists(os.path.join(config.output, "training_curves.png"))
     assert os.path.exists(os.path.join(config.output, "metrics.json"))
     assert set(result.test_metrics) >= {"polyrec", "popularity"}
-
-
-def sampled_config(data_dir: str, output, **overrides) -> TrainConfig:
-    """``tiny_config`` with the sampled retrieval loss, under which the per-item and per-user tables train with sparse
-    gradients and their own row-wise optimizer (``optimizer.sparse_tables: auto``)."""
-    config = tiny_config(data_dir, output, **overrides)
-    config.model.tasks.retrieval_loss = "sampled"
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -175,16 +178,6 @@ def test_sparse_tables_are_chosen_where_they_pay_and_deepspeed_can_reduce_them(d
         assert len(make_tables_sparse(build_model(config, inputs), config)) == expected, overrides
     with pytest.raises(ValueError, match="optimizer.sparse_tables: true needs deepspeed.zero_stage 0 and fp32 precision \\(here stage 2, fp32\\)"):
         TrainConfig.model_validate({"optimizer": {"sparse_tables": True}, "deepspeed": {"zero_stage": 2}})
-
-
-def test_two_workers_train_sparse_tables(data_dir, tmp_path):
-    """DeepSpeed averages the sparse gradients of the two ranks (by all-gather); every task's table gets one each step,
-    so that no rank stands in a dense zero gradient for a missing one."""
-    result = run_training(sampled_config(data_dir, tmp_path / "run", scaling__num_workers=2, scaling__cpus_per_worker=0.5, epochs=2))
-    assert [record["epoch"] for record in result.history] == [1, 2]
-    retrieval = [record["train/loss_retrieval"] for record in result.history]
-    assert retrieval[-1] < retrieval[0], retrieval
-    assert load_artifact(result.artifact).model.num_items > 0
 
 
 def test_id_only_ablation_is_trained_without_text_and_evaluated_beside_the_model(data_dir, uninterrupted):

@@ -4,7 +4,8 @@ The driver (``run_training``) reads the preprocessing output once (``read_traini
 ``TorchTrainer`` whose workers each run ``train_loop_per_worker`` (``fit``), and exports the best checkpoint as a
 model artifact with its test metrics. The test-split evaluation beside the popularity baseline (``evaluate_on_test``)
 and the ablations (``train_ablations``) are functions beside it. Workers read training windows
-(``training_windows``) as Ray Data shards, train every task at once through a DeepSpeed engine (ZeRO 0-3), evaluate
+(``training_windows``) as Ray Data shards, train every task at once through a DeepSpeed engine (ZeRO 0-3; with the
+sampled softmax the per-item and per-user tables train sparse, by a ``TableOptimizer`` beside it), evaluate
 the full validation split after each epoch, report to Ray Train with a checkpoint, and stop early when validation
 NDCG@10 stops improving.
 """
