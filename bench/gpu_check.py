@@ -53,12 +53,13 @@ def check_mode(mode: str, args: argparse.Namespace, vocab_size: int) -> None:
     config.model.user_model.hidden_size, config.model.user_model.num_heads = 512, 8
     config.model.tasks.num_sampled_negatives = 256
     config.deepspeed.precision = "bf16"
+    config.scaling.use_gpu = True
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     inputs, windows, _ = read_training_data(resolve(config.data), config.window_targets)
     model = build_model(config, inputs)
     backbone_parameters = sum(param.numel() for param in model.item_encoder.backbone.parameters())
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=_parameter_groups(module, config), config=deepspeed_config(config, use_gpu=True))
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=_parameter_groups(module, config), config=deepspeed_config(config))
     tokens = [0]
 
     def count_tokens(_module, _args, kwargs):

@@ -108,7 +108,7 @@ def training_step(num_items: int, loss: str, sparse_tables: str | bool = "auto")
 
     from train.config import TrainConfig
     from train.model import PolyrecModel
-    from train.trainer import TableOptimizer, make_tables_sparse
+    from train.trainer import TableOptimizer, TrainingModule, _parameter_groups, make_tables_sparse
     from train.weighting import LossWeighting
 
     torch.manual_seed(0)
@@ -121,8 +121,7 @@ def training_step(num_items: int, loss: str, sparse_tables: str | bool = "auto")
     model.item_encoder.text_cache_ready = True
     weighting = LossWeighting(config.loss_weighting, model.task_names)
     tables = make_tables_sparse(model, train_config)
-    in_tables = {id(table.weight) for table in tables}
-    optimizers = [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in in_tables], lr=2e-3)]
+    optimizers = [torch.optim.AdamW(_parameter_groups(TrainingModule(model, weighting), train_config, tables))]
     if tables:
         optimizers.append(TableOptimizer(tables, train_config, num_train_windows=ML100K_EVENTS).optimizer)
     model.train()

@@ -163,11 +163,11 @@ def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, t
     }
 
 
-def deepspeed_config(config: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     precision = config.precision
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     if config.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.scaling.use_gpu}
     if config.deepspeed.zero_stage == 3:
         # Lets rank 0 gather the full weights for the artifact at every checkpoint.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -293,7 +293,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig.model_validate(loop_config["config"])
     inputs: TrainingInputs = loop_config["inputs"]
     context = ray.train.get_context()
-    rank, use_gpu = context.get_world_rank(), config.scaling.use_gpu
+    rank = context.get_world_rank()
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, inputs)
@@ -305,7 +305,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=_parameter_groups(module, config, tables),
-        config=deepspeed_config(config, use_gpu),
+        config=deepspeed_config(config),
         lr_scheduler=_learning_rate_schedule(config, loop_config["num_train_windows"]),
     )
     table_optimizer = TableOptimizer(tables, config, loop_config["num_train_windows"]) if tables else None
