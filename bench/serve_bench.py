@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns per level, alternating the no-op and recommend")
     parser.add_argument("--feedback-events", type=int, default=20_000)
     parser.add_argument("--feedback-batch", type=int, default=200)
+    parser.add_argument("--recommender-replicas", type=int, default=2, help="the colocated graph again with this many Recommender replicas (1: not)")
+    parser.add_argument("--no-context-cache", action="store_true", help="every recommendation reads its user's context from the UserStateStore")
     parser.add_argument("--batch-wait-ms", type=float, help="override how long a batch of requests waits for company")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args()
@@ -180,6 +182,7 @@ def main() -> None:
             feedback=FeedbackLogConfig(path=str(root / "feedback")),
             port=port,
         )
+        config.state.cache.enabled = not args.no_context_cache
         if args.batch_wait_ms is not None:
             config.request_batching = BatchingConfig(batch_wait_timeout_s=args.batch_wait_ms / 1000)
         use_throughput_env()  # as `polyrec serve` starts its local instance: the no-op gets the same settings
@@ -248,13 +251,26 @@ def replicas() -> str:
     return ", ".join(f"{name} {deployments[name].replica_states.get('RUNNING', 0)}" for name in deployments)
 
 
+def layouts(config: ServeConfig, recommenders: int) -> dict[str, ServeConfig]:
+    """Each graph with its default deployments, and the colocated graph with ``recommenders`` Recommender replicas
+    sharing the machine (``num_cpus`` so that they fit beside the other replicas)."""
+    found = {graph: config.model_copy(update={"graph": graph}, deep=True) for graph in GRAPH_DEPLOYMENTS}
+    if recommenders > 1:
+        scaled = config.model_copy(update={"graph": "colocated"}, deep=True)
+        share = round(min(1.0, 1.6 / recommenders), 2)
+        scaled.deployments["Recommender"] = scaled.deployments["Recommender"].model_copy(update={"min_replicas": recommenders, "num_cpus": share})
+        found[f"colocated ×{recommenders}"] = scaled
+    return found
+
+
 def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict], stock: dict[int, Level], training_data: str) -> str:
     levels: list[Level] = []
     notes: list[str] = []
-    for graph in GRAPH_DEPLOYMENTS:
+    graphs = layouts(config, args.recommender_replicas)
+    for graph, graph_config in graphs.items():
         if APP_NAME in serve.status().applications:  # a running application would only get its model swapped
             serve.delete(APP_NAME)
-        service = run_service(config.model_copy(update={"graph": graph}), blocking=False)
+        service = run_service(graph_config, blocking=False)
         targets = {"bare": (f"{service.url}/bare", [{}]), "recommend": (f"{service.url}/v1/recommend", bodies)}
         for name, (url, target_bodies) in targets.items():  # warm-up: connections, lazy imports, first batches
             measure(graph, name, url, target_bodies, 4, 200, 30)
@@ -262,7 +278,7 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
             for level in measure_alternating(graph, targets, concurrency, args.rounds, args.max_requests, args.max_seconds):
                 levels.append(level)
                 print(
-                    f"{graph:9s} {level.target:9s} c={concurrency:<3d} {level.rps:8.1f} req/s  p50 {level.percentile(50):7.1f} ms  "
+                    f"{graph:14s} {level.target:9s} c={concurrency:<3d} {level.rps:8.1f} req/s  p50 {level.percentile(50):7.1f} ms  "
                     f"p99 {level.percentile(99):7.1f} ms  failures {level.failures}",
                     flush=True,
                 )
@@ -282,7 +298,7 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
 
     rows = []
     verdicts = []
-    for graph in GRAPH_DEPLOYMENTS:
+    for graph in graphs:
         for concurrency in args.concurrency:
             fast, ours = (
                 next(level for level in levels if (level.graph, level.target, level.concurrency) == (graph, target, concurrency))
@@ -304,17 +320,25 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
                 tail = ours.percentile(99) / base.percentile(99)
                 verdicts.append(f"{graph}, c={concurrency}: p99 {tail:.2f}× the stock no-op's (target ≤ 1.0×: {'met' if tail <= 1.0 else 'missed'})")
     metadata = read_metadata(config.model)
+    scaled = [
+        f"{name}: {graph_config.deployments['Recommender'].min_replicas} Recommender replicas at num_cpus "
+        f"{graph_config.deployments['Recommender'].num_cpus:g} each"
+        for name, graph_config in graphs.items()
+        if name not in GRAPH_DEPLOYMENTS
+    ]
     return "\n".join(
         [
             SECTION,
             "",
             f"Machine: {machine('ray', 'torch', 'aiohttp')}. Run {date.today().isoformat()}, command "
-            f"`.venv/bin/python bench/serve_bench.py --model {args.model} --max-seconds {args.max_seconds:g} --rounds {args.rounds}`.",
+            f"`.venv/bin/python bench/serve_bench.py --model {args.model} --max-seconds {args.max_seconds:g} --rounds {args.rounds}"
+            f"{' --no-context-cache' if not config.state.cache.enabled else ''}`.",
             f"Model: `{metadata.get('model_version')}` (a `polyrec train` artifact), its users' histories from `{training_data}`; "
             f'requests `{{"user_id": <known user>, "k": 10}}` over {len(bodies)} real users; `ServeConfig` '
             f"({config.retrieval.num_candidates} candidates, {config.rerank.diversity}, batches of up to "
             f"{config.request_batching.max_batch_size} requests whose first waits "
-            f"{config.request_batching.batch_wait_timeout_s * 1000:g} ms for company, default autoscaling). "
+            f"{config.request_batching.batch_wait_timeout_s * 1000:g} ms for company, user contexts cached in the ingress replicas "
+            f"{'on' if config.state.cache.enabled else 'off'}, default autoscaling{''.join('; ' + line for line in scaled)}). "
             "Stock no-op: one deployment returning a constant, Serve's stock settings, on its own Ray instance, measured first. "
             "Fast no-op: the same deployment beside polyrec with polyrec's settings "
             f"({', '.join(f'{k}={v}' for k, v in SERVE_THROUGHPUT_ENV.items())}), in alternating turns with recommend "

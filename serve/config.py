@@ -186,6 +186,27 @@ class FeedbackLogConfig(StageConfig):
     max_pending_impressions: int = Field(100_000, ge=0)
 
 
+class ContextCacheConfig(StageConfig):
+    """Ingress replicas keep the user contexts they read, and the UserStateStore has them dropped before it
+    acknowledges a change (``serve.user_cache``): a recommendation of a known user skips the call to the store."""
+
+    enabled: bool = True
+    max_users: int = Field(100_000, ge=1)  # per ingress replica; the least recently used go first
+    #: A replica that has not polled the store for this long no longer holds up an acknowledgement, and has stopped
+    #: answering from its cache: the longest a dead replica delays feedback.
+    lease_s: float = Field(3.0, gt=0)
+    #: The longest a poll waits for changes; a replica's lease is renewed by each answer, so well under ``lease_s``.
+    poll_s: float = Field(1.0, gt=0)
+    #: Changes the store keeps for replicas that fall behind; one further behind drops everything.
+    retained_changes: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _poll_within_lease(self) -> ContextCacheConfig:
+        if self.poll_s * 2 > self.lease_s:
+            raise ValueError(f"poll_s ({self.poll_s:g}) must be at most half of lease_s ({self.lease_s:g}), or leases run out between polls")
+        return self
+
+
 class StateConfig(StageConfig):
     """UserStateStore: the server-side histories (in this process; Redis is the production option)."""
 
@@ -195,6 +216,7 @@ class StateConfig(StageConfig):
     #: Events that extend a user's history; impressions never do.
     history_events: list[str] = Field(default_factory=lambda: ["click", "like", "rate", "purchase", "view"])
     popular_items: int = Field(1000, ge=1)  # kept for cold-start answers
+    cache: ContextCacheConfig = Field(default_factory=ContextCacheConfig)
 
 
 class ServeConfig(StageConfig):

@@ -46,6 +46,7 @@ from serve.messages import Query, Ranked
 from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingStage, RetrievalStage
 from serve.rerank import final_items_of_batch
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
+from serve.user_cache import ChangeFeed, Changes, Contexts
 
 logger = logging.getLogger("ray.serve")
 
@@ -175,6 +176,7 @@ class Ingress:
 
     async def __del__(self) -> None:
         await self._send_impressions(0)  # graceful shutdown: the queued impressions
+        await self.stages.close()
 
     # --- feedback ----------------------------------------------------------------------------
 
@@ -261,6 +263,7 @@ class UserStateStore:
         self.state = ServerState.rebuild(
             config.state, config.state_dir, training_data=config.training_data, feedback_log=config.feedback.path, wal_dir=config.feedback_wal_dir()
         )
+        self.changes = ChangeFeed(config.state.cache)
 
     async def summary(self) -> dict[str, Any]:
         """What the state holds: users with a history, their interactions, registered items."""
@@ -274,8 +277,15 @@ class UserStateStore:
     async def context(self, user_id: str) -> UserContext:
         return self.state.context(user_id)
 
-    async def contexts(self, user_ids: list[str]) -> list[UserContext]:
-        return [self.state.context(user_id) for user_id in user_ids]
+    async def contexts(self, user_ids: list[str]) -> Contexts:
+        return Contexts(self.changes.epoch, self.changes.seq, [self.state.context(user_id) for user_id in user_ids])
+
+    async def watch(self, reader_id: str, epoch: str | None, applied: int) -> Changes:
+        """An ingress replica's poll for the users whose contexts changed (``serve.user_cache``)."""
+        return await self.changes.watch(reader_id, epoch, applied)
+
+    async def leave(self, reader_id: str) -> None:
+        self.changes.leave(reader_id)
 
     async def popular(self, n: int) -> list[tuple[str, int]]:
         return self.state.popular(n)
@@ -283,16 +293,19 @@ class UserStateStore:
     async def record(self, interactions: list[tuple[str, str, str, int, float | None]]) -> None:
         """(event_id, user_id, item_id, ts in ms, raw rating of a ``rate`` event or None); an event id applied
         before (a client's retry) changes nothing."""
-        for event_id, user_id, item_id, ts, rating in interactions:
-            self.state.record(user_id, item_id, ts, rating, event_id)
+        changed = {user_id for event_id, user_id, item_id, ts, rating in interactions if self.state.record(user_id, item_id, ts, rating, event_id)}
+        if changed:
+            await self.changes.publish(changed)  # before the feedback is acknowledged: no replica answers from the old context
 
     async def register(self, item_id: str, title: str, text: str) -> RegisteredItem | ItemExists:
         """The registered item, or ItemExists, returned: Ray Serve logs what a replica raises as a failed request, with
         its traceback, and a taken id is an expected answer (409)."""
         try:
-            return self.state.register(item_id, title, text, now_ms())
+            item = self.state.register(item_id, title, text, now_ms())
         except ItemExists as taken:
             return taken
+        await self.changes.publish(None)  # every context's registry_version
+        return item
 
     async def registered_since(self, version: int) -> list[RegisteredItem]:
         return self.state.registered_since(version)

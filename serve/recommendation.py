@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Histogram
+from ray.serve.metrics import Counter, Histogram
 
 from serve.api import HistoryItem, RecommendedItem
 from serve.batching import batched, set_batching
@@ -33,6 +33,7 @@ from serve.errors import ServiceUnavailable
 from serve.messages import Candidates, Query, Ranked, Recommendation, RetrievalRequest
 from serve.rerank import final_items_of_batch
 from serve.state import ItemExists, UserContext
+from serve.user_cache import ContextCache
 
 if TYPE_CHECKING:
     from serve.model_runtime import ServingModel
@@ -68,16 +69,45 @@ class Stages(Protocol):
 
 class RequestBatching:
     """An ingress replica's concurrent requests taken as one batch (``ServeConfig.request_batching``) through
-    ``run_stages``: one user lookup, one retrieval, one ranking and one re-ranking for the batch."""
+    ``run_stages``: one user lookup, one retrieval, one ranking and one re-ranking for the batch. The user lookups
+    go to the UserStateStore, through the replica's cache of the contexts it read (``serve.user_cache``)."""
 
-    def __init__(self, config: ServeConfig, latency: StageLatency):
+    def __init__(self, config: ServeConfig, latency: StageLatency, store: DeploymentHandle):
         self.config = config
         self.latency = latency
+        self.store = store
+        cache = config.state.cache
+        self.user_contexts = ContextCache(cache, store.watch.remote, store.contexts.remote, store.leave.remote) if cache.enabled else None
+        self.context_lookups = Counter(
+            "polyrec_user_contexts", "User contexts of recommendations, by where they came from (cache, store)", tag_keys=("source",)
+        )
         set_batching(self.recommend, config.request_batching)
 
     @batched
     async def recommend(self, queries: list[Query]) -> list[Recommendation]:
         return await run_stages(queries, self, self.config, self.latency)  # a subclass gives the stages
+
+    async def contexts(self, user_ids: list[str]) -> list[UserContext]:
+        if self.user_contexts is None:
+            found = (await self.store.contexts.remote(user_ids)).contexts
+            cached = 0
+        else:
+            hits = self.user_contexts.hits
+            found = await self.user_contexts.contexts(user_ids)
+            cached = self.user_contexts.hits - hits
+        if cached:
+            self.context_lookups.inc(cached, tags={"source": "cache"})
+        if len(user_ids) > cached:
+            self.context_lookups.inc(len(user_ids) - cached, tags={"source": "store"})
+        return found
+
+    async def popular(self, n: int) -> list[tuple[str, int]]:
+        return await self.store.popular.remote(n)
+
+    async def close(self) -> None:
+        """Shutting down: the store no longer waits for this replica to drop changed contexts."""
+        if self.user_contexts is not None:
+            await self.user_contexts.close()
 
 
 class HandleStages(RequestBatching):
@@ -92,14 +122,8 @@ class HandleStages(RequestBatching):
         ranker: DeploymentHandle,
         reranker: DeploymentHandle,
     ):
-        super().__init__(config, latency)
-        self.store, self.retriever, self.ranker, self.reranker = store, retriever, ranker, reranker
-
-    def contexts(self, user_ids: list[str]) -> Awaitable[list[UserContext]]:
-        return self.store.contexts.remote(user_ids)
-
-    def popular(self, n: int) -> Awaitable[list[tuple[str, int]]]:
-        return self.store.popular.remote(n)
+        super().__init__(config, latency, store)
+        self.retriever, self.ranker, self.reranker = retriever, ranker, reranker
 
     def retrieve_batch(self, requests: list[RetrievalRequest]) -> Awaitable[list[Candidates]]:
         return self.retriever.retrieve_batch.remote(requests)
@@ -276,18 +300,13 @@ class RankingStage(_ModelHolder):
 
 class ColocatedStages(RequestBatching, RetrievalStage, RankingStage):
     """The colocated graph's stages, in the ingress replica, by the code of the split graph's Retriever, Ranker
-    and ReRanker: a batch's user lookups in one call to the UserStateStore, which stays the one copy of the user
-    state, one pass of the model for its retrieval and one for its ranking, then re-ranking in line."""
+    and ReRanker: a batch's user contexts from the replica's cache or in one call to the UserStateStore, which stays
+    the one copy of the user state, one pass of the model for its retrieval and one for its ranking, then re-ranking
+    in line."""
 
     def __init__(self, config: ServeConfig, latency: StageLatency, store: DeploymentHandle):
         RetrievalStage.__init__(self, config, store)
-        RequestBatching.__init__(self, config, latency)
-
-    async def contexts(self, user_ids: list[str]) -> list[UserContext]:
-        return await self.store.contexts.remote(user_ids)
-
-    async def popular(self, n: int) -> list[tuple[str, int]]:
-        return await self.store.popular.remote(n)
+        RequestBatching.__init__(self, config, latency, store)
 
     async def rerank_batch(self, batch: list[Ranked], ks: list[int], drops: list[list[str]]) -> Chosen:
         return final_items_of_batch(batch, ks, drops, self.config.rerank)

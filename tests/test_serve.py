@@ -1,8 +1,8 @@
 """The Serve graph over real HTTP: recommendations, bad input, cold start, feedback, new items, a model
 hot swap under load with rollback, and feedback durability across a FeedbackLogger crash.
 
-One Ray instance (2 CPUs) for the module. The Serve application first runs the colocated graph (one
-Recommender), whose answers to a set of requests are kept and whose stateful behaviours (new items,
+One Ray instance (2 CPUs) for the module. The Serve application first runs the colocated graph (two
+Recommender replicas), whose answers to a set of requests are kept and whose stateful behaviours (new items,
 feedback, impressions, hot swap and rollback) are checked; then it is replaced by the split graph,
 with its own fresh state, which must answer those requests the same and which the rest
 of the module tests. The model is a random tiny artifact over the first 40 MovieLens-100K users
@@ -125,6 +125,9 @@ def start(artifacts: dict[str, str], graph: str) -> Service:
         ranking=RankingConfig(weights={"retrieval": 1.0, "like": 0.0, "rating": 0.0}),
         port=artifacts["port"],
     )
+    if graph == "colocated":  # two replicas, each with its own cache of user contexts
+        recommender = config.deployments["Recommender"]
+        config.deployments["Recommender"] = recommender.model_copy(update={"num_cpus": 0.5, "min_replicas": 2, "max_replicas": 2})
     running = run_service(config, blocking=False)
     running.second_model = artifacts["second"]
     return running
@@ -340,6 +343,36 @@ def test_colocated_graph_recommends_a_registered_item_at_once(colocated_client):
 
 def test_colocated_graph_reads_the_history_feedback_extends(colocated_client):
     check_feedback_extends_the_server_side_history(colocated_client)
+
+
+def test_colocated_graph_replicas_never_answer_from_a_context_that_acknowledged_feedback_changed(colocated_client, ray_instance):
+    """Both Recommender replicas answer the user from the contexts they cached; once feedback is acknowledged,
+    neither answers from the context before it: the clicked item, the first before, is seen and never recommended."""
+    user = "7"
+
+    def cached_by_replica() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{ray_instance}/metrics", timeout=30).text
+        counts: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "ray_polyrec_user_contexts_total" and sample.labels.get("source") == "cache":
+                    counts[sample.labels["replica"]] = counts.get(sample.labels["replica"], 0.0) + sample.value
+        return counts
+
+    before = cached_by_replica()
+    answers = [recommend(colocated_client, user_id=user, k=5) for _ in range(30)]
+    first = answers[0]["items"][0]["item_id"]
+    assert {answer["items"][0]["item_id"] for answer in answers} == {first}
+    deadline = time.monotonic() + 60
+    while sum(count > before.get(replica, 0.0) for replica, count in cached_by_replica().items()) < 2:
+        assert time.monotonic() < deadline, f"not both replicas answered from their caches: {cached_by_replica()}"
+        time.sleep(0.5)
+
+    response = colocated_client.post("/v1/feedback", headers=AUTH, json={"user_id": user, "item_id": first, "event": "click"})
+    assert response.status_code == 200, response.text
+    for _ in range(30):
+        items = recommend(colocated_client, user_id=user, k=5)["items"]
+        assert first not in [item["item_id"] for item in items]
 
 
 def metric_totals(port: int, wanted: dict[str, dict[str, str]]) -> dict[str, float]:
