@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException
+from fastapi import Depends, HTTPException, Response
 from fastapi import Path as PathParam
 from ray import serve
 from ray.exceptions import RayError
@@ -125,7 +125,7 @@ class Ingress:
             raise ServiceUnavailable(f"not answered within {timeout_s:g}s; try again later") from None
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)], responses=responses(400, 401, 413, 422, 503))
-    async def recommend(self, body: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, body: RecommendRequest) -> Response:
         request_id = uuid.uuid4().hex
         query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
         async with self._deadline():
@@ -144,7 +144,11 @@ class Ingress:
                 ts=now_ms(),
             )
         )
-        return RecommendResponse(request_id=request_id, model_version=recommendation.model_version, items=items, ignored_history=recommendation.ignored_history)
+        answer = RecommendResponse(
+            request_id=request_id, model_version=recommendation.model_version, items=items, ignored_history=recommendation.ignored_history
+        )
+        # Serialised here, once: returned as a model, FastAPI would dump it, validate the dump again and encode that.
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
         """Queue impression rows; they reach the log in one call per ``impression_batch_s``.

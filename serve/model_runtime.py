@@ -67,6 +67,17 @@ def build_index(keys: np.ndarray, ids: np.ndarray, config: IndexConfig) -> faiss
     return index
 
 
+#: The tasks whose scores ranking mixes (``RankingConfig.weights``), besides the retrieval logit the candidates bring.
+RANKING_TASKS = ("like", "rating")
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array of ``values`` (lists stay elements, not a second dimension)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
 def _optional_column(table: pa.Table, name: str) -> list:
     """A column an older artifact may lack (``train.artifact.ITEM_DISPLAY_FIELDS``), None for each row there."""
     return table[name].to_pylist() if name in table.column_names else [None] * len(table)
@@ -98,6 +109,7 @@ class ServingModel:
         self.years: list[int | None] = [None, *_optional_column(items, "year")]
         self.genres: list[list[str]] = [[], *(list(names or ()) for names in _optional_column(items, "genres"))]
         self.item_index = {item_id: idx for idx, item_id in enumerate(self.item_ids) if idx}
+        self._groups = _objects(self.attributes)
         self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
         self.rating_offsets = rating_offsets_by_index(artifact.users)
         self.rating = RatingNormalisation.model_validate(self.metadata.get("rating") or {"kind": "none"})
@@ -112,6 +124,7 @@ class ServingModel:
         self.registered_titles: list[str] = []
         self.registered_vectors = np.zeros((0, self.keys.shape[1]), dtype=np.float32)
         self.registered_index: dict[str, int] = {}  # item id → N + registration number
+        self._index_lookups()
 
     # --- items -------------------------------------------------------------------------------
 
@@ -142,6 +155,16 @@ class ServingModel:
             self.registered_titles += [item.title for item in items]
             self.registered_vectors = np.concatenate([self.registered_vectors, vectors])
             self.registry_version = items[-1].seq
+            self._index_lookups()
+
+    def _index_lookups(self) -> None:
+        """The candidates' fields by item index (the catalogue's, then the registrations'), as arrays: a batch's
+        are picked with one fancy index instead of a Python loop per candidate."""
+        registered = len(self.registered_ids)
+        self._ids = _objects([*self.item_ids, *self.registered_ids])
+        self._titles = _objects([*self.titles, *self.registered_titles])
+        self._years = _objects([*self.years, *[None] * registered])
+        self._genres = _objects([*self.genres, *[[]] * registered])
 
     def knows(self, item_id: str) -> bool:
         return item_id in self.item_index or item_id in self.registered_index
@@ -250,8 +273,6 @@ class ServingModel:
         registration = idx[registered] - self.num_items - 1  # rows of registered_vectors
         local_idx = idx.copy()
         local_idx[registered] = self.num_items + 1 + np.arange(int(registered.sum()))
-        ids = [self.item_ids[i] if i <= self.num_items else self.registered_ids[i - self.num_items - 1] for i in idx]
-        titles = [self.titles[i] if i <= self.num_items else self.registered_titles[i - self.num_items - 1] for i in idx]
         return Candidates(
             model=self.path,
             model_version=self.version,
@@ -260,10 +281,10 @@ class ServingModel:
             history=resolved[0],
             ignored_history=resolved[1],
             item_idx=local_idx,
-            item_ids=ids,
-            titles=titles,
-            years=[self.years[i] if i <= self.num_items else None for i in idx],
-            genres=[self.genres[i] if i <= self.num_items else [] for i in idx],
+            item_ids=self._ids[idx].tolist(),
+            titles=self._titles[idx].tolist(),
+            years=self._years[idx].tolist(),
+            genres=self._genres[idx].tolist(),
             retrieval=logits.astype(np.float32),
             extra_vectors=self.registered_vectors[registration],
             queries=user_pass[0],
@@ -284,7 +305,10 @@ class ServingModel:
             candidates[row, : len(shifted)] = torch.from_numpy(shifted)
         extra = torch.from_numpy(np.concatenate([c.extra_vectors for c in batch])) if offsets[-1] else None
         with torch.inference_mode():
-            on_device = self.model.score_with_queries(queries, users, candidates.to(self.device), extra.to(self.device) if extra is not None else None)
+            # The retrieval logit came with the candidates; the attributes task is no part of the score.
+            on_device = self.model.score_with_queries(
+                queries, users, candidates.to(self.device), extra.to(self.device) if extra is not None else None, tasks=RANKING_TASKS
+            )
             scores = {name: value.float().cpu().numpy() for name, value in on_device.items()}
             extra_keys = F.normalize(extra, dim=-1).numpy() if extra is not None else np.zeros((0, self.keys.shape[1]), np.float32)
         all_keys = np.concatenate([self.keys, extra_keys])
@@ -313,7 +337,7 @@ class ServingModel:
                     p_like=p_like,
                     rating=rating,
                     keys=keys,
-                    groups=[self.attributes[i] if i <= self.num_items else [] for i in c.item_idx],
+                    groups=self._groups[np.where(c.item_idx <= self.num_items, c.item_idx, 0)].tolist(),
                     history_ids=[self.item_ids[i] for i in c.history],
                     history_titles=[self.titles[i] for i in c.history],
                     history_keys=self.keys[c.history],

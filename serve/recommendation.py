@@ -171,7 +171,7 @@ async def run_stages(queries: list[Query], stages: Stages, config: ServeConfig, 
     """The recommendation for each of ``queries``, each stage timed (once for the batch) as ``latency``'s stage of its name."""
     timed = latency.timed
     contexts = await timed("state", stages.contexts([query.user_id for query in queries]))
-    drops = [sorted(set(context.seen) | set(query.history) | set(query.exclude)) for query, context in zip(queries, contexts)]
+    drops = [list(dict.fromkeys([*context.seen, *query.history, *query.exclude])) for query, context in zip(queries, contexts)]
     requests = [
         RetrievalRequest(
             model=query.model,
@@ -200,8 +200,9 @@ async def run_stages(queries: list[Query], stages: Stages, config: ServeConfig, 
 
 def _recommendation(ranked: Ranked, chosen: list[tuple[int, list[str]]], ignored_history: list[str]) -> Recommendation:
     history_titles = dict(zip(ranked.history_ids, ranked.history_titles))
+    # Built from the model's own fields, which need no validation (model_construct): this is per item of every answer.
     items = [
-        RecommendedItem(
+        RecommendedItem.model_construct(
             item_id=ranked.item_ids[i],
             title=ranked.titles[i],
             year=ranked.years[i],
@@ -209,7 +210,7 @@ def _recommendation(ranked: Ranked, chosen: list[tuple[int, list[str]]], ignored
             score=float(ranked.score[i]),
             p_like=float(ranked.p_like[i]) if ranked.p_like is not None else None,
             rating=float(ranked.rating[i]) if ranked.rating is not None else None,
-            because=[HistoryItem(item_id=item_id, title=history_titles[item_id]) for item_id in because],
+            because=[HistoryItem.model_construct(item_id=item_id, title=history_titles[item_id]) for item_id in because],
         )
         for i, because in chosen
     ]

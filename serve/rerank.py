@@ -36,12 +36,14 @@ def final_items(ranked: Ranked, k: int, drop: Collection[str], config: ReRankCon
 
 def rerank(ranked: Ranked, k: int, drop: Collection[str], config: ReRankConfig) -> list[int]:
     """Positions (into the candidate lists of ``ranked``) of the final ``k`` items, best first."""
-    blocked = set(drop) | set(config.blocked_items)
-    first_position: dict[str, int] = {}
+    blocked = set(drop).union(config.blocked_items)
+    allowed: list[int] = []
     for i, item_id in enumerate(ranked.item_ids):
         if item_id not in blocked:
-            first_position.setdefault(item_id, i)
-    order = sorted(first_position.values(), key=lambda i: (-float(ranked.score[i]), i))
+            blocked.add(item_id)  # an item listed twice counts at its first place
+            allowed.append(i)
+    by_score = np.argsort(-ranked.score[allowed], kind="stable")  # ties keep the candidates' order
+    order = np.asarray(allowed, dtype=np.int64)[by_score].tolist()
     if config.diversity == "mmr":
         return maximal_marginal_relevance(ranked.score[order], ranked.keys[order], k, config.mmr_lambda, order)
     if config.diversity == "genre_cap":

@@ -200,4 +200,5 @@ class ContextCache:
         if self._watcher is not None:
             self._watcher.cancel()
         self.valid_until = 0.0
-        await self._leave(self.reader_id)
+        with contextlib.suppress(Exception):  # a store already gone: the lease lets it go on without this reader
+            await self._leave(self.reader_id)

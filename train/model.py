@@ -16,7 +16,7 @@ Shapes: B users, L history positions, N items, A attributes, T tokens, d the use
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -523,15 +523,22 @@ class PolyrecModel(nn.Module):
         return self.score_with_queries(queries, user_idx, candidate_items, extra_item_vectors)
 
     def score_with_queries(
-        self, queries: Mapping[str, Tensor], user_idx: Tensor, candidate_items: Tensor, extra_item_vectors: Tensor | None = None
+        self,
+        queries: Mapping[str, Tensor],
+        user_idx: Tensor,
+        candidate_items: Tensor,
+        extra_item_vectors: Tensor | None = None,
+        tasks: Collection[str] | None = None,
     ) -> dict[str, Tensor]:
         """``score_candidates`` for queries already computed by ``user_queries`` (or
-        ``queries_and_contributions``): the user model does not run again."""
+        ``queries_and_contributions``): the user model does not run again. ``tasks``: the tasks scored, of
+        those the model has (None: every one)."""
         table = self.item_table()
         if extra_item_vectors is not None:
             table = torch.cat([table, extra_item_vectors.to(table)])
         vectors = table[candidate_items]
-        return {name: task.score(queries[name], candidate_items, vectors, user_idx) for name, task in self.tasks.items()}
+        wanted = self.tasks.items() if tasks is None else [(name, task) for name, task in self.tasks.items() if name in tasks]
+        return {name: task.score(queries[name], candidate_items, vectors, user_idx) for name, task in wanted}
 
     def predict(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every task's score [B] of (user, ``target_items``)."""
