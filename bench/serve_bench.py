@@ -239,9 +239,10 @@ def model_work(config: ServeConfig, training_data: str, users: list[str]) -> str
         lines.append(f"{per_request:.1f} ms per request in batches of {batch}")
     return (
         f"- model work alone (retrieve + rank + re-rank + explain, in-process, 1 thread): {'; '.join(lines)}. "
-        "The rest is Serve transport: the bare endpoint is one call from the proxy; a split recommendation five "
-        "(proxy → Ingress, then one per batch of requests to each of UserStateStore, Retriever, Ranker, ReRanker); a colocated one the proxy's call to the "
-        "Recommender, plus its user lookups in the UserStateStore, one call per batch of concurrent requests."
+        "The rest is Serve transport: the bare endpoint is one call from the proxy; a split recommendation four "
+        "(proxy → Ingress, then one per batch of requests to each of Retriever, Ranker, ReRanker) and a fifth to the "
+        "UserStateStore for the users of a batch that are not in the Ingress's cache; a colocated one the proxy's call "
+        "to the Recommender, and the same lookup for the users not in its cache."
     )
 
 

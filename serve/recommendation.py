@@ -155,7 +155,8 @@ class StageLatency:
     async def timed(self, stage: str, call: Awaitable[T]) -> T:
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(call, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # in the caller's task: wait_for would start a task per stage
+                return await call
         except TimeoutError:
             if hasattr(call, "cancel"):  # a DeploymentResponse: the other replica may stop working on it
                 call.cancel()
