@@ -173,7 +173,8 @@ def main() -> None:
             "",
             f"- {shares}.",
             "- The bare endpoint's replica shows what one Serve hop costs the receiving process; a recommendation adds the "
-            "UserStateStore and FeedbackLogger calls (one per batch of requests) and the model work in its replica.",
+            "FeedbackLogger's call (one per batch of impressions), the UserStateStore's for users not in the replica's cache and its "
+            "polls for changed users, and the model work in its replica.",
         ]
     )
     publish(SECTION, section, write=not args.no_write)
