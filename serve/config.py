@@ -281,12 +281,20 @@ class ServeConfig(StageConfig):
     @model_validator(mode="before")
     @classmethod
     def _fill_in(cls, data: Any) -> Any:
-        """Deployments not named keep their defaults; ``feedback_log`` sets ``feedback.path``."""
+        """Deployments not named keep their defaults, and so do the settings a named one leaves out;
+        ``feedback_log`` sets ``feedback.path``."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         if isinstance(data.get("deployments"), dict):
-            data["deployments"] = {**_default_deployments(), **data["deployments"]}
+            defaults = _default_deployments()
+            data["deployments"] = {
+                **defaults,
+                **{
+                    name: {**defaults[name].model_dump(), **options} if name in defaults and isinstance(options, dict) else options
+                    for name, options in data["deployments"].items()
+                },
+            }
         if data.get("feedback_log") is not None:
             feedback = data.get("feedback") or {}
             feedback = feedback.model_dump() if isinstance(feedback, StageConfig) else dict(feedback)

@@ -20,6 +20,7 @@ import copy
 import ipaddress
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -88,25 +89,30 @@ def run_service(
 ) -> Service:
     """Serve ``model`` (default: the live version of ``config.state_dir``, else ``config.model``) on ``port``.
 
-    If the application already runs on the cluster, only its model is swapped, in place; every other
-    setting stays as deployed (stop the service to change them). With ``blocking`` this returns only
-    after Ctrl-C or SIGTERM, having shut down gracefully.
+    If the application already runs on the cluster (``config.ray.address``, else the local instance), only its
+    model is swapped, in place, and this returns at once: every other setting stays as deployed (stop the
+    service to change them). Otherwise, with ``blocking`` this returns only after Ctrl-C or SIGTERM, having
+    shut down gracefully.
     """
     config = _secured(_absolute(config, port=port, feedback_log=feedback_log))
-    owns_ray = _connect(config)
-    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
-    if _running():
+    connected = ray.is_initialized()
+    if find_cluster(config.ray.address) and _running():
         print(f"polyrec serve: {APP_NAME} is running already: only its model changes; its other settings stay as deployed")
         record = swap_model(model or config.model)
-        config = deployed_config().model_copy(update={"host": config.host, "port": config.port})
-    else:
-        live = VersionHistory(config.state_dir).live()
-        target = _absolute_path(model) if model else live.model if live else config.model
-        check_model(target, config.model_root)
-        config = _with_training_data(config, target)
-        _deploy_application(application_config(config, models=[target], active=target))
-        record = VersionHistory(config.state_dir).record_live(target)
-        print(f"polyrec serve: {_state_summary()}")
+        deployed = deployed_config().model_copy(update={"host": config.host, "port": config.port})  # the HTTP options are Serve's, not the app's
+        return Service(f"http://{config.host}:{config.port}", record, deployed, owns_ray=False)
+    if not connected and not config.ray.address:
+        ray.shutdown()  # a local instance without the service (or none): this one starts its own, as Ray's default does
+        _check_port_free(config.host, config.port)
+    owns_ray = _connect(config)
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
+    live = VersionHistory(config.state_dir).live()
+    target = _absolute_path(model) if model else live.model if live else config.model
+    check_model(target, config.model_root)
+    config = _with_training_data(config, target)
+    _deploy_application(application_config(config, models=[target], active=target))
+    record = VersionHistory(config.state_dir).record_live(target)
+    print(f"polyrec serve: {_state_summary()}")
     service = Service(f"http://{config.host}:{config.port}", record, config, owns_ray)
     if blocking:
         _serve_until_stopped(service)
@@ -394,6 +400,15 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise InputError(f"port {port} on {host} is taken ({error.strerror}): stop what listens there or choose another port (--port)") from None
 
 
 def _connect(config: ServeConfig) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import yaml
 from ray import serve
 
 from cluster.cli import main as polyrec
@@ -132,6 +133,21 @@ def test_a_service_beyond_loopback_does_not_start_without_an_api_key(model, monk
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("polyrec serve: error: serve: listening on 0.0.0.0 needs an API key")
     assert deployed_config() == running  # the running service was not touched
+
+
+def test_polyrec_serve_beside_the_running_service_swaps_its_model_in_place_and_returns(model, tmp_path, capsys):
+    service = start(model, "swapped-by-the-cli")
+    second = build_random_artifact(tmp_path / "second", seed=1, model_version="second-version")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "port": PORT}))
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        first = client.get("/v1/model").json()["model_version"]
+        assert polyrec(["serve", "--config", str(config), "--model", str(second)]) == 0  # returns: it swaps, it does not serve
+        assert "is running already: only its model changes" in capsys.readouterr().out
+        assert client.get("/v1/model").json()["model_version"] == "second-version"
+        assert polyrec(["serve", "--config", str(config), "--model", model["artifact"]]) == 0
+        assert client.get("/v1/model").json()["model_version"] == first
+    assert deployed_config().state_dir == service.config.state_dir  # the running service's settings stay
 
 
 def test_keys_read_from_the_environment_or_a_file_are_stripped(monkeypatch, tmp_path):

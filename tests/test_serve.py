@@ -41,7 +41,7 @@ from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
 from data.feedback_log import read_feedback_log
 from serve.batching import batched, set_batching
-from serve.config import BatchingConfig, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
+from serve.config import BatchingConfig, DeploymentOptions, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
@@ -874,6 +874,14 @@ def test_model_paths_cannot_leave_model_root(tmp_path):
     for outside in (tmp_path / "elsewhere", tmp_path / "models" / ".." / "elsewhere"):
         with pytest.raises(InputError, match="outside model_root"):
             cache.checked_path(str(outside))
+
+
+def test_a_deployment_named_in_the_config_keeps_the_defaults_of_the_settings_it_leaves_out():
+    config = ServeConfig.model_validate({"deployments": {"Recommender": {"min_replicas": 2}}})
+    default = ServeConfig().deployments["Recommender"]
+    assert config.deployments["Recommender"] == default.model_copy(update={"min_replicas": 2})
+    assert default.max_replicas >= 2 and default.num_cpus != DeploymentOptions().num_cpus  # what a partial override must keep
+    assert config.deployments["Ingress"] == ServeConfig().deployments["Ingress"]
 
 
 def test_config_rejects_a_scaled_out_state_store():
