@@ -84,7 +84,8 @@ class DeploymentOptions(StageConfig):
 def _default_deployments() -> dict[str, DeploymentOptions]:
     # At minimum scale the split graph asks for 1.1 CPUs and the colocated one for 1.2: the Recommender asks for
     # the whole core its model work uses (torch_threads: 1), so that autoscaling adds a replica only where a core
-    # is free for it (on 2 cores a second one only halves each one's batches). UserStateStore is the one shared
+    # is free for it (on 2 cores two at 0.8 serve 1.2x one's requests under load and answer a lone request slower:
+    # bench/RESULTS.md, "colocated x2"). UserStateStore is the one shared
     # copy of server-side state and must stay at exactly one replica.
     # Admission: the ingress admits about what a replica serves in its request timeout (bench/overload.py measures
     # the capacity); the internal deployments queue what their callers may send them.
