@@ -192,7 +192,9 @@ class ContextCacheConfig(StageConfig):
     acknowledges a change (``serve.user_cache``): a recommendation of a known user skips the call to the store."""
 
     enabled: bool = True
-    max_users: int = Field(100_000, ge=1)  # per ingress replica; the least recently used go first
+    #: Per ingress replica; the least recently used go first. A context holds up to ``max_seen_items`` ids (about
+    #: 0.1 MB at 2,000), so this bounds the cache near 1 GB for the heaviest users.
+    max_users: int = Field(10_000, ge=1)
     #: A replica that has not polled the store for this long no longer holds up an acknowledgement, and has stopped
     #: answering from its cache: the longest a dead replica delays feedback.
     lease_s: float = Field(3.0, gt=0)
