@@ -41,7 +41,7 @@ def _stage_config(cls, name: str, **overrides):
 
 def set_aside_future(source: SourceConfig, folder: Path, replay_fraction: float) -> tuple[SourceConfig, pa.Table]:
     """Write the base interactions and the items as Parquet, return a source reading them and the future."""
-    tables = read_source(source)
+    tables = read_source(source).collected()  # the split needs every timestamp; the main job's sources are small
     interactions = tables.interactions
     cutoff = pc.quantile(interactions["timestamp"], q=1 - replay_fraction, interpolation="higher")[0].as_py()
     future = interactions.filter(pc.greater_equal(interactions["timestamp"], cutoff))

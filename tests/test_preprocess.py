@@ -496,3 +496,16 @@ def test_a_manifest_of_another_schema_version_is_refused_by_name(ml100k, tmp_pat
     (stale / "manifest.json").write_text(json.dumps(document))
     with pytest.raises(InputError, match=r"manifest.json: field schema_version is .*preprocess"):
         load_manifest(str(stale))
+
+
+def test_the_main_job_sets_the_latest_interactions_of_the_embedded_dataset_aside(tmp_path) -> None:
+    """The main job's replay: the latest 5% of ml-100k by time, the rest as the base it trains on."""
+    from cluster.pipeline import set_aside_future
+
+    source, future = set_aside_future(PreprocessConfig().source, tmp_path, 0.05)
+    seconds = pd.read_csv(DEFAULT_DATASET_DIR / "u.data", sep="\t", names=["user", "item", "rating", "ts"])["ts"].to_numpy()
+    cutoff = np.quantile(seconds, 0.95, method="higher")
+    base = pq.read_table(source.path)
+    assert (base.num_rows, future.num_rows) == (int((seconds < cutoff).sum()), int((seconds >= cutoff).sum()))
+    assert base.num_rows + future.num_rows == 100_000 and 0.04 < future.num_rows / 100_000 < 0.06
+    assert pc.max(base["timestamp"]).as_py() < pc.min(future["timestamp"]).as_py()
