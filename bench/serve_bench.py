@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, publish  # noqa: E402
 from data.user_histories import read_user_histories  # noqa: E402
-from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, BatchingConfig, FeedbackLogConfig, ServeConfig  # noqa: E402
+from serve.config import GRAPH_DEPLOYMENTS, SERVE_THROUGHPUT_ENV, FeedbackLogConfig, ServeConfig  # noqa: E402
 from serve.runner import APP_NAME, run_service, use_throughput_env  # noqa: E402
 from train.artifact import read_metadata  # noqa: E402
 
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--recommender-replicas", type=int, default=2, help="the colocated graph again with this many Recommender replicas (1: not)")
     parser.add_argument("--no-context-cache", action="store_true", help="every recommendation reads its user's context from the UserStateStore")
     parser.add_argument("--batch-wait-ms", type=float, help="override how long a batch of requests waits for company")
+    parser.add_argument("--busy-wait-ms", type=float, help="override how long it waits under concurrent load (busy_batch_wait_s)")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args()
 
@@ -184,7 +185,9 @@ def main() -> None:
         )
         config.state.cache.enabled = not args.no_context_cache
         if args.batch_wait_ms is not None:
-            config.request_batching = BatchingConfig(batch_wait_timeout_s=args.batch_wait_ms / 1000)
+            config.request_batching.batch_wait_timeout_s = args.batch_wait_ms / 1000
+        if args.busy_wait_ms is not None:
+            config.request_batching.busy_batch_wait_s = args.busy_wait_ms / 1000
         use_throughput_env()  # as `polyrec serve` starts its local instance: the no-op gets the same settings
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
@@ -203,7 +206,7 @@ def model_work(config: ServeConfig, training_data: str, users: list[str]) -> str
     beyond it is transport between Serve processes."""
     from serve.messages import RetrievalRequest
     from serve.model_runtime import ServingModel, limit_threads
-    from serve.rerank import explain, rerank
+    from serve.rerank import final_items_of_batch
     from serve.state import ServerState
 
     limit_threads(config.torch_threads)
@@ -233,8 +236,8 @@ def model_work(config: ServeConfig, training_data: str, users: list[str]) -> str
                 )
                 for c in contexts[start : start + batch]
             ]
-            for ranked, context in zip(model.rank(model.retrieve(requests, config.state.history_length, 0.5), config.ranking.weights), contexts[start:]):
-                explain(ranked, rerank(ranked, 10, context.seen, config.rerank), config.rerank.because_size)
+            ranked = model.rank(model.retrieve(requests, config.state.history_length, 0.5), config.ranking.weights)
+            final_items_of_batch(ranked, [10] * len(ranked), [request.exclude for request in requests], config.rerank)
         per_request = (time.perf_counter() - started) / len(contexts) * 1000
         lines.append(f"{per_request:.1f} ms per request in batches of {batch}")
     return (
@@ -333,12 +336,15 @@ def benchmark(config: ServeConfig, args: argparse.Namespace, bodies: list[dict],
             "",
             f"Machine: {machine('ray', 'torch', 'aiohttp')}. Run {date.today().isoformat()}, command "
             f"`.venv/bin/python bench/serve_bench.py --model {args.model} --max-seconds {args.max_seconds:g} --rounds {args.rounds}"
-            f"{' --no-context-cache' if not config.state.cache.enabled else ''}`.",
+            f"{' --no-context-cache' if not config.state.cache.enabled else ''}"
+            f"{f' --batch-wait-ms {args.batch_wait_ms:g}' if args.batch_wait_ms is not None else ''}"
+            f"{f' --busy-wait-ms {args.busy_wait_ms:g}' if args.busy_wait_ms is not None else ''}`.",
             f"Model: `{metadata.get('model_version')}` (a `polyrec train` artifact), its users' histories from `{training_data}`; "
             f'requests `{{"user_id": <known user>, "k": 10}}` over {len(bodies)} real users; `ServeConfig` '
             f"({config.retrieval.num_candidates} candidates, {config.rerank.diversity}, batches of up to "
             f"{config.request_batching.max_batch_size} requests whose first waits "
-            f"{config.request_batching.batch_wait_timeout_s * 1000:g} ms for company, user contexts cached in the ingress replicas "
+            f"{config.request_batching.batch_wait_timeout_s * 1000:g} ms for company, or {config.request_batching.busy_batch_wait_s * 1000:g} ms "
+            "after a batch with company, user contexts cached in the ingress replicas "
             f"{'on' if config.state.cache.enabled else 'off'}, default autoscaling{''.join('; ' + line for line in scaled)}). "
             "Stock no-op: one deployment returning a constant, Serve's stock settings, on its own Ray instance, measured first. "
             "Fast no-op: the same deployment beside polyrec with polyrec's settings "

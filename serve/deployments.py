@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Response
 from fastapi import Path as PathParam
+from pydantic_core import to_json
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
@@ -139,16 +140,15 @@ class Ingress:
             impression_rows(
                 request_id=request_id,
                 user_id=body.user_id,
-                items=[(item.item_id, item.score) for item in items],
+                items=[(item["item_id"], item["score"]) for item in items],
                 model_version=recommendation.model_version,
                 ts=now_ms(),
             )
         )
-        answer = RecommendResponse(
-            request_id=request_id, model_version=recommendation.model_version, items=items, ignored_history=recommendation.ignored_history
-        )
-        # Serialised here, once: returned as a model, FastAPI would dump it, validate the dump again and encode that.
-        return Response(answer.model_dump_json(), media_type="application/json")
+        answer = {"request_id": request_id, "model_version": recommendation.model_version, "items": items, "ignored_history": recommendation.ignored_history}
+        # A RecommendResponse, serialised here, once, by pydantic's encoder: returned as a model, FastAPI would dump it,
+        # validate the dump again and encode that.
+        return Response(to_json(answer, inf_nan_mode="null"), media_type="application/json")
 
     def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
         """Queue impression rows; they reach the log in one call per ``impression_batch_s``.

@@ -10,11 +10,9 @@ Item indices: 0 is padding, 1..N the catalogue, N + 1 + j the j-th row of a requ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-
-from serve.api import RecommendedItem
 
 Mode = Literal["personal", "interests", "popular"]
 
@@ -35,7 +33,7 @@ class Query:
 class Recommendation:
     model_version: str
     mode: Mode  # how the candidates were found (anything but "personal" is a cold start)
-    items: list[RecommendedItem]
+    items: list[dict[str, Any]]  # each a serve.api.RecommendedItem as JSON
     ignored_history: list[str]  # history item ids the model does not know
 
 

@@ -165,9 +165,10 @@ class ServingModel:
         self._titles = _objects([*self.titles, *self.registered_titles])
         self._years = _objects([*self.years, *[None] * registered])
         self._genres = _objects([*self.genres, *[[]] * registered])
+        self._index_of = {**self.item_index, **self.registered_index}  # a catalogue id keeps its catalogue entry
 
     def knows(self, item_id: str) -> bool:
-        return item_id in self.item_index or item_id in self.registered_index
+        return item_id in self._index_of
 
     def describe_item(self, item_id: str) -> dict | None:
         if item_id in self.item_index:
@@ -233,7 +234,8 @@ class ServingModel:
                 queries[with_interests] = (1 - weights) * queries[with_interests] + weights * interest_queries
 
         # The items a request excludes are searched past, so that num_candidates others come back.
-        excluded = [np.array([self._index_of(item_id) for item_id in request.exclude if self.knows(item_id)], dtype=np.int64) for request in requests]
+        index_of = self._index_of
+        excluded = [np.array([index_of[item_id] for item_id in request.exclude if item_id in index_of], dtype=np.int64) for request in requests]
         top = max((requests[i].num_candidates + len(excluded[i]) for i in searched), default=0)
         scores, found = self.index.search(queries[searched], min(top, self.index.ntotal)) if searched and top else (None, None)
         answers = []
@@ -244,7 +246,7 @@ class ServingModel:
                 idx, logits = found[row][keep][: request.num_candidates], scores[row][keep][: request.num_candidates]
             elif modes[i] == "popular":
                 skip = set(request.exclude)
-                chosen = [(self._index_of(item_id), count) for item_id, count in request.popular or () if self.knows(item_id) and item_id not in skip][
+                chosen = [(index_of[item_id], count) for item_id, count in request.popular or () if item_id in index_of and item_id not in skip][
                     : request.num_candidates
                 ]
                 idx = np.array([idx for idx, _ in chosen], dtype=np.int64)
@@ -255,9 +257,6 @@ class ServingModel:
             pass_of_request = ({name: query[i] for name, query in task_queries.items()}, contributions[i, inputs.shape[1] - len(resolved[i][0]) :])
             answers.append(self._candidates(request, modes[i], user_idx[i], resolved[i], idx, logits, pass_of_request))
         return answers
-
-    def _index_of(self, item_id: str) -> int:
-        return self.item_index.get(item_id) or self.registered_index[item_id]
 
     def _candidates(
         self,

@@ -26,7 +26,6 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from serve.api import HistoryItem, RecommendedItem
 from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
@@ -201,18 +200,19 @@ async def run_stages(queries: list[Query], stages: Stages, config: ServeConfig, 
 
 def _recommendation(ranked: Ranked, chosen: list[tuple[int, list[str]]], ignored_history: list[str]) -> Recommendation:
     history_titles = dict(zip(ranked.history_ids, ranked.history_titles))
-    # Built from the model's own fields, which need no validation (model_construct): this is per item of every answer.
+    # Plain dicts of the response's shape (``serve.api.RecommendedItem``) from the model's own fields, which need no
+    # validation: a pydantic object per item and per explanation cost more than the rest of the answer.
     items = [
-        RecommendedItem.model_construct(
-            item_id=ranked.item_ids[i],
-            title=ranked.titles[i],
-            year=ranked.years[i],
-            genres=ranked.genres[i],
-            score=float(ranked.score[i]),
-            p_like=float(ranked.p_like[i]) if ranked.p_like is not None else None,
-            rating=float(ranked.rating[i]) if ranked.rating is not None else None,
-            because=[HistoryItem.model_construct(item_id=item_id, title=history_titles[item_id]) for item_id in because],
-        )
+        {
+            "item_id": ranked.item_ids[i],
+            "title": ranked.titles[i],
+            "year": ranked.years[i],
+            "genres": ranked.genres[i],
+            "score": float(ranked.score[i]),
+            "p_like": float(ranked.p_like[i]) if ranked.p_like is not None else None,
+            "rating": float(ranked.rating[i]) if ranked.rating is not None else None,
+            "because": [{"item_id": item_id, "title": history_titles[item_id]} for item_id in because],
+        }
         for i, because in chosen
     ]
     return Recommendation(model_version=ranked.model_version, mode=ranked.mode, items=items, ignored_history=ignored_history)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from common.errors import InputError
 from train.config import LossWeightingConfig, ModelConfig, TaskConfig
-from train.model import CatalogFeatures, PolyrecModel
+from train.model import CatalogFeatures, PolyrecModel, _last_position
 from train.tasks import RetrievalTask, StepItems, TaskSetup
 from train.weighting import LossWeighting
 
@@ -305,6 +305,25 @@ def test_the_one_pass_for_serving_gives_the_encoders_queries_and_the_last_layers
         expected = logits.masked_fill((history == 0).unsqueeze(1), float("-inf")).softmax(-1).mean(1)
     torch.testing.assert_close(contributions, expected)
     assert contributions[0, :2].abs().max() == 0
+
+
+@pytest.mark.parametrize("norm_first", [True, False])  # False: a user model initialised from a BERT backbone
+def test_the_last_layer_for_the_last_position_alone_is_the_layers_own_output_there(norm_first):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, activation="gelu", batch_first=True, norm_first=norm_first).eval()
+    hidden = torch.randn(3, 7, 16)
+    blocked = torch.ones(7, 7, dtype=torch.bool).triu(1).repeat(3 * 2, 1, 1)
+    blocked[0:2, :, :3] = True  # the first row's three oldest positions are padding
+    blocked[0:2, :3, :3] |= ~torch.eye(3, dtype=torch.bool)
+    with torch.no_grad():
+        state, weights = _last_position(layer, hidden, blocked[:, -1:])
+        expected = layer(hidden, src_mask=blocked)[:, -1]
+        _, expected_weights = layer.self_attn(
+            *(3 * [layer.norm1(hidden) if norm_first else hidden]), attn_mask=blocked, need_weights=True, average_attn_weights=True
+        )
+    torch.testing.assert_close(state, expected)
+    torch.testing.assert_close(weights, expected_weights[:, -1])
+    assert weights[0, :3].abs().max() == 0
 
 
 def test_switched_off_tasks_are_not_built():

@@ -45,7 +45,7 @@ from serve.config import BatchingConfig, DeploymentOptions, FeedbackLogConfig, R
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
-from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank
+from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank_batch
 from serve.runner import APP_NAME, SERVE_CONFIG_FILE, Service, application_config, rollback, run_service, serve_config_document, swap_model
 from serve.state import ItemExists, ServerState
 from serve.versions import VersionHistory
@@ -790,10 +790,10 @@ def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_p
 class Doubler:
     """A replica's batched method that records its batches and runs each until ``release`` is set."""
 
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, busy_batch_wait_s: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.release = asyncio.Event()
-        set_batching(self.double, BatchingConfig(max_batch_size=max_batch_size))
+        set_batching(self.double, BatchingConfig(max_batch_size=max_batch_size, busy_batch_wait_s=busy_batch_wait_s))
 
     @batched
     async def double(self, numbers: list[int]) -> list[int]:
@@ -830,14 +830,46 @@ def test_a_batch_is_what_arrived_while_the_previous_batch_ran():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("busy_batch_wait_s", [0.0, 60.0])
+def test_after_a_batch_with_company_the_next_waits_for_the_calls_on_their_way(busy_batch_wait_s):
+    async def scenario() -> list[list[int]]:
+        replica = Doubler(max_batch_size=3, busy_batch_wait_s=busy_batch_wait_s)
+        replica.release.set()
+        assert await replica.double(1) == 2  # alone: a batch of one at once, whatever the busy wait
+        assert await asyncio.gather(replica.double(2), replica.double(3)) == [4, 6]  # a batch with company
+        first = asyncio.create_task(replica.double(4))
+        for _ in range(3):
+            await asyncio.sleep(0)  # its batch forms: at once without the busy wait, else it waits for company
+        assert await asyncio.gather(first, replica.double(5), replica.double(6)) == [8, 10, 12]
+        return replica.batches
+
+    # With the wait, the calls that came after the first fill its batch (full at 3: no 60 s pass).
+    expected = [[1], [2, 3], [4, 5, 6]] if busy_batch_wait_s else [[1], [2, 3], [4], [5, 6]]
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == expected
+
+
 def test_mmr_trades_relevance_for_novelty_as_computed_by_hand():
     # a and b are identical, c is orthogonal; relevance 1, 0.9, 0.5 → min-max 1, 0.8, 0.
     keys = pd.DataFrame([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).to_numpy("float32")
     scores = pd.Series([3.0, 2.8, 2.0]).to_numpy("float32")
     # λ = 0.5: after a, b scores 0.5·0.8 − 0.5·1 = −0.1 and c scores 0.5·0 − 0.5·0 = 0 → c.
-    assert maximal_marginal_relevance(scores, keys, 3, 0.5, [10, 11, 12]) == [10, 12, 11]
+    assert [pick.tolist() for pick in maximal_marginal_relevance([scores], [keys], [3], 0.5)] == [[0, 2, 1]]
     # λ = 0.9: b scores 0.72 − 0.1 = 0.62 > c's 0 → b.
-    assert maximal_marginal_relevance(scores, keys, 2, 0.9, [10, 11, 12]) == [10, 11]
+    assert [pick.tolist() for pick in maximal_marginal_relevance([scores], [keys], [2], 0.9)] == [[0, 1]]
+
+
+def test_mmr_over_a_batch_picks_for_each_request_what_it_picks_alone():
+    rng = np.random.default_rng(0)
+    scores = [np.sort(rng.normal(size=count)).astype("float32")[::-1] for count in (30, 0, 7, 12)]
+    keys = [rng.normal(size=(len(s), 4)).astype("float32") for s in scores]
+    keys = [key / np.linalg.norm(key, axis=1, keepdims=True) for key in keys]
+    ks = [10, 10, 10, 3]
+    together = maximal_marginal_relevance(scores, keys, ks, 0.7)
+    alone = [maximal_marginal_relevance([s], [key], [k], 0.7)[0] for s, key, k in zip(scores, keys, ks)]
+    assert [pick.tolist() for pick in together] == [pick.tolist() for pick in alone]
+    assert [len(pick) for pick in together] == [10, 0, 7, 3]
+    assert all(len(set(pick.tolist())) == len(pick) for pick in together)
+    assert together[0][0] == 0  # the most relevant first, with nothing to be redundant with
 
 
 def test_genre_cap_passes_over_and_then_fills():
@@ -864,7 +896,7 @@ def test_rerank_drops_seen_excluded_blocked_and_duplicate_items():
         history_keys=np.zeros((0, 2), "float32"),
         contributions=np.zeros(0, "float32"),
     )
-    chosen = rerank(ranked, 10, drop=["a"], config=ReRankConfig(diversity="none", blocked_items=["c"]))
+    [chosen] = rerank_batch([ranked], [10], [["a"]], ReRankConfig(diversity="none", blocked_items=["c"]))
     assert [ranked.item_ids[i] for i in chosen] == ["b", "d"]
 
 

@@ -323,18 +323,38 @@ class UserModel(nn.Module):
     def forward_with_last_attention(
         self, item_vectors: Tensor, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``forward``'s states [B, L, d] and, from the same pass, the last layer's attention of the
-        last position over the history [B, L], averaged over heads (serving needs both per request)."""
+        """``forward``'s state at the last position [B, d] and, from the same pass, the last layer's attention of
+        that position over the history [B, L], averaged over heads (serving needs both per request, and nothing
+        else: its last layer runs for the last position alone)."""
         hidden, blocked = self._inputs(item_vectors, input_items, user_idx, input_ratings)
         *earlier, last = self.encoder.layers
         for layer in earlier:
             hidden = layer(hidden, src_mask=blocked)
-        attended = last.norm1(hidden) if last.norm_first else hidden
-        _, weights = last.self_attn(attended[:, -1:], attended, attended, attn_mask=blocked[:, -1:], need_weights=True, average_attn_weights=True)
-        states = last(hidden, src_mask=blocked)
+        state, weights = _last_position(last, hidden, blocked[:, -1:])
         if self.encoder.norm is not None:
-            states = self.encoder.norm(states)
-        return states, weights[:, 0]
+            state = self.encoder.norm(state)
+        return state, weights
+
+
+def _last_position(layer: nn.TransformerEncoderLayer, hidden: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``layer``'s output at the last position [B, d] of ``hidden`` [B, L, d] (``mask`` [B·heads, 1, L]: True = may
+    not attend) and that position's attention over the positions [B, L], averaged over heads: what
+    ``nn.TransformerEncoderLayer.forward`` computes there, without the other L - 1 queries."""
+
+    def feed_forward(x: Tensor) -> Tensor:
+        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+
+    query = hidden[:, -1:]
+    if layer.norm_first:
+        keys = layer.norm1(hidden)
+        attended, weights = layer.self_attn(keys[:, -1:], keys, keys, attn_mask=mask, need_weights=True, average_attn_weights=True)
+        state = query + layer.dropout1(attended)
+        state = state + feed_forward(layer.norm2(state))
+    else:
+        attended, weights = layer.self_attn(query, hidden, hidden, attn_mask=mask, need_weights=True, average_attn_weights=True)
+        state = layer.norm1(query + layer.dropout1(attended))
+        state = layer.norm2(state + feed_forward(state))
+    return state[:, 0], weights[:, 0]
 
 
 class MMoE(nn.Module):
@@ -569,8 +589,8 @@ class PolyrecModel(nn.Module):
     def queries_and_contributions(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """``user_queries`` and ``attention_contributions`` from one pass of the user model."""
         items = self._step_items(input_items, None)
-        states, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx, input_ratings)
-        return self._read_history(self.towers(states[:, -1]), input_items, input_ratings), weights * (input_items != 0)
+        state, weights = self.user_model.forward_with_last_attention(items.lookup(input_items), input_items, user_idx, input_ratings)
+        return self._read_history(self.towers(state), input_items, input_ratings), weights * (input_items != 0)
 
     def attention_contributions(self, input_items: Tensor, user_idx: Tensor, input_ratings: Tensor | None = None) -> Tensor:
         """How much each history position contributed to the last state [B, L] (the last layer's
