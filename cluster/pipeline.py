@@ -74,12 +74,13 @@ def run_pipeline(
 ) -> Path:
 
     from serve.config import ServeConfig
-    from serve.runner import run_service, use_throughput_env
+    from serve.runner import check_ports_free, run_service, use_throughput_env
     from train.trainer import run_training
 
     root = Path(output).resolve()
     if (root / "model" / "artifact").exists():  # every later stage would refuse to overwrite its output
         raise InputError(f"{root} already holds a finished run; choose another output (make run RUN_DIR=...) or remove it")
+    serve_config = _stage_config(ServeConfig, "serve", feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
     timings: dict[str, float] = {}
     if not ray.is_initialized():
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
@@ -88,6 +89,7 @@ def run_pipeline(
         # stays on: Ray Train's placement-group cleaner asks its state API whether the training controller
         # lives (without it, it logs a warning every few seconds while training runs).
         use_throughput_env()
+        check_ports_free(serve_config)  # now, not after the training
         connect(RayConfig(num_cpus=(os.cpu_count() or 2) + 2))
 
     def timed(stage: str, started: float) -> None:
@@ -116,8 +118,7 @@ def run_pipeline(
 
     started = time.perf_counter()
     # The service loads the histories of the data the model was trained on (training_data: artifact).
-    serve_config = _stage_config(ServeConfig, "serve", model=before.artifact, feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
-    service = run_service(serve_config, blocking=False)
+    service = run_service(serve_config.model_copy(update={"model": before.artifact}), blocking=False)
     timed("serve (start)", started)
 
     # The future's first part is replayed with feedback; the next, held-out part is only asked about,

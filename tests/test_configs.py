@@ -3,9 +3,6 @@ every setting (a knob added to a config class without its line here fails)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +56,3 @@ def test_a_setting_that_contradicts_another_is_refused_in_the_users_words(tmp_pa
     assert error == (
         f"polyrec train: error: {bad}: optimizer.sparse_tables: true needs deepspeed.zero_stage 0 and fp32 precision (here stage 2, fp32); use auto or false"
     )
-
-
-def test_polyrec_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
-    """No Ray runs here: the service would start its own instance, and the port is checked before that."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "port": port}))
-        done = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "serve", "--config", str(tmp_path / "serve.yaml"), "--model", str(tmp_path / "model")],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert done.returncode == 2, done.stderr
-    error = done.stderr.strip()
-    assert "\n" not in error and error.startswith(f"polyrec serve: error: port {port} on 127.0.0.1 is taken"), error
-    assert error.endswith("choose another port (--port)")
