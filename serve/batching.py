@@ -60,7 +60,7 @@ class _Calls(Generic[T, R]):
         loop = asyncio.get_running_loop()
         settings = self.settings
         deadline = loop.time() + max(settings.batch_wait_timeout_s, settings.busy_batch_wait_s if self.had_company else 0.0)
-        while len(batch) < self.settings.max_batch_size:
+        while len(batch) < settings.max_batch_size:
             if self.queue.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
