@@ -26,6 +26,12 @@ from common.errors import InputError
 #: compares). A variable already set wins.
 SERVE_THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
+#: The replicas' environment on a local instance (not on a cluster at ``ray.address``, nor in k8s/): with direct ingress
+#: an ingress replica that stops stays reachable for 30 s by default, so that load balancers in front of a cluster can
+#: deregister it. Locally nothing but HAProxy is in front, and it retries a refused connection on another replica, so
+#: the window only delayed every stop of the service (Ctrl-C, a test's teardown) by 30 s.
+LOCAL_SERVE_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
 TRAINING_DATA_FROM_ARTIFACT = "artifact"
 
 Graph = Literal["split", "colocated"]

@@ -36,7 +36,7 @@ from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDep
 from common.errors import InputError
 from common.ray_connect import connect, find_cluster
 from serve.app import build_app
-from serve.config import SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, IndexConfig, ServeConfig, api_key
+from serve.config import LOCAL_SERVE_ENV, SERVE_THROUGHPUT_ENV, TRAINING_DATA_FROM_ARTIFACT, IndexConfig, ServeConfig, api_key
 from serve.versions import VersionHistory, VersionRecord
 from train.artifact import read_metadata
 
@@ -239,7 +239,11 @@ def _one_line(error: BaseException) -> str:
 
 def throughput_env() -> dict[str, str]:
     """``SERVE_THROUGHPUT_ENV``, each variable as this process's environment has it if set."""
-    return {name: os.environ.get(name, value) for name, value in SERVE_THROUGHPUT_ENV.items()}
+    return _as_set_here(SERVE_THROUGHPUT_ENV)
+
+
+def _as_set_here(defaults: dict[str, str]) -> dict[str, str]:
+    return {name: os.environ.get(name, value) for name, value in defaults.items()}
 
 
 def use_throughput_env() -> None:
@@ -258,7 +262,13 @@ def application_config(config: ServeConfig, *, models: list[str], active: str) -
         "import_path": IMPORT_PATH,
         "args": config.model_dump(mode="json", exclude=DRIVER_FIELDS),
         # Replicas and the controller's build task import polyrec from this checkout, installed or not.
-        "runtime_env": {"env_vars": {**throughput_env(), "PYTHONPATH": os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")]))}},
+        "runtime_env": {
+            "env_vars": {
+                **throughput_env(),
+                **(_as_set_here(LOCAL_SERVE_ENV) if not config.ray.address else {}),
+                "PYTHONPATH": os.pathsep.join(filter(None, [SOURCE_ROOT, os.environ.get("PYTHONPATH")])),
+            }
+        },
         "deployments": [{"name": name, "user_config": user_config} for name, user_config in config.user_configs(models=models, active=active).items()],
     }
 

@@ -17,10 +17,6 @@ from tests.tiny import tiny_config, tiny_preprocess_config
 # that takes the one before, and the run's end is seen at a poll. The tests' epochs take under a second, so they spent
 # more time waiting on polls than training. Set before any test starts Ray: the driver hands it to the controller.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# With Serve's fast paths (direct ingress behind HAProxy) a stopping ingress replica first drains for 30 s, so that
-# HAProxy routes nothing more to it, and Serve's shutdown waits for it: every module that served paid 30 s at
-# teardown. The tests stop whole services, with no traffic left to drain.
-os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 _exit_status = pytest.StashKey[int]()

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import ray
 import torch
@@ -37,11 +38,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from common.config import RayConfig
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
 from data.feedback_log import read_feedback_log
 from serve.batching import batched, set_batching
-from serve.config import BatchingConfig, DeploymentOptions, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
+from serve.config import LOCAL_SERVE_ENV, BatchingConfig, DeploymentOptions, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
@@ -304,6 +306,16 @@ def test_colocated_graph_serves_and_runs_the_stages_in_one_recommender(colocated
     popular = [answer["items"][0]["score"] == pytest.approx(1.0) for answer in colocated_answers]  # popular mode: share of the top count
     assert popular == [False, False, True, False, False, False]
     assert [len(answer["items"]) for answer in colocated_answers] == [body["k"] for body in compared_requests()]
+
+
+def test_a_local_services_ingress_replica_stops_without_the_load_balancers_drain_window(colocated_service):
+    """Ray keeps a stopping ingress replica reachable 30 s for load balancers to deregister it; a service on a local
+    instance has none (HAProxy retries elsewhere), so its replicas run with a short window, and a cluster's keep Ray's."""
+    ((name, short),) = LOCAL_SERVE_ENV.items()
+    recommender = next(p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:polyrec:Recommender" in " ".join(p.info["cmdline"] or []))
+    assert recommender.environ().get(name) == short
+    on_a_cluster = colocated_service.config.model_copy(update={"ray": RayConfig(address="ray://head:10001")})
+    assert name not in application_config(on_a_cluster, models=["m"], active="m")["runtime_env"]["env_vars"]
 
 
 def assert_same_answer(ours: dict, theirs: dict) -> None:
