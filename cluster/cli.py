@@ -140,7 +140,8 @@ def _defaults(args: argparse.Namespace) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from cluster.pipeline import run_pipeline
 
-    run_pipeline(output=args.output, port=args.port, keep_serving=args.keep_serving, pretrain=args.pretrain)
+    stage_files = {"configs": Path(args.configs)} if args.configs else {}
+    run_pipeline(output=args.output, port=args.port, keep_serving=args.keep_serving, pretrain=args.pretrain, **stage_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--port", type=int, default=8000, help="HTTP port of the service")
     sub.add_argument("--keep-serving", action="store_true", help="keep the service up at the end (Ctrl-C stops it)")
     sub.add_argument("--pretrain", action="store_true", help="continue pretraining the backbone on the catalogue's text first (configs/pretrain.yaml)")
+    sub.add_argument(
+        "--configs", help="folder of the stages' files (preprocess.yaml, train.yaml, ...; default: configs/); a stage without one runs on its defaults"
+    )
     return parser
 
 

@@ -34,8 +34,8 @@ from train.config import TrainConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _stage_config(cls, name: str, **overrides):
-    path = CONFIG_DIR / f"{name}.yaml"
+def _stage_config(cls, configs: Path, name: str, **overrides):
+    path = configs / f"{name}.yaml"
     return cls.from_yaml(path if path.is_file() else None, **overrides)
 
 
@@ -71,7 +71,9 @@ def run_pipeline(
     port: int = 8000,
     keep_serving: bool = False,
     pretrain: bool = False,
+    configs: Path = CONFIG_DIR,
 ) -> Path:
+    """The main job into ``output``, each stage configured by its file in ``configs`` (a stage without one: its defaults)."""
 
     from serve.config import ServeConfig
     from serve.runner import check_ports_free, run_service, use_throughput_env
@@ -80,7 +82,7 @@ def run_pipeline(
     root = Path(output).resolve()
     if (root / "model" / "artifact").exists():  # every later stage would refuse to overwrite its output
         raise InputError(f"{root} already holds a finished run; choose another output (make run RUN_DIR=...) or remove it")
-    serve_config = _stage_config(ServeConfig, "serve", feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
+    serve_config = _stage_config(ServeConfig, configs, "serve", feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
     timings: dict[str, float] = {}
     if not ray.is_initialized():
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
@@ -97,18 +99,18 @@ def run_pipeline(
         print(f"[polyrec pipeline] {stage}: {timings[stage]:.1f}s")
 
     started = time.perf_counter()
-    preprocess = _stage_config(PreprocessConfig, "preprocess", output=str(root / "data"))
+    preprocess = _stage_config(PreprocessConfig, configs, "preprocess", output=str(root / "data"))
     preprocess.source, future = set_aside_future(preprocess.source, root / "replay", replay_fraction)
     manifest = run_preprocess(preprocess)
     print(format_report(manifest))
     timed("preprocess", started)
 
     started = time.perf_counter()
-    train = _stage_config(TrainConfig, "train", data=preprocess.output, output=str(root / "model"))
+    train = _stage_config(TrainConfig, configs, "train", data=preprocess.output, output=str(root / "model"))
     if pretrain:  # the backbone continues from the configured one on this catalogue's text, and training (and retraining) uses it
         from train.pretrain import PretrainConfig, run_pretrain
 
-        pretrain_config = _stage_config(PretrainConfig, "pretrain", data=preprocess.output, output=str(root / "pretrained"))
+        pretrain_config = _stage_config(PretrainConfig, configs, "pretrain", data=preprocess.output, output=str(root / "pretrained"))
         pretrain_config.name_or_path = pretrain_config.name_or_path or train.model.backbone.name_or_path
         train.model.backbone.name_or_path = str(run_pretrain(pretrain_config).output)
         timed("pretrain", started)
@@ -124,14 +126,18 @@ def run_pipeline(
     # The future's first part is replayed with feedback; the next, held-out part is only asked about,
     # once before the swap and once after, so both versions answer it from the same server-side state.
     known_users = set(pq.read_table(root / "data" / schema.USER_VOCAB_PATH, columns=["user_id"])["user_id"].to_pylist())
-    replayed, held_out_part = future.slice(0, max_replayed), future.slice(max_replayed, held_out)
+    held_out = min(held_out, len(future) // 4)  # a small future still leaves interactions to ask about
+    replayed_count = min(max_replayed, len(future) - held_out)
+    replayed, held_out_part = future.slice(0, replayed_count), future.slice(replayed_count, held_out)
     started = time.perf_counter()
     online = replay(service.url, replayed, k=10, known_users=known_users)
     timed(f"simulated users ({online['requests']} requests)", started)
     before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, v1")
 
     started = time.perf_counter()
-    retrain = _stage_config(RetrainConfig, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve"))
+    retrain = _stage_config(
+        RetrainConfig, configs, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve")
+    )
     retrain.preprocess, retrain.train = preprocess, train
     after = run_retrain(retrain)
     timed("retrain + hot swap", started)
