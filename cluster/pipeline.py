@@ -93,7 +93,7 @@ def run_pipeline(
         # stays on: Ray Train's placement-group cleaner asks its state API whether the training controller
         # lives (without it, it logs a warning every few seconds while training runs).
         use_throughput_env()
-        check_ports_free(serve_config, haproxy=os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")  # now, not after the training
+        check_ports_free(serve_config)  # now, not after the training
         connect(RayConfig(num_cpus=(os.cpu_count() or 2) + 2))
 
     def timed(stage: str, started: float) -> None:

@@ -105,10 +105,10 @@ def run_service(
         return Service(f"http://{config.host}:{config.port}", record, deployed, owns_ray=False)
     if not connected and not config.ray.address:
         ray.shutdown()  # a local instance without the service (or none): this one starts its own, as Ray's default does
-        check_ports_free(config, haproxy=throughput_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1")
-    elif not config.ray.address and not serve.status().proxies:  # this process's instance, where Serve starts now
-        check_ports_free(config, haproxy=os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1")  # as the instance started
-    owns_ray = _connect(config)
+        use_throughput_env()  # read by the processes of the instance this starts
+    if not config.ray.address and not (ray.is_initialized() and serve.status().proxies):  # Serve starts here, now
+        check_ports_free(config)
+    owns_ray = connect(config.ray, logging_level="WARNING")
     serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
     live = VersionHistory(config.state_dir).live()
     target = _absolute_path(model) if model else live.model if live else config.model
@@ -416,22 +416,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def service_ports(config: ServeConfig, *, haproxy: bool) -> dict[int, str]:
-    """The ports a service started on this machine listens on, each with what it is for: the HTTP port and,
-    with the HAProxy ingress, HAProxy's stats and metrics ports (Ray's settings, read by Ray at import)."""
+def check_ports_free(config: ServeConfig) -> None:
+    """Refuse, in one line naming the port and who holds it, to start a service on this machine whose ports are
+    taken (or that cannot listen where it is told): Serve would otherwise fail deep in its proxy's start with a
+    traceback. With the HAProxy ingress (as this process's environment, which the local instance has, sets it),
+    HAProxy's stats and metrics ports too (Ray's settings, read by Ray at import)."""
     ports = {config.port: "the service's HTTP port (--port)"}
-    if haproxy:
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
 
         ports.setdefault(RAY_SERVE_HAPROXY_STATS_PORT, "HAProxy's stats port (RAY_SERVE_HAPROXY_STATS_PORT)")
         ports.setdefault(RAY_SERVE_HAPROXY_METRICS_PORT, "HAProxy's metrics port (RAY_SERVE_HAPROXY_METRICS_PORT)")
-    return ports
-
-
-def check_ports_free(config: ServeConfig, *, haproxy: bool) -> None:
-    """Refuse, in one line naming the port and who holds it, to start a service whose ports are taken (or that
-    cannot listen where it is told): Serve would otherwise fail deep in its proxy's start with a traceback."""
-    for port, role in service_ports(config, haproxy=haproxy).items():
+    for port, role in ports.items():
         host = config.host if port == config.port else "0.0.0.0"  # HAProxy binds its own ports on every address
         try:
             family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -465,13 +461,6 @@ def _listener(port: int) -> str | None:
         return f"held by pid {pid} ({process.name()})"
     except (psutil.Error, AttributeError):  # AttributeError: no parent any more
         return f"held by pid {pid}"
-
-
-def _connect(config: ServeConfig) -> bool:
-    """Connect to ``config.ray.address``, or start a local instance; returns whether this started Ray."""
-    if not ray.is_initialized() and not config.ray.address:
-        use_throughput_env()  # read by the processes a local instance starts
-    return connect(config.ray, logging_level="WARNING")
 
 
 def _serve_until_stopped(service: Service) -> None:

@@ -15,15 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.feedback_log import read_feedback_log
+from tests.test_serve import free_port
 from tests.tiny import tiny_config, tiny_preprocess_config
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_main_job_runs_every_stage_and_reports_what_its_run_folder_holds(tmp_path: Path) -> None:
@@ -31,7 +26,7 @@ def test_the_main_job_runs_every_stage_and_reports_what_its_run_folder_holds(tmp
     configs.mkdir()
     (configs / "preprocess.yaml").write_text(tiny_preprocess_config(tmp_path).to_yaml())
     (configs / "train.yaml").write_text(tiny_config("set by the job", "set by the job", epochs=1).to_yaml())
-    port = _free_port()
+    port = free_port()
     done = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "pipeline", "--output", str(run), "--configs", str(configs), "--port", str(port)],
         capture_output=True,

