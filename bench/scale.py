@@ -65,7 +65,7 @@ def synthetic_windows(num_items: int, seed: int = 0):
     cut into training windows as the trainer cuts them."""
     import pyarrow as pa
 
-    from train.trainer import training_windows
+    from train.windows import training_windows
 
     rng = np.random.default_rng(seed)
     lengths = np.maximum(20, rng.lognormal(math.log(70), 0.9, ML100K_USERS)).astype(int)

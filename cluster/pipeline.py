@@ -125,32 +125,34 @@ def run_pipeline(
     service = run_service(serve_config.model_copy(update={"model": before.artifact}), blocking=False)
     timed("serve (start)", started)
 
-    # The future's first part is replayed with feedback; the next, held-out part is only asked about,
-    # once before the swap and once after, so both versions answer it from the same server-side state.
-    known_users = set(pq.read_table(root / "data" / schema.USER_VOCAB_PATH, columns=["user_id"])["user_id"].to_pylist())
-    held_out = min(held_out, len(future) // 4)  # a small future still leaves interactions to ask about
-    replayed_count = min(max_replayed, len(future) - held_out)
-    replayed, held_out_part = future.slice(0, replayed_count), future.slice(replayed_count, held_out)
-    started = time.perf_counter()
-    online = replay(service.url, replayed, k=10, known_users=known_users)
-    timed(f"simulated users ({online['requests']} requests)", started)
-    before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, v1")
+    try:
+        # The future's first part is replayed with feedback; the next, held-out part is only asked about,
+        # once before the swap and once after, so both versions answer it from the same server-side state.
+        known_users = set(pq.read_table(root / "data" / schema.USER_VOCAB_PATH, columns=["user_id"])["user_id"].to_pylist())
+        held_out = min(held_out, len(future) // 4)  # a small future still leaves interactions to ask about
+        replayed_count = min(max_replayed, len(future) - held_out)
+        replayed, held_out_part = future.slice(0, replayed_count), future.slice(replayed_count, held_out)
+        started = time.perf_counter()
+        online = replay(service.url, replayed, k=10, known_users=known_users)
+        timed(f"simulated users ({online['requests']} requests)", started)
+        before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, v1")
 
-    started = time.perf_counter()
-    retrain = _stage_config(
-        RetrainConfig, configs, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve")
-    )
-    retrain.preprocess, retrain.train = preprocess, train
-    after = run_retrain(retrain)
-    timed("retrain + hot swap", started)
+        started = time.perf_counter()
+        retrain = _stage_config(
+            RetrainConfig, configs, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve")
+        )
+        retrain.preprocess, retrain.train = preprocess, train
+        after = run_retrain(retrain)
+        timed("retrain + hot swap", started)
 
-    after_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, after the gate")
-    report = _write_report(root, manifest, before, after, online, {"before": before_swap, "after": after_swap}, timings)
+        after_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, after the gate")
+        report = _write_report(root, manifest, before, after, online, {"before": before_swap, "after": after_swap}, timings)
+    except BaseException:  # Ctrl-C or a failed stage: the service still stops gracefully (its feedback flushed)
+        service.stop()
+        raise
     if keep_serving:
         print(f"[polyrec pipeline] serving at {service.url} (Ctrl-C to stop)")
-        from serve.runner import _serve_until_stopped
-
-        _serve_until_stopped(service)
+        service.serve_until_stopped()
     else:
         service.stop()
     return report

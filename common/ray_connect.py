@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -30,3 +34,19 @@ def find_cluster(address: str | None) -> bool:
     except ConnectionError:
         return False
     return True
+
+
+@contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Restores this process's SIGINT handler on exit. Ray Train's ``fit`` installs its own ("abort the run") and leaves
+    it there: after the training, a Ctrl-C would ask the finished run's controller, gone by then, to abort, and raise
+    Ray's "Can't find actor" instead of KeyboardInterrupt (the main job then stopped with that error, its service
+    killed rather than stopped)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signal handlers
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

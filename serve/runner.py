@@ -80,6 +80,17 @@ class Service:
         if self.owns_ray:
             ray.shutdown()
 
+    def serve_until_stopped(self) -> None:
+        """Block until Ctrl-C or SIGTERM, then stop gracefully."""
+        _stop_on_ctrl_c_and_sigterm()
+        live = VersionHistory(self.config.state_dir).live() or self.model  # a swap since the start changed it
+        print(f"polyrec serving model {live.model_version} at {self.url} (docs: {self.url}/docs); Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            self.stop()
+
 
 def run_service(
     config: ServeConfig,
@@ -108,18 +119,20 @@ def run_service(
         use_throughput_env()  # read by the processes of the instance this starts
     if not config.ray.address and not (ray.is_initialized() and serve.status().proxies):  # Serve starts here, now
         check_ports_free(config)
-    owns_ray = connect(config.ray, logging_level="WARNING")
-    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
     live = VersionHistory(config.state_dir).live()
     target = _absolute_path(model) if model else live.model if live else config.model
-    check_model(target, config.model_root)
+    check_model(target, config.model_root)  # before anything starts: a model that cannot serve starts nothing
     config = _with_training_data(config, target)
+    owns_ray = connect(config.ray, logging_level="WARNING")
+    if blocking:  # after Ray's start, which installs a SIGTERM handler of its own (it dumps a stack and aborts)
+        _stop_on_ctrl_c_and_sigterm()
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": proxy_timeout_s(config)})
     _deploy_application(application_config(config, models=[target], active=target))
     record = VersionHistory(config.state_dir).record_live(target)
     print(f"polyrec serve: {_state_summary()}")
     service = Service(f"http://{config.host}:{config.port}", record, config, owns_ray)
     if blocking:
-        _serve_until_stopped(service)
+        service.serve_until_stopped()
     return service
 
 
@@ -463,19 +476,13 @@ def _listener(port: int) -> str | None:
         return f"held by pid {pid}"
 
 
-def _serve_until_stopped(service: Service) -> None:
+def _stop_on_ctrl_c_and_sigterm() -> None:
+    """Ctrl-C and `kill` both raise KeyboardInterrupt, whatever handler an earlier stage in this process left behind:
+    a started service then stops gracefully, and one still starting ends its Ray instance on the way out (SIGTERM's
+    default action would end the process alone)."""
     if threading.current_thread() is threading.main_thread():
-        # Ctrl-C and `kill` (Kubernetes) both stop the service, whatever handler an earlier stage in this process
-        # left behind (Ray Train's turns SIGINT into "abort the training run").
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-    live = VersionHistory(service.config.state_dir).live() or service.model  # a swap since the start changed it
-    print(f"polyrec serving model {live.model_version} at {service.url} (docs: {service.url}/docs); Ctrl-C stops")
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        service.stop()
 
 
 def write_serve_config_file(path: Path = SERVE_CONFIG_FILE) -> None:

@@ -1,18 +1,26 @@
 """A kept service stops on Ctrl-C even when an earlier stage of the same process (Ray Train, in the main job)
-installed a SIGINT handler of its own, and says which version it serves."""
+installed a SIGINT handler of its own, and says which version it serves; stopped while it starts, it leaves nothing
+running; and a Ctrl-C after a training interrupts the process as Ctrl-C should."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import yaml
 
 from serve.config import ServeConfig
-from serve.runner import _serve_until_stopped
+from serve.runner import Service
 from serve.versions import VersionRecord
+from tests.test_serve import free_port
 
 
 class _KeptService:
@@ -34,9 +42,62 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            _serve_until_stopped(service)
+            Service.serve_until_stopped(service)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
     assert service.stopped == 1 and swallowed == []
     assert "serving model v1 at http://127.0.0.1:8000" in capsys.readouterr().out
+
+
+def test_ctrl_c_after_a_training_in_this_process_interrupts_it(trained_run) -> None:
+    """`polyrec train` ran in this process (``trained_run``); Ray Train's handler, which would ask the finished run's
+    controller to abort and fail to find it, is gone with it."""
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(5)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_service_stopped_while_it_starts_leaves_nothing_running(trained_run, tmp_path: Path, stop: signal.Signals) -> None:
+    """Stopped once its replicas run but before it says it serves, `polyrec serve` says so in one line, exits with
+    130, and every process of its Ray instance (HAProxy too) is gone."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "feedback_log": str(tmp_path / "feedback"), "port": free_port()}))
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:  # its own Ray instance, whatever else runs here
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config), "--model", trained_run.artifact],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RAY_TMPDIR": ray_tmp},
+        )
+        try:
+            started = _descendants_once_a_replica_runs(process)
+            process.send_signal(stop)
+            out, err = process.communicate(timeout=180)
+        finally:
+            process.kill()
+        assert "Ctrl-C stops" not in out, out  # interrupted while it started
+        assert process.returncode == 130 and err.strip().splitlines()[-1] == "polyrec serve: interrupted", err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        _, alive = psutil.wait_procs(started, timeout=60)
+        assert not alive, [_name(p) for p in alive]
+
+
+def _descendants_once_a_replica_runs(process: subprocess.Popen) -> list[psutil.Process]:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        if any("ServeReplica:polyrec:" in _name(p) for p in descendants):
+            return descendants
+        time.sleep(0.1)
+    raise AssertionError("no replica started in 240 s")
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone since
+        return ""

@@ -27,17 +27,18 @@ from train.trainer import (
     CONSOLIDATED_WEIGHTS,
     DEEPSPEED_DIR,
     TableOptimizer,
+    _training_rating_mean,
     build_model,
     load_training_inputs,
     make_tables_sparse,
     read_train_sequences,
     run_training,
     training_batch,
-    training_windows,
     warm_start,
 )
 from train.transfer import rows_by_id
 from train.weighting import LossWeighting
+from train.windows import training_windows
 
 pytestmark = pytest.mark.slow
 
@@ -365,3 +366,9 @@ def test_a_second_run_into_the_same_output_starts_afresh(data_dir, tmp_path, uni
     # Each run trained with its own config: static weights stay as configured, uncertainty weights move.
     assert first.history[-1]["train/weight_rating"] == pytest.approx(0.5)
     assert second.history[-1]["train/weight_rating"] != pytest.approx(0.5)
+
+
+def test_the_rating_mean_counts_the_rated_training_interactions_only():
+    rated = pa.table({"ratings": pa.array([[1.0, float("nan")], [3.0], []], pa.list_(pa.float32()))})
+    assert _training_rating_mean(rated) == pytest.approx(2.0)
+    assert _training_rating_mean(pa.table({"ratings": pa.array([[float("nan")]], pa.list_(pa.float32()))})) == 0.0

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from common import storage
 from common.console import quiet_train_worker, verbose, worker_bar
 from common.errors import InputError
-from common.ray_connect import connect
+from common.ray_connect import connect, sigint_handler_kept
 from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, load_tokenizer
@@ -53,6 +53,7 @@ from train.tasks import VocabularyTable
 from train.tracking import TrackedRun, start_tracking
 from train.transfer import load_state_by_id, rows_by_id
 from train.weighting import LossWeighting
+from train.windows import training_windows
 
 # Not print: Ray Train's workers tee print to stdout and to the root logger, so each line would show
 # twice; the root logger alone reaches the console (and Ray Train's application log) once.
@@ -106,38 +107,6 @@ def build_model(config: TrainConfig, inputs: TrainingInputs) -> PolyrecModel:
         catalog=catalog,
         rating_mean=inputs.rating_mean,
     )
-
-
-def training_windows(rows: pa.Table, max_history: int, window_targets: int) -> pa.Table:
-    """TRAIN_SEQUENCE rows → training windows of at most ``max_history + 1`` items, each training the
-    next-item targets of its last ``window_targets`` (at most ``max_history``) positions, or of all its
-    positions when it starts at the row's first item; ``context`` counts the leading positions whose
-    targets another window trains.
-
-    A row's ``history`` is context for its first items, so every item of ``items`` that has anything
-    before it is a target exactly once, with at least ``max_history - window_targets + 1`` items before
-    it (or all there are), as evaluation's targets have ``max_history``. Chunks alone would give the
-    first targets of each chunk almost none."""
-    step = min(window_targets, max_history)
-    windows: dict[str, list] = {"user_idx": [], "items": [], "ratings": [], "likes": [], "context": []}
-    columns = rows.select(["user_idx", "history", "history_ratings", "items", "ratings", "likes"]).to_pydict()
-    for user, history, history_ratings, items, ratings, likes in zip(*columns.values()):
-        sequence, sequence_ratings = history + items, history_ratings + ratings
-        sequence_likes = [-1] * len(history) + likes
-        first_target = max(len(history), 1)
-        end = len(sequence)
-        while end > first_target:
-            begin = max(0, end - 1 - max_history)
-            # A window from the row's start sees all the context there is: smaller ones would only repeat it.
-            trained_from = first_target if begin == 0 else max(first_target, end - step)
-            windows["user_idx"].append(user)
-            windows["items"].append(sequence[begin:end])
-            windows["ratings"].append(sequence_ratings[begin:end])
-            windows["likes"].append(sequence_likes[begin:end])
-            windows["context"].append(trained_from - 1 - begin)
-            end = trained_from
-    types = {"user_idx": pa.int32(), "items": pa.list_(pa.int32()), "ratings": pa.list_(pa.float32()), "likes": pa.list_(pa.int8()), "context": pa.int32()}
-    return pa.table({name: pa.array(values, types[name]) for name, values in windows.items()})
 
 
 def training_batch(rows: dict[str, np.ndarray], max_history: int) -> dict[str, torch.Tensor]:
@@ -555,13 +524,12 @@ def _publish(output: Path, published: Location | None) -> Callable[[str], str]:
     return final
 
 
-def read_train_sequences(data: Location) -> ray.data.Dataset:
-    """The ``TRAIN_SEQUENCE`` rows, read once and held in the object store for the rating mean, the training windows
-    and the popularity baseline."""
-    return ray.data.read_parquet(data.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=data.filesystem).materialize()
+def read_train_sequences(data: Location) -> pa.Table:
+    """The ``TRAIN_SEQUENCE`` rows, read into the driver: the popularity baseline and the rating mean count them all."""
+    return read_table(data, f"{schema.SEQUENCES_DIR}/train")
 
 
-def load_training_inputs(data_uri: str, train_sequences: ray.data.Dataset) -> TrainingInputs:
+def load_training_inputs(data_uri: str, train_sequences: pa.Table) -> TrainingInputs:
     location = resolve(data_uri)
     manifest = load_manifest(data_uri)
     return TrainingInputs(
@@ -580,32 +548,25 @@ def load_training_inputs(data_uri: str, train_sequences: ray.data.Dataset) -> Tr
     )
 
 
-def _training_rating_mean(train_sequences: ray.data.Dataset) -> float:
-    """Mean normalised rating of the training interactions, aggregated by Ray Data in its workers."""
-
-    def block_sums(block: pa.Table) -> pa.Table:
-        flat = pc.list_flatten(block["ratings"])
-        known = pc.filter(flat, pc.invert(pc.is_nan(flat)))
-        return pa.table({"total": [float(pc.sum(known).as_py() or 0.0)], "count": [len(known)]})
-
-    sums = train_sequences.map_batches(block_sums, batch_format="pyarrow", batch_size=None).materialize()
-    count = sums.sum("count") or 0
-    return float(sums.sum("total") / count) if count else 0.0
+def _training_rating_mean(train_sequences: pa.Table) -> float:
+    """Mean normalised rating of the training interactions (0 when none is rated)."""
+    flat = pc.list_flatten(train_sequences["ratings"])
+    known = pc.filter(flat, pc.invert(pc.is_nan(flat)))
+    return float(pc.mean(known).as_py()) if len(known) else 0.0
 
 
 def read_training_data(data: Location, window_targets: int) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
-    """What the training reads from the preprocessing output: the inputs every worker gets, the training windows (a
-    few per user: small enough to keep in the object store, which spares every epoch a re-read) and the popularity
-    baseline, all from one read of the training sequences."""
+    """What the training reads from the preprocessing output: the inputs every worker gets, the popularity baseline,
+    and the training windows, cut by Ray Data's workers and held in the object store (a few per user: small enough
+    to keep, which spares every epoch a re-read)."""
     train_sequences = read_train_sequences(data)
     inputs = load_training_inputs(data.uri, train_sequences)
-    windows = train_sequences.map_batches(
-        training_windows,
-        fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets},
-        batch_format="pyarrow",
-    ).materialize()
-    popularity = PopularityScorer(pa.concat_tables(ray.get(train_sequences.to_arrow_refs())), inputs.num_items)
-    return inputs, windows, popularity
+    windows = (
+        ray.data.read_parquet(data.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=data.filesystem)
+        .map_batches(training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets}, batch_format="pyarrow")
+        .materialize()
+    )
+    return inputs, windows, PopularityScorer(train_sequences, inputs.num_items)
 
 
 def fit(
@@ -648,7 +609,8 @@ def fit(
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
-    result = trainer.fit()
+    with sigint_handler_kept():
+        result = trainer.fit()
     if result.error is not None:
         if tracking is not None:
             tracking.fail()
