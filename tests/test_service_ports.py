@@ -1,6 +1,6 @@
 """A service whose ports are taken is refused in one line that names the port and who holds it, before
 anything starts: `polyrec serve` before it starts Ray, the main job before it preprocesses and trains.
-No Ray runs in these tests."""
+No Ray runs in these tests, and their commands join none that runs on the machine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,10 @@ def _listening() -> Iterator[int]:
 
 
 def _polyrec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:  # joins no Ray instance that runs here
+        return subprocess.run(
+            [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": ray_tmp, **(env or {})}
+        )
 
 
 def test_polyrec_serve_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
