@@ -37,16 +37,18 @@ def find_cluster(address: str | None) -> bool:
 
 
 @contextmanager
-def sigint_handler_kept() -> Iterator[None]:
-    """Restores this process's SIGINT handler on exit. Ray Train's ``fit`` installs its own ("abort the run") and leaves
-    it there: after the training, a Ctrl-C would ask the finished run's controller, gone by then, to abort, and raise
-    Ray's "Can't find actor" instead of KeyboardInterrupt (the main job then stopped with that error, its service
-    killed rather than stopped)."""
+def ray_train_ctrl_c() -> Iterator[None]:
+    """Around a Ray Train ``fit``: a Ctrl-C is a KeyboardInterrupt before, during and after it. During it, Ray Train's
+    own handler aborts the run and ends it with ``sys.exit(1)``, which would end the command in silence with status 1;
+    and it leaves that handler installed, so that after the training a Ctrl-C would ask the finished run's controller,
+    gone by then, to abort, and raise Ray's "Can't find actor" instead."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread has signal handlers
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
     try:
         yield
+    except SystemExit as aborted:
+        raise KeyboardInterrupt from aborted
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -1,6 +1,6 @@
 """A kept service stops on Ctrl-C even when an earlier stage of the same process (Ray Train, in the main job)
 installed a SIGINT handler of its own, and says which version it serves; stopped while it starts, it leaves nothing
-running; and a Ctrl-C after a training interrupts the process as Ctrl-C should."""
+running; and a Ctrl-C during or after a training interrupts the process as Ctrl-C should."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray
 import yaml
 
+from cluster.cli import main as polyrec
 from serve.config import ServeConfig
 from serve.runner import Service
 from serve.versions import VersionRecord
 from tests.test_serve import free_port
+from tests.tiny import tiny_config
 
 
 class _KeptService:
@@ -48,6 +51,27 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
         signal.signal(signal.SIGTERM, previous_term)
     assert service.stopped == 1 and swallowed == []
     assert "serving model v1 at http://127.0.0.1:8000" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_a_training_interrupts_it_in_one_line(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray Train aborts the run on Ctrl-C and ends it with sys.exit(1); `polyrec train` says it was interrupted."""
+    (tmp_path / "train.yaml").write_text(tiny_config(trained_run.data, tmp_path / "model", epochs=1000).to_yaml())
+
+    def ctrl_c_once_an_epoch_is_checkpointed() -> None:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "model" / "ray_results").glob("*/checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_an_epoch_is_checkpointed, daemon=True).start()
+    started_ray = not ray.is_initialized()
+    try:
+        assert polyrec(["train", "--config", str(tmp_path / "train.yaml")]) == 130
+    finally:
+        if started_ray:
+            ray.shutdown()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "polyrec train: interrupted"
+    assert not (tmp_path / "model" / "artifact").exists()
 
 
 def test_ctrl_c_after_a_training_in_this_process_interrupts_it(trained_run) -> None:
