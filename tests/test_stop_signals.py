@@ -1,6 +1,6 @@
 """A kept service stops on Ctrl-C even when an earlier stage of the same process (Ray Train, in the main job)
 installed a SIGINT handler of its own, and says which version it serves; stopped while it starts, it leaves nothing
-running; and a Ctrl-C during or after a training interrupts the process as Ctrl-C should."""
+running; and a Ctrl-C during a training, or after one, interrupts the command as Ctrl-C should."""
 
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
     assert "serving model v1 at http://127.0.0.1:8000" in capsys.readouterr().out
 
 
-def test_ctrl_c_during_a_training_interrupts_it_in_one_line(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Ray Train aborts the run on Ctrl-C and ends it with sys.exit(1); `polyrec train` says it was interrupted."""
+def test_ctrl_c_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as_it_was(
+    trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Train aborts the run on Ctrl-C and ends it with sys.exit(1); `polyrec train` says it was interrupted, and
+    Ray Train's handler (which would ask the finished run's controller to abort, and fail to find it) is gone with it."""
     (tmp_path / "train.yaml").write_text(tiny_config(trained_run.data, tmp_path / "model", epochs=1000).to_yaml())
 
     def ctrl_c_once_an_epoch_is_checkpointed() -> None:
@@ -64,22 +67,19 @@ def test_ctrl_c_during_a_training_interrupts_it_in_one_line(trained_run, tmp_pat
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=ctrl_c_once_an_epoch_is_checkpointed, daemon=True).start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh process has it
     started_ray = not ray.is_initialized()
     try:
         assert polyrec(["train", "--config", str(tmp_path / "train.yaml")]) == 130
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(5)
     finally:
+        signal.signal(signal.SIGINT, previous)
         if started_ray:
             ray.shutdown()
     assert capsys.readouterr().err.strip().splitlines()[-1] == "polyrec train: interrupted"
     assert not (tmp_path / "model" / "artifact").exists()
-
-
-def test_ctrl_c_after_a_training_in_this_process_interrupts_it(trained_run) -> None:
-    """`polyrec train` ran in this process (``trained_run``); Ray Train's handler, which would ask the finished run's
-    controller to abort and fail to find it, is gone with it."""
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
-        time.sleep(5)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
