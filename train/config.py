@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -139,12 +138,7 @@ class ScalingConfig(StageConfig):
     gpus_per_worker: float = 1.0
 
     def for_ray_train(self) -> ray.train.ScalingConfig:  # noqa: F821 (imported here: configs load without Ray Train)
-        """Ray Train's scaling config; and, unless set, the driver's environment asks Ray Train's controller (which
-        takes the driver's ``RAY_TRAIN_*`` variables) to look at its workers every 0.5 s: at its default 2 s a
-        finished training waits about 4 s for the controller to notice, on every run."""
         import ray.train
-
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
         resources = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker} if self.use_gpu else {"CPU": self.cpus_per_worker}
         return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker=resources)

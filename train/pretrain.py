@@ -57,7 +57,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from common.config import RayConfig, StageConfig
 from common.console import worker_bar
 from common.errors import InputError
-from common.ray_connect import connect, ray_train_ctrl_c
+from common.ray_connect import connect, ray_train_fit
 from common.storage import read_table, resolve
 from data import schema
 from data.features import load_tokenizer
@@ -308,7 +308,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         run_config=RunConfig(name="pretrain", storage_path=str(staging / "ray_results")),
     )
     try:
-        with ray_train_ctrl_c():
+        with ray_train_fit():
             result = trainer.fit()
         if result.error is not None:
             raise result.error

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from common import storage
 from common.console import quiet_train_worker, verbose, worker_bar
 from common.errors import InputError
-from common.ray_connect import connect, ray_train_ctrl_c
+from common.ray_connect import connect, ray_train_fit
 from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, load_tokenizer
@@ -609,7 +609,7 @@ def fit(
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
-    with ray_train_ctrl_c():
+    with ray_train_fit():
         result = trainer.fit()
     if result.error is not None:
         if tracking is not None:
