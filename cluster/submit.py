@@ -60,6 +60,10 @@ AUTH_SETUP_HINT = (
 )
 REDACTED = "[ray-auth-token]"
 
+#: Ray's reply while the head node's job agent is not registered, and how long a submission retries it.
+NO_AGENT_REPLY = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
 
 def runtime_env(working_dir: str | Path = REPO_ROOT, extra_pip: Sequence[str] | None = None) -> dict[str, Any]:
     """The job's runtime environment: the code as ``working_dir``, plus ``pip`` only when asked."""
@@ -120,7 +124,16 @@ def submit_command(
     """Submit any shell command as a Ray job with polyrec's working_dir; return its submission id."""
     env = runtime_env(working_dir, extra_pip)
     with _cluster_errors(address) as client:
-        return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id, metadata=metadata)
+        # A head node that has just started answers before its job agent has registered; Ray waits
+        # 10 s for it on each attempt, then asks the client to try again later.
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id, metadata=metadata)
+            except RuntimeError as err:
+                if NO_AGENT_REPLY not in str(err) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
 
 
 def follow_job(job_id: str, *, address: str | None = None, out: TextIO = sys.stdout) -> JobStatus:
@@ -210,4 +223,9 @@ def _cluster_errors(address: str | None, job_id: str | None = None) -> Iterator[
     except RuntimeError as err:
         if job_id is not None and ("404" in str(err) or "does not exist" in str(err)):
             raise InputError(f"no job {job_id!r} on the Ray cluster at {address}") from None
+        if NO_AGENT_REPLY in str(err):
+            raise InputError(
+                f"the Ray cluster at {address} has no job agent on its head node after {AGENT_WAIT_S:.0f} s: "
+                "see dashboard_agent.log and raylet.out in the head's Ray logs (/tmp/ray/session_latest/logs)"
+            ) from None
         raise

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,18 +62,40 @@ class LocalCluster:
     token_file: Path
 
 
-def _wait_for_jobs_api(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+def _ray_logs(root: Path, log: Path) -> str:
+    """What `ray start` printed and the end of the logs of the processes a job submission needs."""
+    parts = [log.read_text()]
+    for name in ("raylet.out", "dashboard_agent.log", "dashboard.log"):
+        for path in sorted(root.glob(f"ray/session_*/logs/{name}")):
+            parts.append(f"--- {path.name} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-40:]))
+    return "\n".join(parts)
+
+
+def _wait_until_jobs_run(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until a job runs: the dashboard answers before the head node's job agent has registered."""
     deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    client = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()}")
-        with contextlib.suppress(requests.RequestException):
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        try:
             # /api/version sits behind token authentication, so this also proves the token works.
-            reply = requests.get(f"{url}/api/version", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2)
-            if reply.status_code == 200:
-                return
-        time.sleep(1)
-    raise RuntimeError(f"the Ray dashboard at {url} did not come up:\n{log.read_text()}")
+            client = client or JobSubmissionClient(url, headers=headers)
+            job_id = client.submit_job(entrypoint="true")
+            break
+        except (ConnectionError, requests.RequestException, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and jobs.NO_AGENT_REPLY not in str(err):
+                raise
+            time.sleep(1)
+    else:
+        raise RuntimeError(f"no job could be submitted to {url} in {timeout_s:.0f} s")
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the first job on {url} did not end in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"the first job on {url} ended {status}: {client.get_job_logs(job_id)}")
 
 
 def _stop(process: subprocess.Popen, root: Path) -> None:
@@ -87,14 +110,15 @@ def _stop(process: subprocess.Popen, root: Path) -> None:
                 leftover.kill()
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def _start_cluster() -> tuple[subprocess.Popen, LocalCluster]:
     # A short path: Ray's unix sockets live under the temp dir and must stay under 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="polyrec-ray-"))
     (root / "home").mkdir()
     token_file = root / "auth_token"
     token_file.write_text(TOKEN)
-    gcs, dashboard, client, agent_http, agent_grpc, runtime_env_agent, metrics = _free_ports(7)
+    # Ports with a fixed default are chosen here, so that a Ray instance already on the machine
+    # does not clash; the rest Ray picks itself (the agent's HTTP port 0: any free port).
+    gcs, dashboard, client = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # HOME is private so that no ~/.ray/auth_token of this machine is read or written. The venv
     # comes first on PATH, as polyrec's environment does on a cluster node: jobs run `python`.
@@ -111,19 +135,35 @@ def cluster() -> Iterator[LocalCluster]:
                 str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                 f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-                f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
-                f"--metrics-export-port={metrics}", f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
+                f"--ray-client-server-port={client}", "--dashboard-agent-listen-port=0",
+                f"--temp-dir={root / 'ray'}", "--disable-usage-stats",
             ],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        _wait_for_jobs_api(url, process, log)
-        yield LocalCluster(url=url, root=root, token_file=token_file)
-    finally:
+        _wait_until_jobs_run(url, process)
+    except RuntimeError as err:
+        failure = f"{err}\n{_ray_logs(root, log)}"
         _stop(process, root)
         shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(failure) from None
+    return process, LocalCluster(url=url, root=root, token_file=token_file)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    # A port picked free can be taken before Ray binds it; a second start has fresh ports.
+    try:
+        process, local = _start_cluster()
+    except RuntimeError as first_failure:
+        warnings.warn(f"the local Ray cluster did not start; starting it again. First failure:\n{first_failure}", stacklevel=1)
+        process, local = _start_cluster()
+    try:
+        yield local
+    finally:
+        _stop(process, local.root)
+        shutil.rmtree(local.root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -217,6 +257,38 @@ def test_unreachable_address_is_an_input_error(client_env):
 def test_missing_address_is_an_input_error(client_env):
     with pytest.raises(InputError, match="no Ray cluster address"):
         jobs.job_status("any")
+
+
+def _no_agent_for(monkeypatch: pytest.MonkeyPatch, attempts: float) -> list[str]:
+    """The head's reply while its job agent has not registered (Ray's text), for the first
+    ``attempts`` submissions; the real submission after that. Returns the entrypoints tried."""
+    real_submit = JobSubmissionClient.submit_job
+    tried: list[str] = []
+
+    def submit_job(self, **kwargs):
+        tried.append(kwargs["entrypoint"])
+        if len(tried) <= attempts:
+            raise RuntimeError(f"Request failed with status code 500: {jobs.NO_AGENT_REPLY}, please try again later..")
+        return real_submit(self, **kwargs)
+
+    monkeypatch.setattr(JobSubmissionClient, "submit_job", submit_job)
+    return tried
+
+
+def test_a_submission_waits_for_the_head_nodes_job_agent(client_env, monkeypatch):
+    tried = _no_agent_for(monkeypatch, attempts=2)
+    job_id = jobs.submit_command(_python_job("print('ran')"), address=client_env.url)
+
+    assert len(tried) == 3 and len(set(tried)) == 1
+    assert jobs.follow_job(job_id, address=client_env.url, out=io.StringIO()) == JobStatus.SUCCEEDED
+
+
+def test_a_head_that_never_gets_a_job_agent_is_an_input_error(client_env, monkeypatch):
+    tried = _no_agent_for(monkeypatch, attempts=float("inf"))
+    monkeypatch.setattr(jobs, "AGENT_WAIT_S", 1.0)
+    with pytest.raises(InputError, match=f"the Ray cluster at {client_env.url} has no job agent on its head node after 1 s"):
+        jobs.submit_command(_python_job("print('never')"), address=client_env.url)
+    assert len(tried) >= 2  # retried before giving up
 
 
 # --- Token authentication ---------------------------------------------------------------------
