@@ -107,7 +107,8 @@ def _serve(args: argparse.Namespace) -> None:
         print(f"rolled back to {record.model_version} ({record.model})")
     else:
         service = run_service(config, model=args.model, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
-        print(f"serving {service.model.model_version} at {service.url}")
+        if not service.stopped:  # detached, or the model of a running service swapped
+            print(f"serving {service.model.model_version} at {service.url}")
 
 
 def _retrain(args: argparse.Namespace) -> None:

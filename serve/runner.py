@@ -73,23 +73,29 @@ class Service:
     model: VersionRecord
     config: ServeConfig  # as deployed: the application's own settings
     owns_ray: bool  # whether run_service started the Ray instance (and stop() ends it)
+    stopped: bool = False
 
     def stop(self) -> None:
         """Graceful shutdown: replicas finish their requests and the FeedbackLogger flushes its WAL."""
         serve.shutdown()
         if self.owns_ray:
             ray.shutdown()
+        self.stopped = True
 
     def serve_until_stopped(self) -> None:
-        """Block until Ctrl-C or SIGTERM, then stop gracefully."""
+        """Block until Ctrl-C or SIGTERM, then stop gracefully and return: that is how a service ends, not a failure
+        (exit status 0, which a process supervisor takes for a clean stop). A second Ctrl-C abandons the stop."""
         _stop_on_ctrl_c_and_sigterm()
         live = VersionHistory(self.config.state_dir).live() or self.model  # a swap since the start changed it
-        print(f"polyrec serving model {live.model_version} at {self.url} (docs: {self.url}/docs); Ctrl-C stops")
+        print(f"polyrec serving model {live.model_version} at {self.url} (docs: {self.url}/docs); Ctrl-C stops", flush=True)
         try:
             while True:
                 time.sleep(3600)
+        except KeyboardInterrupt:
+            print("polyrec: stopping the service (requests in flight are answered, the feedback log is flushed)", flush=True)
         finally:
             self.stop()
+        print(f"polyrec: service stopped; its feedback log is {self.config.feedback.path}", flush=True)
 
 
 def run_service(

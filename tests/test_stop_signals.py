@@ -13,12 +13,15 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 
 from cluster.cli import main as polyrec
+from data.feedback_log import read_feedback_log
 from serve.config import ServeConfig
 from serve.runner import Service
 from serve.versions import VersionRecord
@@ -44,13 +47,14 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
     previous_term = signal.getsignal(signal.SIGTERM)
     threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            Service.serve_until_stopped(service)
+        Service.serve_until_stopped(service)  # returns: a stop is how a service ends
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
     assert service.stopped == 1 and swallowed == []
-    assert "serving model v1 at http://127.0.0.1:8000" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "serving model v1 at http://127.0.0.1:8000" in out
+    assert out.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {service.config.feedback.path}"
 
 
 def test_ctrl_c_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as_it_was(
@@ -107,6 +111,44 @@ def test_a_service_stopped_while_it_starts_leaves_nothing_running(trained_run, t
         assert "Traceback" not in err, err[-3000:]
         _, alive = psutil.wait_procs(started, timeout=60)
         assert not alive, [_name(p) for p in alive]
+
+
+def test_a_running_service_stopped_by_kill_ends_cleanly_with_its_feedback_logged(trained_run, tmp_path: Path) -> None:
+    """SIGTERM (what a supervisor or `kill` sends; Ctrl-C takes the same path) to a `polyrec serve` that serves: it
+    stops gracefully and exits with 0, every process of its Ray instance gone, and the feedback it acknowledged is
+    in the log's Parquet parts."""
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "feedback_log": str(tmp_path / "feedback"), "port": port}))
+    env = {name: value for name, value in os.environ.items() if name != "POLYREC_API_KEY"}
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config), "--model", trained_run.artifact],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "RAY_TMPDIR": ray_tmp},
+        )
+        try:
+            for line in process.stdout:  # the line it prints once it serves, flushed even into a pipe
+                if line.rstrip().endswith("Ctrl-C stops"):
+                    break
+            else:
+                raise AssertionError(f"polyrec serve ended before it served: {process.communicate()}")
+            user = pq.read_table(Path(trained_run.data) / "vocab" / "users.parquet")["user_id"][0].as_py()
+            event = {"event_id": "before-the-stop", "user_id": user, "item_id": "1", "event": "click"}
+            assert httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json=event, timeout=60).status_code == 200
+            running = psutil.Process(process.pid).children(recursive=True)
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=180)
+        finally:
+            process.kill()
+        assert process.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {tmp_path / 'feedback'}", out
+        assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
+        _, alive = psutil.wait_procs(running, timeout=60)
+        assert not alive, [_name(p) for p in alive]
+    assert read_feedback_log(str(tmp_path / "feedback"))["event_id"].to_pylist() == ["before-the-stop"]  # the Parquet parts alone
 
 
 def _descendants_once_a_replica_runs(process: subprocess.Popen) -> list[psutil.Process]:
