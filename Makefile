@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.4,<2.14"; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
 	$(BIN)/pip install -q -e ".[test]"
+	# DeepSpeed compiles its CPU ops (the optimizer, the shared-memory collectives) on first use, about 100 s on 2 cores:
+	# here, once, rather than as a silent pause in the first training. A GPU machine builds its CUDA ops when used.
+	command -v nvidia-smi >/dev/null 2>&1 || $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		[get_accelerator().create_op_builder(op).load(verbose=False) for op in ('FusedAdamBuilder', 'ShareMemCommBuilder')]"
 	touch $@
 
 venv: $(VENV)/.installed
