@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -39,6 +41,20 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash[_exit_status])
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_stays_ctrl_c():
+    """Reports a test after which Ctrl-C no longer does what it did before: code that leaves its SIGINT handler behind
+    breaks every later stage of the same process (Ray Train did, and the main job's Ctrl-C after its training raised
+    Ray's "Can't find actor"). A warning names the test; the handler is put back for the tests after it."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        warnings.warn(f"the test left SIGINT handled by {after!r} (it was {before!r})", stacklevel=1)
+        if before is not None:  # None: a handler installed from C, which Python cannot put back
+            signal.signal(signal.SIGINT, before)
 
 
 @pytest.fixture(scope="module")
