@@ -103,8 +103,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     config = ServeConfig.from_yaml(args.config, host=args.host, insecure=args.insecure or None)
     if args.rollback:
-        record = rollback(config, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
-        print(f"rolled back to {record.model_version} ({record.model})")
+        rollback(config, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)  # it says which version
     else:
         service = run_service(config, model=args.model, port=args.port, feedback_log=args.feedback_log, blocking=not args.detach)
         if not service.stopped:  # detached, or the model of a running service swapped

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -84,18 +85,20 @@ class Service:
 
     def serve_until_stopped(self) -> None:
         """Block until Ctrl-C or SIGTERM, then stop gracefully and return: that is how a service ends, not a failure
-        (exit status 0, which a process supervisor takes for a clean stop). A second Ctrl-C abandons the stop."""
+        (exit status 0, which a process supervisor takes for a clean stop). A second signal abandons the stop.
+
+        The stop's lines go to stderr: a terminal's Ctrl-C also ends a `| tee` reading stdout."""
         _stop_on_ctrl_c_and_sigterm()
         live = VersionHistory(self.config.state_dir).live() or self.model  # a swap since the start changed it
-        print(f"polyrec serving model {live.model_version} at {self.url} (docs: {self.url}/docs); Ctrl-C stops", flush=True)
         try:
+            print(f"polyrec serving model {live.model_version} at {self.url} (docs: {self.url}/docs); Ctrl-C stops", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("polyrec: stopping the service (requests in flight are answered, the feedback log is flushed)", flush=True)
+            print("polyrec: stopping the service (requests in flight are answered, the feedback log is flushed)", file=sys.stderr, flush=True)
         finally:
             self.stop()
-        print(f"polyrec: service stopped; its feedback log is {self.config.feedback.path}", flush=True)
+        print(f"polyrec: service stopped; its feedback log is {self.config.feedback.path}", file=sys.stderr, flush=True)
 
 
 def run_service(
@@ -166,10 +169,13 @@ def rollback(config: ServeConfig, *, port: int | None = None, feedback_log: str 
         target = history.rollback_target()
         check_model(target.model, deployed.model_root)
         _swap_in_place(application, deployed, _active_model(application, deployed), target.model)
-        return history.record_rollback(target)
+        record = history.record_rollback(target)
+        print(f"polyrec serve: rolled back to {record.model_version} ({record.model}) in place")
+        return record
     config = _absolute(config, port=port, feedback_log=feedback_log)
     history = VersionHistory(config.state_dir)
     record = history.record_rollback(history.rollback_target())
+    print(f"polyrec serve: rolled back to {record.model_version} ({record.model}); the service starts with it", flush=True)
     run_service(config, model=record.model, blocking=blocking)
     return record
 

@@ -91,6 +91,8 @@ def _wait_until_jobs_run(url: str, process: subprocess.Popen, timeout_s: float =
     else:
         raise RuntimeError(f"no job could be submitted to {url} in {timeout_s:.0f} s")
     while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode} while the first job ran")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the first job on {url} did not end in {timeout_s:.0f} s")
         time.sleep(0.5)
@@ -143,11 +145,13 @@ def _start_cluster() -> tuple[subprocess.Popen, LocalCluster]:
     url = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_until_jobs_run(url, process)
-    except RuntimeError as err:
-        failure = f"{err}\n{_ray_logs(root, log)}"
+    except BaseException as err:  # Ctrl-C too: nothing of this cluster is left behind
+        failure = f"{err!r}\n{_ray_logs(root, log)}"
         _stop(process, root)
         shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(failure) from None
+        if isinstance(err, Exception):  # an error from Ray's client as well (a head that went down mid-way)
+            raise RuntimeError(failure) from None
+        raise
     return process, LocalCluster(url=url, root=root, token_file=token_file)
 
 

@@ -38,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.cli import main as polyrec
 from common.config import RayConfig
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
@@ -236,7 +237,7 @@ def check_feedback_extends_the_server_side_history(client):
     assert any(item["because"] for item in after["items"])
 
 
-def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service):
+def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service, capsys, tmp_path):
     outcomes: list[tuple[float, int, str | None]] = []
     stop = threading.Event()
 
@@ -269,8 +270,13 @@ def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client,
     history = VersionHistory(service.config.state_dir)
     assert [(r.model_version, r.status) for r in history.records()] == [("random-0", "retired"), ("random-1", "live")]
 
-    previous = rollback(service.config, blocking=False)
+    # As a user rolls back: the command beside the running service, which swaps the version in place and returns.
+    (tmp_path / "serve.yaml").write_text(service.config.to_yaml())
+    capsys.readouterr()
+    assert polyrec(["serve", "--rollback", "--config", str(tmp_path / "serve.yaml")]) == 0
+    previous = history.live()
     assert previous.model_version == "random-0"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"polyrec serve: rolled back to random-0 ({previous.model}) in place"
     assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
     assert [(r.model_version, r.status) for r in history.records()] == [("random-0", "live"), ("random-1", "rolled_back")]
     with pytest.raises(InputError, match="no earlier model version"):
@@ -435,8 +441,8 @@ def test_colocated_graph_exports_stage_latency_feedback_events_and_requests_to_p
     assert after == expected
 
 
-def test_colocated_graph_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service):
-    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service)
+def test_colocated_graph_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service, capsys, tmp_path):
+    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(colocated_client, colocated_service, capsys, tmp_path)
 
 
 # --- recommendations -------------------------------------------------------------------------
@@ -604,8 +610,8 @@ def test_feedback_extends_the_server_side_history(client):
 # --- model versions --------------------------------------------------------------------------
 
 
-def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service):
-    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service)
+def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service, capsys, tmp_path):
+    check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service, capsys, tmp_path)
 
 
 # --- the contract, under a schema-driven fuzzer -----------------------------------------------

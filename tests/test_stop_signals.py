@@ -52,9 +52,9 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
     assert service.stopped == 1 and swallowed == []
-    out = capsys.readouterr().out
-    assert "serving model v1 at http://127.0.0.1:8000" in out
-    assert out.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {service.config.feedback.path}"
+    printed = capsys.readouterr()
+    assert "serving model v1 at http://127.0.0.1:8000" in printed.out
+    assert printed.err.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {service.config.feedback.path}"
 
 
 def test_ctrl_c_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as_it_was(
@@ -121,31 +121,32 @@ def test_a_running_service_stopped_by_kill_ends_cleanly_with_its_feedback_logged
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "feedback_log": str(tmp_path / "feedback"), "port": port}))
     env = {name: value for name, value in os.environ.items() if name != "POLYREC_API_KEY"}
-    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:
+    out_file, err_file = tmp_path / "stdout", tmp_path / "stderr"
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp, out_file.open("w") as out, err_file.open("w") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config), "--model", trained_run.artifact],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
             text=True,
             env={**env, "RAY_TMPDIR": ray_tmp},
         )
         try:
-            for line in process.stdout:  # the line it prints once it serves, flushed even into a pipe
-                if line.rstrip().endswith("Ctrl-C stops"):
-                    break
-            else:
-                raise AssertionError(f"polyrec serve ended before it served: {process.communicate()}")
+            deadline = time.monotonic() + 240
+            while "Ctrl-C stops" not in out_file.read_text():  # printed, and flushed, once it serves
+                assert process.poll() is None and time.monotonic() < deadline, err_file.read_text()[-3000:]
+                time.sleep(0.2)
             user = pq.read_table(Path(trained_run.data) / "vocab" / "users.parquet")["user_id"][0].as_py()
             event = {"event_id": "before-the-stop", "user_id": user, "item_id": "1", "event": "click"}
             assert httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json=event, timeout=60).status_code == 200
             running = psutil.Process(process.pid).children(recursive=True)
             process.send_signal(signal.SIGTERM)
-            out, err = process.communicate(timeout=180)
+            process.wait(timeout=180)
         finally:
             process.kill()
-        assert process.returncode == 0, err[-3000:]
-        assert out.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {tmp_path / 'feedback'}", out
-        assert "Traceback" not in err and "interrupted" not in err, err[-3000:]
+        printed = err_file.read_text()
+        assert process.returncode == 0, printed[-3000:]
+        assert printed.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {tmp_path / 'feedback'}", printed[-3000:]
+        assert "Traceback" not in printed and "interrupted" not in printed, printed[-3000:]
         _, alive = psutil.wait_procs(running, timeout=60)
         assert not alive, [_name(p) for p in alive]
     assert read_feedback_log(str(tmp_path / "feedback"))["event_id"].to_pylist() == ["before-the-stop"]  # the Parquet parts alone
