@@ -46,7 +46,7 @@ class StepItems:
     negatives: Tensor | None  # [K]
 
     def lookup(self, idx: Tensor) -> Tensor:
-        rows = idx if self.item_idx is None else torch.searchsorted(self.item_idx, idx)
+        rows = idx if self.item_idx is None else torch.searchsorted(self.item_idx, idx.contiguous())  # a slice of a batch: torch copies it anyway, and warns
         return self.vectors[rows]
 
 
