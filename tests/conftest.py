@@ -15,9 +15,9 @@ import torch
 from cluster.cli import main as polyrec
 from tests.tiny import tiny_config, tiny_preprocess_config
 
-# Ray Train's controller polls its workers every 2 s by default; a worker's report (one per epoch) waits for the poll
-# that takes the one before, and the run's end is seen at a poll. The tests' epochs take under a second, so they spent
-# more time waiting on polls than training. Set before any test starts Ray: the driver hands it to the controller.
+# Ray Train's controller sees each report (one per epoch) and the run's end at a poll: every 0.5 s as polyrec sets it
+# (common.ray_connect.ray_train_fit, unless set), here every 0.25 s, because the tests' epochs take under a second
+# and would otherwise spend more time waiting on polls than training. Set before any test starts Ray.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
