@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,19 +39,12 @@ from cluster import submit as jobs
 from cluster.cli import build_parser, submit_options
 from common.errors import InputError
 from data.schema import SCHEMA_VERSION
+from tests.ports import free_ports
 from train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_BIN = Path(sys.executable).with_name("ray")
 TOKEN = secrets.token_hex(20)
-
-
-def _free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @dataclass
@@ -120,7 +112,7 @@ def _start_cluster() -> tuple[subprocess.Popen, LocalCluster]:
     token_file.write_text(TOKEN)
     # Ports with a fixed default are chosen here, so that a Ray instance already on the machine
     # does not clash; the rest Ray picks itself (the agent's HTTP port 0: any free port).
-    gcs, dashboard, client = _free_ports(3)
+    gcs, dashboard, client = free_ports(3)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # HOME is private so that no ~/.ray/auth_token of this machine is read or written. The venv
     # comes first on PATH, as polyrec's environment does on a cluster node: jobs run `python`.
@@ -190,6 +182,7 @@ WORKING_DIR_PROBE = """
 import os
 from data.config import DEFAULT_DATASET_DIR
 from data.schema import SCHEMA_VERSION
+from tests.ports import free_ports
 ratings = sum(1 for _ in open(DEFAULT_DATASET_DIR / "u.data"))
 print(f"ratings={ratings} schema={SCHEMA_VERSION} venv={os.path.exists('.venv')} git={os.path.exists('.git')}")
 """
@@ -253,7 +246,7 @@ def test_unknown_job_is_an_input_error(client_env):
 
 
 def test_unreachable_address_is_an_input_error(client_env):
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     with pytest.raises(InputError, match=f"cannot reach the Ray dashboard at http://127.0.0.1:{port}"):
         jobs.job_status("any", address=f"http://127.0.0.1:{port}")
 

@@ -15,8 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from serve.config import FeedbackLogConfig, IndexConfig, RankingConfig, RetrievalConfig, ServeConfig
 from serve.model_runtime import ServingModel, build_index
 from serve.runner import run_service
+from tests.ports import free_port
 from tests.serving_fixtures import build_random_artifact, build_training_data
-from tests.test_serve import free_port, item_text
+from tests.test_serve import item_text
 from train.config import ModelConfig, TaskConfig, TrainConfig
 from train.evaluate import SCORE_CELLS_PER_BATCH, rows_per_batch
 from train.model import CatalogFeatures, PolyrecModel

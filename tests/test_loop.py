@@ -24,7 +24,7 @@ from data.manifest import load_manifest
 from serve.config import FeedbackLogConfig, ServeConfig
 from serve.runner import APP_NAME, Service, rollback, run_service, swap_model
 from serve.versions import VersionHistory
-from tests.test_serve import free_port
+from tests.ports import free_port
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.feedback_log import read_feedback_log
-from tests.test_serve import free_port
+from tests.ports import free_port
 from tests.tiny import tiny_config, tiny_preprocess_config
 
 pytestmark = pytest.mark.slow

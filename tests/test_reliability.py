@@ -19,8 +19,8 @@ from common.errors import InputError
 from data.feedback_log import read_feedback_log
 from serve.config import AdmissionConfig, FeedbackLogConfig, ServeConfig, api_key
 from serve.runner import APP_NAME, Service, deployed_config, run_service
+from tests.ports import free_port
 from tests.serving_fixtures import build_random_artifact, build_training_data
-from tests.test_serve import free_port
 
 pytestmark = pytest.mark.slow
 

