@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +43,17 @@ from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
 from data.feedback_log import read_feedback_log
 from serve.batching import batched, set_batching
-from serve.config import LOCAL_SERVE_ENV, BatchingConfig, DeploymentOptions, FeedbackLogConfig, RankingConfig, ReRankConfig, ServeConfig, StateConfig
+from serve.config import (
+    LOCAL_SERVE_ENV,
+    STOP_POLL_S,
+    BatchingConfig,
+    DeploymentOptions,
+    FeedbackLogConfig,
+    RankingConfig,
+    ReRankConfig,
+    ServeConfig,
+    StateConfig,
+)
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
@@ -52,6 +61,7 @@ from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rera
 from serve.runner import APP_NAME, SERVE_CONFIG_FILE, Service, application_config, rollback, run_service, serve_config_document, swap_model
 from serve.state import ItemExists, ServerState
 from serve.versions import VersionHistory
+from tests.ports import free_port
 from tests.serving_fixtures import build_random_artifact, build_training_data
 
 NUM_USERS = 40
@@ -90,12 +100,6 @@ def item_text(item_id: str) -> str:
 
 
 # --- the service -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -965,6 +969,7 @@ def test_colocated_serve_config_lists_the_recommender_with_both_user_config_keys
     assert list(deployments) == ["Recommender", "UserStateStore", "FeedbackLogger"]
     assert deployments["Recommender"]["ray_actor_options"] == {"num_cpus": 1.0}  # the core its model work uses
     assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments.values()) == pytest.approx(1.2)
+    assert {d["graceful_shutdown_wait_loop_s"] for d in deployments.values()} == {STOP_POLL_S}  # not Serve's 2 s before an idle replica stops
     swap = application_config(config, models=["old", "new"], active="new")["deployments"]
     assert swap == [{"name": "Recommender", "user_config": {"models": ["old", "new"], "model": "new"}}]
     assert application_config(ServeConfig(graph="split"), models=["old", "new"], active="old")["deployments"] == [
