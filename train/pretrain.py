@@ -229,7 +229,7 @@ def train_epoch(
 def pretrain_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's worker: load, train ``epochs`` epochs, report each epoch's loss; rank 0 saves the model at the end."""
     config = PretrainConfig.model_validate(loop_config["config"])
-    corpus: PretrainCorpus = loop_config["corpus"]
+    corpus: PretrainCorpus = ray.get(loop_config["corpus"])
     objective: Objective = loop_config["objective"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -303,7 +303,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     staging = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     trainer = TorchTrainer(
         pretrain_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "corpus": corpus, "objective": objective, "source": str(source)},
+        # The corpus by reference: Ray Train's controller unpickles the loop config, and would import this module's stack for it.
+        train_loop_config={"config": config.model_dump(mode="json"), "corpus": ray.put(corpus), "objective": objective, "source": str(source)},
         scaling_config=config.scaling.for_ray_train(),
         run_config=RunConfig(name="pretrain", storage_path=str(staging / "ray_results")),
     )

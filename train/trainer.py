@@ -260,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     quiet_train_worker()
     config = TrainConfig.model_validate(loop_config["config"])
-    inputs: TrainingInputs = loop_config["inputs"]
+    inputs: TrainingInputs = ray.get(loop_config["inputs"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
 
@@ -268,7 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = build_model(config, inputs)
     model.item_encoder.lockstep_ranks = config.deepspeed.zero_stage == 3 and context.get_world_size() > 1
     if config.warm_start_from:
-        warm_start(model, config.warm_start_from, loop_config["warm_start_rows"], announce=rank == 0)
+        warm_start(model, config.warm_start_from, ray.get(loop_config["warm_start_rows"]), announce=rank == 0)
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))
     tables = make_tables_sparse(model, config)
     engine, _, _, _ = deepspeed.initialize(
@@ -581,9 +581,12 @@ def fit(
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "inputs": inputs,
+            # Objects of polyrec go in by reference: Ray Train's controller unpickles the loop config, and one in it had
+            # the controller import the training stack (torch, transformers) for 5 s before any worker could start.
+            # The workers read one copy from the object store.
+            "inputs": ray.put(inputs),
             "num_train_windows": windows.count(),
-            "warm_start_rows": rows_by_id(config.warm_start_from, resolve(config.data)) if config.warm_start_from else None,
+            "warm_start_rows": ray.put(rows_by_id(config.warm_start_from, resolve(config.data))) if config.warm_start_from else None,
         },
         scaling_config=config.scaling.for_ray_train(),
         datasets={"train": windows},
