@@ -2,8 +2,9 @@
 
 A port found by binding to 0 and then released is taken from the kernel's ephemeral range, the range it also hands
 every outgoing connection and every other bind to 0 on the machine: between the probe and the server's own bind,
-another process can get it (a test cluster's head did, in CI). Ray's workers bind theirs in 10002–19999. So the
-ports here come from between the two, are checked free by a bind, and are never handed out twice by one session."""
+another process can get it (a test cluster's head did, in CI). Ray's workers bind theirs in 10002–19999, and Serve
+gives its ingress replicas HTTP ports from 30000 up. So the ports here come from 20000–29999 (below the ephemeral
+range), are checked free by a bind, and are never handed out twice by one session."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 from pathlib import Path
 
 FIRST = 20_000  # above Ray's worker ports (`ray start --max-worker-port`, 19999 by default)
+LAST = 29_999  # below Serve's direct-ingress ports (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000 by default)
 _handed_out: set[int] = set()
 _pick = random.Random()
 
@@ -34,7 +36,7 @@ def _bindable(port: int) -> bool:
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct ports that nothing listens on, outside the ephemeral range where the machine leaves room."""
-    last = _below_ephemeral() - 1
+    last = min(LAST, _below_ephemeral() - 1)
     if last < FIRST + 1_000:  # an unusual ip_local_port_range: the kernel's choice, with its race
         return _ephemeral_ports(count)
     ports: list[int] = []
