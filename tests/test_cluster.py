@@ -182,7 +182,6 @@ WORKING_DIR_PROBE = """
 import os
 from data.config import DEFAULT_DATASET_DIR
 from data.schema import SCHEMA_VERSION
-from tests.ports import free_ports
 ratings = sum(1 for _ in open(DEFAULT_DATASET_DIR / "u.data"))
 print(f"ratings={ratings} schema={SCHEMA_VERSION} venv={os.path.exists('.venv')} git={os.path.exists('.git')}")
 """
