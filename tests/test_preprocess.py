@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -23,7 +24,7 @@ from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, Preproc
 from data.features import render_item_text
 from data.manifest import Manifest, format_report, load_manifest
 from data.pipeline import preprocess_tables, run_preprocess
-from data.readers import SourceTables
+from data.readers import SourceTables, files
 from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE, USER_HISTORIES
 from data.user_histories import read_user_histories
 
@@ -282,6 +283,21 @@ def test_reruns_are_byte_identical_and_file_uri_works(corrupted, tmp_path) -> No
     for relative in files:
         assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
     assert load_manifest(second.as_uri()) == manifest
+
+
+def test_ml100k_read_by_a_task_per_span_gives_the_same_output(ml100k, tmp_path, monkeypatch) -> None:
+    """u.data (1.9 MB) cut into spans of 256 KiB, each parsed by its own read task: the same data as one task gives."""
+    manifest, root = ml100k
+    monkeypatch.setattr(files, "READ_TASK_BYTES", 256 << 10)
+    assert len(files.line_spans(DEFAULT_DATASET_DIR / "u.data")) >= 7
+
+    in_spans = run_preprocess(PreprocessConfig(output=str(tmp_path / "data")))
+
+    assert in_spans.model_dump(exclude={"created_at", "config"}) == manifest.model_dump(exclude={"created_at", "config"})
+    for folder in ("sequences/train", "sequences/validation", "sequences/test", "user_histories", "items", "vocab", "quarantine"):
+        tables = [ds.dataset(output / folder, format="parquet").to_table() for output in (root, tmp_path / "data")]
+        keys = [(field.name, "ascending") for field in tables[0].schema if not pa.types.is_list(field.type)]
+        assert tables[0].sort_by(keys).equals(tables[1].sort_by(keys)), folder
 
 
 # --- Hand-computed splits and normalisations ---------------------------------------------------------

@@ -21,7 +21,7 @@ import ray
 
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig, SourceFormat
-from data.readers import READERS, SourceTables, read_source, read_sources
+from data.readers import READERS, SourceTables, files, read_source, read_sources
 from data.schema import FEEDBACK_LOG, INTERACTIONS, ITEMS_BASE, QUARANTINE
 
 
@@ -430,6 +430,76 @@ def test_table_parquet_with_iso_timestamps(tmp_path: Path) -> None:
     assert json.loads(record) == {"user": "d", "item": 3, "time": "yesterday", "rating": 4}
     assert tables.items.to_pylist() == [_item("1", title="One", tags=["x", "y"]), _item("2", title="Two", tags=[])]
     assert tables.users is None
+
+
+# --- Large text files, read by a task per span of lines ------------------------------------------
+
+
+def test_line_spans_cut_a_file_at_line_starts(tmp_path: Path) -> None:
+    text = b"".join(b"x" * (n % 17) + (b"\r\n" if n % 3 else b"\n") for n in range(500)) + b"a last line without a break"
+    path = tmp_path / "lines.csv"
+    path.write_bytes(text)
+
+    spans = files.line_spans(path, task_bytes=300)
+
+    assert len(spans) >= len(text) // 400 and spans[0].start == 0 and spans[-1].end is None
+    assert [span.end for span in spans[:-1]] == [span.start for span in spans[1:]]
+    for before, span in zip(spans, spans[1:]):
+        assert span.start - before.start >= 300 and text[span.start - 1 : span.start] == b"\n"
+        assert span.lines_before == text[: span.start].count(b"\n")
+    assert b"".join(span.open(path).read() for span in spans) == text
+    assert b"".join(line for span in spans for line in span.lines(path)) == text
+    packed = tmp_path / "lines.csv.gz"
+    packed.write_bytes(gzip.compress(text))
+    assert files.line_spans(packed, task_bytes=300) == [files.WHOLE_FILE]  # a compressed file cannot be entered midway
+
+
+def _ratings_in_spans(folder: Path, format: str) -> tuple[SourceConfig, Path, list[int]]:
+    """A source of ``format`` whose interactions file holds 3,000 ratings and, spread over it, a blank line and
+    lines a reader refuses; returns the config, that file and the numbers of the refused lines."""
+    rng = np.random.default_rng(1)
+    count = 3_000
+    ratings = zip(rng.integers(1, 40, count), rng.choice([1, 11, 209171], count), rng.integers(1, 6, count), rng.integers(10**9, 2 * 10**9, count))
+    ratings = [[str(value) for value in rating] for rating in ratings]
+    if format == "amazon":
+        lines = [json.dumps({"reviewerID": f"A{u}", "asin": i, "overall": float(r), "unixReviewTime": int(t)}) for u, i, r, t in ratings]
+        bad = {400: '{"reviewerID": "A1", "asin": "1", "overall"', 1_700: json.dumps({"reviewerID": "A1", "asin": "1", "overall": "x", "unixReviewTime": 1})}
+    else:
+        separator = {"movielens-1m": "::", "movielens-csv": ",", "table": ","}[format]
+        lines = [separator.join(rating) for rating in ratings]
+        bad = {400: separator.join(["1", "11", "4"]), 1_700: separator.join(["1", "11", "x", "1000000000"])}
+    header = {"movielens-csv": "userId,movieId,rating,timestamp", "table": "user_id,item_id,rating,timestamp"}.get(format)
+    for number, line in [*bad.items(), (2_500, ""), (2_990, next(iter(bad.values())))]:
+        lines.insert(number - 1 - (header is not None), line)
+    text = "".join(line + "\n" for line in ([header] if header else []) + lines)
+    if format == "movielens-1m":
+        path = _write(folder / "ratings.dat", text)
+        _write(folder / "movies.dat", "1::One (1995)::Drama\n11::Eleven (1995)::Drama\n209171::Many (1962)::Drama\n")
+        config = SourceConfig(format=format, path=str(folder))
+    elif format == "movielens-csv":
+        path = _movielens_csv(folder, "") / "ratings.csv"
+        path.write_text(text)
+        config = SourceConfig(format=format, path=str(folder))
+    else:
+        path = _write(folder / ("reviews.json" if format == "amazon" else "events.csv"), text)
+        config = SourceConfig(format=format, path=str(path))
+    return config, path, [400, 1_700, 2_990]
+
+
+@pytest.mark.parametrize("format", ["movielens-1m", "movielens-csv", "table", "amazon"])
+def test_a_file_read_in_spans_reads_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, format: str) -> None:
+    """A file above ``READ_TASK_BYTES`` is parsed by a read task per span of lines: the interactions and the
+    refused lines, with their line numbers, are those of one task reading it whole."""
+    config, path, refused_lines = _ratings_in_spans(tmp_path, format)
+    whole = _read(config)
+    monkeypatch.setattr(files, "READ_TASK_BYTES", path.stat().st_size // 6)
+    assert len(files.line_spans(path)) >= 6
+
+    in_spans = _read(config)
+
+    assert [source for _, source, _ in _quarantined(in_spans)] == [f"{path.name}:{number}" for number in refused_lines]
+    assert in_spans.interactions.num_rows == 3_000
+    assert in_spans.interactions.equals(whole.interactions) and in_spans.quarantine.equals(whole.quarantine)
 
 
 # --- The feedback log ----------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Amazon reviews, the 2018 and 2023 releases (JSON lines, optionally gzipped), with the item metadata file
 as ``source.items_path``; the release is told apart by the fields of the first good record.
 
-The files are read in a Python loop, one record at a time, the reviews by a Ray task batch by batch; a
-line that is not a JSON object, or a record missing a field, goes to the quarantine with its line.
+The files are read in a Python loop, one record at a time, the reviews by Ray tasks batch by batch (a task per
+span of lines of an uncompressed file); a line that is not a JSON object, or a record missing a field, goes to
+the quarantine with its line.
 """
 
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -22,7 +22,7 @@ import pyarrow as pa
 from common.errors import InputError
 from data.config import SourceConfig
 from data.readers.canonical import READ_ROWS, SourceTables, source_tables, stream_interactions
-from data.readers.files import Refused, quarantine_table, require_file
+from data.readers.files import WHOLE_FILE, LineSpan, Refused, line_spans, quarantine_table, require_file
 from data.schema import ITEMS_BASE
 
 
@@ -72,7 +72,8 @@ def read_amazon(config: SourceConfig) -> SourceTables:
     path = Path(config.path)
     first_records = (record for _, record, _ in _json_records(path, lambda *refused: None))
     variant = next((_amazon_release(path, record, _AMAZON_REVIEWS, "reviews") for record in first_records), None)
-    interactions = stream_interactions(path, f"{path.name}:", functools.partial(_review_rows, path, variant, config.default_event))
+    reads = [functools.partial(_review_rows, path, span, variant, config.default_event) for span in line_spans(path)]
+    interactions = stream_interactions(path, f"{path.name}:", reads)
     files, items, refused = [path], ITEMS_BASE.empty_table(), []
     if config.items_path is not None:
         files.append(Path(config.items_path))
@@ -80,15 +81,15 @@ def read_amazon(config: SourceConfig) -> SourceTables:
     return source_tables(files, interactions, items, None, [quarantine_table(refused)])
 
 
-def _review_rows(path: Path, variant: _AmazonReviews | None, event: str) -> Iterator[pa.Table]:
-    """READ_ROWS of the reviews, batch by batch; ``variant`` is None when no line holds a JSON object."""
+def _review_rows(path: Path, span: LineSpan, variant: _AmazonReviews | None, event: str) -> Iterator[pa.Table]:
+    """READ_ROWS of the reviews in ``span``, batch by batch; ``variant`` is None when no line holds a JSON object."""
     rows: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
 
     def refuse(number: int, reason: str, text: str) -> None:
         refused.append({"part": 0, "number": number, "reason": reason, "record": text})
 
-    for number, record, text in _json_records(path, refuse):
+    for number, record, text in _json_records(path, refuse, span):
         assert variant is not None  # the first record told the release
         try:
             rows.append(
@@ -138,25 +139,23 @@ def _read_amazon_metadata(path: Path, refused: list[Refused]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ITEMS_BASE)
 
 
-def _json_records(path: Path, refuse: Callable[[int, str, str], None]) -> Iterator[tuple[int, dict[str, Any], str]]:
-    """(line number, record, line) for every line holding a JSON object; other non-blank lines go to
+def _json_records(path: Path, refuse: Callable[[int, str, str], None], span: LineSpan = WHOLE_FILE) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """(line number, record, line) for every line of ``span`` holding a JSON object; other non-blank lines go to
     ``refuse(line number, reason, line)``."""
     require_file(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                refuse(number, f"not valid JSON: {err}", text)
-                continue
-            if isinstance(record, dict):
-                yield number, record, text
-            else:
-                refuse(number, "not a JSON object", text)
+    for number, line in enumerate(span.lines(path), start=span.lines_before + 1):
+        if not line.strip():
+            continue
+        text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            refuse(number, f"not valid JSON: {err}", text)
+            continue
+        if isinstance(record, dict):
+            yield number, record, text
+        else:
+            refuse(number, "not a JSON object", text)
 
 
 def _amazon_release(path: Path, record: dict[str, Any], releases: dict[str, Any], what: str) -> Any:

@@ -1,9 +1,9 @@
 """What every reader returns: ``SourceTables``, the canonical tables of ``data.schema`` built from checked columns.
 
 The interactions of a file that may be large are not read by the driver: ``stream_interactions`` gives a Ray
-dataset whose read task parses the file batch by batch (``READ_ROWS``: each interaction, or each refused
-line with its reason, by its line or row number), and only the first batch is parsed here, so that a
-file a reader cannot use at all is refused at once, naming the file.
+dataset whose read tasks parse the file batch by batch, each task a span of it (``READ_ROWS``: each
+interaction, or each refused line with its reason, by its line or row number), and only the first batch is
+parsed here, so that a file a reader cannot use at all is refused at once, naming the file.
 """
 
 from __future__ import annotations
@@ -122,31 +122,33 @@ def source_tables(
 
 
 class _FileStream(Datasource):
-    """One read task, which passes on the READ_ROWS tables that ``read()`` gives for ``path``."""
+    """A read task per span of ``path``, which passes on the READ_ROWS tables that its ``read()`` gives."""
 
-    def __init__(self, path: Path, read: Callable[[], Iterator[pa.Table]]):
+    def __init__(self, path: Path, reads: Sequence[Callable[[], Iterator[pa.Table]]]):
         super().__init__()
-        self._path, self._read = path, read
+        self._path, self._reads = path, list(reads)
 
     def estimate_inmemory_data_size(self) -> int:
         return self._path.stat().st_size
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[ReadTask]:
-        metadata = BlockMetadata(num_rows=None, size_bytes=self.estimate_inmemory_data_size(), input_files=[str(self._path)], exec_stats=None)
-        return [ReadTask(self._read, metadata, schema=READ_ROWS)]
+        span_bytes = self.estimate_inmemory_data_size() // len(self._reads)
+        metadata = BlockMetadata(num_rows=None, size_bytes=span_bytes, input_files=[str(self._path)], exec_stats=None)
+        return [ReadTask(read, metadata, schema=READ_ROWS) for read in self._reads]
 
 
-def stream_interactions(path: Path, prefix: str, read: Callable[[], Iterator[pa.Table]]) -> StreamedInteractions:
-    """The interactions of ``path``, read by a Ray task: ``read()`` gives its READ_ROWS batch by batch, the
-    sources of its rows are ``prefix`` + number. It is read here up to its first line, so that a file
-    that cannot be used at all (empty, or its first batch refused as a whole) fails now."""
-    if next((rows for rows in read() if rows.num_rows), None) is None:
+def stream_interactions(path: Path, prefix: str, reads: Sequence[Callable[[], Iterator[pa.Table]]]) -> StreamedInteractions:
+    """The interactions of ``path``, read by one Ray task per span of the file: each of ``reads`` gives a span's
+    READ_ROWS batch by batch, in file order; the sources of the rows are ``prefix`` + number. The first span is
+    read here up to its first line, so that a file that cannot be used at all (empty, or its first batch
+    refused as a whole) fails now."""
+    if next((rows for read in reads for rows in read() if rows.num_rows), None) is None:
         raise InputError(f"{path}: no interactions in the file")
-    return StreamedInteractions(ray.data.read_datasource(_FileStream(path, read)), [prefix])
+    return StreamedInteractions(ray.data.read_datasource(_FileStream(path, reads)), [prefix])
 
 
 def read_rows_of(batches: Callable[[], Iterator[FileRows]], read_rows: Callable[[FileRows], pa.Table]) -> Iterator[pa.Table]:
-    """``read_rows`` of each batch ``batches()`` parses: ``stream_interactions``' ``read`` for a parsed file."""
+    """``read_rows`` of each batch ``batches()`` parses: one of ``stream_interactions``' ``reads`` for a parsed file."""
     for raw in batches():
         yield read_rows(raw)
 

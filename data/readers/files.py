@@ -6,17 +6,21 @@ Where a row came from is ``"<file>:<line>"`` (1-based) for text files and ``"<fi
 ``pyarrow.csv`` and checked column-wise, never line by line in Python: ml-25m has 25M ratings. Parsing is
 single-threaded so that pyarrow reports the line number of each row with the wrong field count.
 
-Interaction files are parsed batch by batch (``delimited_batches``, ``parquet_batches``, in a Ray read task), all
-columns as text, so that the column checks of ``data.readers.columns`` name each bad line. The small files
-read whole (``read_delimited``) first ask pyarrow for typed columns, which is fastest; only when some value does
-not convert is the file read again as text.
+Interaction files are parsed batch by batch (``delimited_batches``, ``parquet_batches``, in Ray read tasks), all
+columns as text, so that the column checks of ``data.readers.columns`` name each bad line. A large uncompressed text
+file is cut into ``line_spans``, runs of whole lines parsed by tasks of their own, each knowing how many lines come
+before it; a row is one line (as pyarrow assumes without ``newlines_in_values``), so a quoted value may not hold a
+line break. The small files read whole (``read_delimited``) first ask pyarrow for typed columns, which is fastest;
+only when some value does not convert is the file read again as text.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +41,85 @@ _ARROW_TYPES: dict[str, pa.DataType] = {"integer": pa.int64(), "number": pa.floa
 
 #: A row refused while reading: (reason, source, the raw line or a JSON rendering of the row).
 Refused = tuple[str, str, str]
+
+#: A text file larger than this is parsed by several Ray read tasks, each a span of whole lines about this long:
+#: seconds of parsing, so a task's fixed cost is small, and a 1-GB file still gives every core of a node work.
+READ_TASK_BYTES = 64 << 20
+_COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+
+
+@dataclass(frozen=True)
+class LineSpan:
+    """Bytes ``[start, end)`` of a text file, from a line's start to just past a line break (``end`` None: to the
+    end of the file); ``lines_before`` lines of the file precede it."""
+
+    start: int = 0
+    end: int | None = None
+    lines_before: int = 0
+
+    @property
+    def whole_file(self) -> bool:
+        return self.start == 0 and self.end is None
+
+    def open(self, path: Path) -> Any:
+        """The span's bytes as a binary stream, mapped from the file rather than copied."""
+        mapped = pa.memory_map(str(path))
+        mapped.seek(self.start)
+        return pa.BufferReader(mapped.read_buffer(None if self.end is None else self.end - self.start))
+
+    def lines(self, path: Path) -> Iterator[bytes]:
+        """The span's lines, each with its line break; the whole file decompressed by its extension (gzip)."""
+        if self.whole_file:
+            with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as file:
+                yield from file
+            return
+        left = math.inf if self.end is None else self.end - self.start
+        with path.open("rb") as file:
+            file.seek(self.start)
+            for line in file:
+                yield line
+                left -= len(line)
+                if left <= 0:
+                    break
+
+
+WHOLE_FILE = LineSpan()
+
+
+def line_spans(path: Path, task_bytes: int | None = None) -> list[LineSpan]:
+    """``path`` cut into spans of whole lines of about ``task_bytes`` (default ``READ_TASK_BYTES``) each; a
+    compressed file, which cannot be entered in the middle, is one span. The driver reads the file once to count
+    the lines before each cut, at memory speed: parsing is what the tasks share."""
+    require_file(path)
+    task_bytes = task_bytes or READ_TASK_BYTES
+    size = path.stat().st_size
+    if size <= task_bytes or path.suffix.lower() in _COMPRESSED:
+        return [WHOLE_FILE]
+    spans = [WHOLE_FILE]
+    with path.open("rb") as file:
+        lines = 0
+        while (cut := spans[-1].start + task_bytes) < size:
+            file.seek(spans[-1].start)
+            lines += _count_newlines(file, task_bytes)
+            rest_of_line = file.readline()
+            lines += rest_of_line.endswith(b"\n")
+            cut += len(rest_of_line)
+            if cut >= size:
+                break
+            spans[-1] = replace(spans[-1], end=cut)
+            spans.append(LineSpan(cut, None, lines))
+    return spans
+
+
+def _count_newlines(file: io.BufferedReader, size: int, chunk: int = 16 << 20) -> int:
+    count = 0
+    while size > 0:
+        data = file.read(min(chunk, size))
+        if not data:
+            break
+        count += data.count(b"\n")
+        size -= len(data)
+    return count
 
 
 @dataclass
@@ -104,15 +187,17 @@ class Delimited:
     def multi_char(self) -> bool:
         return len(self.separator) > 1
 
-    def open(self, path: Path) -> Any:
-        """What pyarrow's CSV readers take: the path (decompressed by its extension), or a stream that
-        reads the multi-character separator as a tab."""
-        if not self.multi_char:
+    def open(self, path: Path, span: LineSpan = WHOLE_FILE) -> Any:
+        """What pyarrow's CSV readers take for ``span`` of the file: the path (the whole file, decompressed by its
+        extension) or a stream, which reads the multi-character separator as a tab."""
+        if span.whole_file and not self.multi_char:
             return str(path)
-        return pa.PythonFile(_SeparatorAsTab(path.open("rb"), self.separator.encode()), mode="r")
+        raw = path.open("rb") if span.whole_file else span.open(path)
+        return pa.PythonFile(_SeparatorAsTab(raw, self.separator.encode()), mode="r") if self.multi_char else raw
 
-    def options(self, reject: Callable[[pacsv.InvalidRow], str]) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions]:
-        read = pacsv.ReadOptions(use_threads=False, encoding=self.encoding, column_names=self.column_names)
+    def options(self, reject: Callable[[pacsv.InvalidRow], str], column_names: list[str] | None = None) -> tuple[pacsv.ReadOptions, pacsv.ParseOptions]:
+        """``column_names``: for a file without a header line, or a span after the header; default ``self.column_names``."""
+        read = pacsv.ReadOptions(use_threads=False, encoding=self.encoding, column_names=column_names or self.column_names)
         parse = pacsv.ParseOptions(
             delimiter="\t" if self.multi_char else self.separator,
             quote_char='"' if self.quoted else False,
@@ -199,19 +284,20 @@ def read_delimited(path: Path, kinds: dict[str, ColumnKind], layout: Delimited =
     return _without_blank_rows(FileRows(path, table, lines, f"{path.name}:", layout.render, list(rejected)))
 
 
-def delimited_batches(path: Path, layout: Delimited) -> Iterator[FileRows]:
-    """Parse a delimited text file batch by batch, every column as text (a value that does not convert
-    must not fail the whole file once part of it is passed on); the last batch holds the rejected lines
-    after the last row. Bad input raises ``InputError`` naming the file."""
+def delimited_batches(path: Path, layout: Delimited, span: LineSpan = WHOLE_FILE) -> Iterator[FileRows]:
+    """Parse ``span`` of a delimited text file batch by batch, every column as text (a value that does not
+    convert must not fail the whole file once part of it is passed on); the last batch holds the rejected
+    lines after the last row. Bad input raises ``InputError`` naming the file."""
     require_file(path)
     rejected: list[tuple[int, str, str]] = []  # in line order; pyarrow parses ahead of the batch it returns
 
     def reject(row: pacsv.InvalidRow) -> str:
-        rejected.append(layout.rejected_row(row))
+        number, reason, text = layout.rejected_row(row)
+        rejected.append((span.lines_before + number, reason, text))
         return "skip"
 
     read_options, parse_options = layout.options(reject)
-    next_line = layout.first_line
+    next_line = layout.first_line if span.start == 0 else span.lines_before + 1
 
     def batch_rows(table: pa.Table) -> FileRows:
         """The batch's rows with their lines: the next ``num_rows`` lines that pyarrow did not reject."""
@@ -230,8 +316,10 @@ def delimited_batches(path: Path, layout: Delimited) -> Iterator[FileRows]:
     try:
         names = layout.column_names or _csv_header(layout.open(path), read_options, parse_options)
         rejected.clear()  # reading the header parsed the first block
+        if span.start:  # the header line is in the first span only
+            read_options, _ = layout.options(reject, names)
         convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True)
-        with pacsv.open_csv(layout.open(path), read_options=read_options, parse_options=parse_options, convert_options=convert) as reader:
+        with pacsv.open_csv(layout.open(path, span), read_options=read_options, parse_options=parse_options, convert_options=convert) as reader:
             for batch in reader:
                 yield batch_rows(pa.Table.from_batches([batch]))
     except pa.ArrowInvalid as err:
@@ -278,10 +366,16 @@ def read_table_file(path: Path, kinds: dict[str, ColumnKind]) -> FileRows:
     return read_parquet(path) if layout is None else read_delimited(path, kinds, layout)
 
 
-def table_file_batches(path: Path) -> Iterator[FileRows]:
-    """``read_table_file`` batch by batch, as ``parquet_batches`` and ``delimited_batches`` parse them."""
+def table_file_batches(path: Path, span: LineSpan = WHOLE_FILE) -> Iterator[FileRows]:
+    """``read_table_file`` batch by batch, as ``parquet_batches`` and ``delimited_batches`` parse them; ``span``
+    of a text file (``table_file_spans``)."""
     layout = _table_layout(path)
-    return parquet_batches(path) if layout is None else delimited_batches(path, layout)
+    return parquet_batches(path) if layout is None else delimited_batches(path, layout, span)
+
+
+def table_file_spans(path: Path) -> list[LineSpan]:
+    """The spans a generic table file is read in: ``line_spans`` of a text file, a Parquet file whole."""
+    return [WHOLE_FILE] if _table_layout(path) is None else line_spans(path)
 
 
 def position_prefix(path: Path) -> str:
@@ -292,7 +386,7 @@ def position_prefix(path: Path) -> str:
 def _table_layout(path: Path) -> Delimited | None:
     """How a generic table file is written, by its extension; None for Parquet."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".bz2", ".zst", ".lz4"):
+    if suffixes and suffixes[-1] in _COMPRESSED:
         suffixes = suffixes[:-1]
     kind = suffixes[-1] if suffixes else "(no extension)"
     if kind in (".parquet", ".pq"):

@@ -14,7 +14,7 @@ from common.errors import InputError
 from data.config import SourceConfig
 from data.readers.canonical import SourceTables, items_from, read_rows_from, read_rows_of, source_tables, stream_interactions, users_from
 from data.readers.columns import CheckedColumn, integers, kept, numbers, text_ids, texts, timestamps
-from data.readers.files import FileRows, position_prefix, read_table_file, table_file_batches
+from data.readers.files import FileRows, position_prefix, read_table_file, table_file_batches, table_file_spans
 from data.schema import ITEM_TEXT_FIELDS, ITEMS_BASE
 
 #: The list<string> item fields; a text column is split into one by ``columns.list_separator``.
@@ -43,7 +43,8 @@ def read_generic_table(config: SourceConfig) -> SourceTables:
             CheckedColumn(mapping.event, texts(raw, mapping.event), "empty") if mapping.event else config.default_event,
         )
 
-    interactions = stream_interactions(path, position_prefix(path), functools.partial(read_rows_of, functools.partial(table_file_batches, path), read_rows))
+    reads = [functools.partial(read_rows_of, functools.partial(table_file_batches, path, span), read_rows) for span in table_file_spans(path)]
+    interactions = stream_interactions(path, position_prefix(path), reads)
     files: list[Path] = [path]
     quarantines: list[pa.Table] = []
     items, users = ITEMS_BASE.empty_table(), None

@@ -19,7 +19,7 @@ from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, SourceConfig
 from data.readers.canonical import SourceTables, StreamedInteractions, items_from, read_rows_from, read_rows_of, source_tables, stream_interactions, users_from
 from data.readers.columns import CheckedColumn, integer_ids, integers, keep_valid, kept, numbers, texts, timestamps
-from data.readers.files import Delimited, FileRows, delimited_batches, read_delimited, require_file
+from data.readers.files import Delimited, FileRows, delimited_batches, line_spans, read_delimited, require_file
 
 _TITLE_WITH_YEAR = r"^(?P<title>.*?)\s*\((?P<year>\d{4})(?:[-–]\d{4})?\)\s*$"
 _NO_GENRES = "(no genres listed)"
@@ -87,7 +87,9 @@ class _MovieLensLayout:
                 event,
             )
 
-        return stream_interactions(path, f"{path.name}:", functools.partial(read_rows_of, functools.partial(delimited_batches, path, layout), read_rows))
+        spans = line_spans(path)
+        reads = [functools.partial(read_rows_of, functools.partial(delimited_batches, path, layout, span), read_rows) for span in spans]
+        return stream_interactions(path, f"{path.name}:", reads)
 
     def read_users(self, folder: Path, separator: str, attributes: list[str]) -> tuple[pa.Table | None, list[pa.Table], list[Path]]:
         """Users, their quarantine and the file, if the folder has a users file (some releases have none)."""
