@@ -106,6 +106,38 @@ def test_top_k_lists_and_coverage():
     assert coverage_at_k(top_10, num_items=6) == 1.0
 
 
+def _top_k_by_full_sort(scores: np.ndarray, candidates: np.ndarray, k: int) -> list[list[int]]:
+    """The definition, one row at a time: candidates by descending score (NaN lowest), then by index."""
+    lists = []
+    for row_scores, row_candidates in zip(scores, candidates):
+        items = [int(item) for item in np.flatnonzero(row_candidates)]
+        items.sort(key=lambda item: (-(-math.inf if math.isnan(row_scores[item]) else row_scores[item]), item))
+        lists.append(items[:k])
+    return lists
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_agrees_with_a_full_sort_under_ties_nan_and_masks(seed):
+    # Few distinct values, so the k-th best score is usually tied across the cut; NaN and -inf scores
+    # and rows with fewer candidates than K check that a -inf candidate still beats a masked item.
+    rng = np.random.default_rng(seed)
+    num_rows, num_columns = 40, 30
+    scores = rng.integers(0, 4, size=(num_rows, num_columns)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    targets = rng.integers(1, num_columns, size=num_rows)
+    seen = [rng.choice(np.arange(1, num_columns), size=rng.integers(0, num_columns - 1), replace=False).tolist() for _ in range(num_rows)]
+    candidates = np.ones_like(scores, dtype=bool)
+    candidates[:, 0] = False
+    for row, items in enumerate(seen):
+        candidates[row, items] = False
+    candidates[np.arange(num_rows), targets] = True
+    for k in (1, 3, 10, num_columns + 5):
+        expected = _top_k_by_full_sort(scores, candidates, k)
+        assert [items.tolist() for items in top_k_items(torch.from_numpy(scores), targets, seen, k)] == expected
+    assert top_k_items(np.empty((0, num_columns)), np.empty(0, dtype=np.int64), [], 3) == []
+
+
 def test_classification_metrics_by_hand():
     probabilities = [0.9, 0.2, 0.6, 0.4]
     labels = [1, 0, 0, 1]

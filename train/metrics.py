@@ -94,10 +94,26 @@ def top_k_items(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequ
     _check_k(k)
     scores = _nan_as_lowest(scores)
     candidates = candidate_mask(scores.shape[1], targets, mask_items)
-    # lexsort's last key is the primary one: candidates first, then by descending score, then by index.
-    order = np.lexsort((-scores, ~candidates), axis=-1)[:, :k]
-    counts = np.minimum(candidates.sum(axis=1), k)
-    return [row_order[:count] for row_order, count in zip(order, counts)]
+    # A full sort of every row is the cost of evaluating a large catalogue, so take each row's k-th best
+    # candidate score with a partial selection, keep every candidate above it and, of those tied with
+    # it, the lowest indices; only those k items are then sorted. NaN already counts as -inf, so a
+    # candidate scored -inf still beats a masked item: the tie-fill below only ever takes candidates.
+    num_rows = len(candidates)
+    if not num_rows:
+        return []
+    masked = np.where(candidates, scores, -np.inf)
+    kth_best = torch.topk(torch.from_numpy(masked), min(k, masked.shape[1]), dim=1).values[:, -1].numpy()[:, None]
+    above_rows, above_items = np.nonzero(candidates & (scores > kth_best))
+    tied_rows, tied_items = np.nonzero(candidates & (scores == kth_best))
+    tied_counts = np.bincount(tied_rows, minlength=num_rows)
+    place_among_tied = np.arange(len(tied_rows)) - np.repeat(np.cumsum(tied_counts) - tied_counts, tied_counts)
+    room = k - np.bincount(above_rows, minlength=num_rows)
+    fill = place_among_tied < room[tied_rows]
+    rows = np.concatenate([above_rows, tied_rows[fill]])
+    items = np.concatenate([above_items, tied_items[fill]])
+    # lexsort's last key is the primary one: by row, then by descending score, then by index.
+    order = np.lexsort((items, -scores[rows, items], rows))
+    return np.split(items[order], np.cumsum(np.bincount(rows, minlength=num_rows))[:-1])
 
 
 def _check_k(k: int) -> None:
