@@ -479,6 +479,10 @@ class _Run:
             },
             # Each actor holds a tokenizer (~300 MB); one is plenty below ITEMS_PER_ACTOR items.
             compute=ray.data.ActorPoolStrategy(size=max(1, min(cpus, math.ceil(items.num_rows / ITEMS_PER_ACTOR)))),
+            # Ray Data hands an actor its UDF through the object store, where Ray cannot restart it
+            # (ray-project/ray#53727, and it says so on the console for max_restarts > 0); a failed
+            # preprocessing is rerun whole, and reruns give identical files.
+            max_restarts=0,
             batch_format="pyarrow",
             batch_size=None,
         )

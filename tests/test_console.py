@@ -102,6 +102,8 @@ def test_polyrec_preprocess_prints_its_report_and_nothing_of_rays(tmp_path):
     console = done.stdout + done.stderr
     for noise in ("Execution plan", "streaming_executor", "Started a local Ray instance", "logging_progress", "Warning", "WARNING"):
         assert noise not in console, console
+    # Ray's C++ core writes "[<time> <level> <pid> <tid>] <file>.cc:<line>: ..." straight to the process's stderr.
+    assert not re.search(r"^\[[\d\- :,]+ [DIWEF] \d+ \d+\]", console, re.MULTILINE), console
     logged = (tmp_path / "run" / "logs" / LOG_FILE).read_text()
     assert "Execution plan" in logged and "Started a local Ray instance" in logged
 
