@@ -28,7 +28,7 @@ from train.backbone import default_backbone_path, pool
 from train.config import BackboneConfig, LossWeightingConfig, ModelConfig, TrainConfig
 from train.evaluate import evaluate
 from train.model import CatalogFeatures, PolyrecModel
-from train.trainer import TrainingModule, _absolute_start_points, _parameter_groups, run_training
+from train.trainer import TrainingModule, _absolute_start_points, _parameter_groups, run_training, validation_sample
 from train.weighting import LossWeighting
 
 pytestmark = pytest.mark.slow
@@ -281,9 +281,19 @@ def test_the_fine_tuned_artifact_serves(run, request):
     assert ranked.item_ids == candidates.item_ids and torch.isfinite(torch.as_tensor(ranked.score)).all()
 
 
-def test_zero1_trains_and_exports_the_frozen_default(small_data, tmp_path):
-    result = run_training(_two_workers(small_data, tmp_path, epochs=1, deepspeed__zero_stage=1))
-    artifact = load_artifact(result.artifact)
+def test_zero1_trains_and_exports_the_frozen_default_validating_on_a_fixed_sample(small_data, tmp_path):
     validation = read_table(resolve(small_data), f"{schema.SEQUENCES_DIR}/validation")
-    again = evaluate(artifact.model, validation, ks=[10, 20], num_items=artifact.model.num_items, max_history=MAX_HISTORY, batch_size=64)
-    assert again["NDCG@10"] == pytest.approx(result.best_validation["validation/NDCG@10"], abs=1e-6)
+    limit = validation.num_rows // 2 + 1
+    result = run_training(_two_workers(small_data, tmp_path, epochs=1, deepspeed__zero_stage=1, validation_rows=limit))
+    artifact = load_artifact(result.artifact)
+
+    def ndcg(rows: pa.Table) -> float:
+        return evaluate(artifact.model, rows, ks=[10, 20], num_items=artifact.model.num_items, max_history=MAX_HISTORY, batch_size=64)["NDCG@10"]
+
+    # The epoch's validation scored `limit` of the split's rows, the same ones whenever they are drawn.
+    sample = validation_sample(validation, limit)
+    assert sample.num_rows == limit and sample.equals(validation_sample(validation, limit))
+    keys = ("user_idx", "target_item")
+    assert set(zip(*(sample[key].to_pylist() for key in keys))) < set(zip(*(validation[key].to_pylist() for key in keys)))
+    assert ndcg(sample) == pytest.approx(result.best_validation["validation/NDCG@10"], abs=1e-6)
+    assert ndcg(validation) != pytest.approx(result.best_validation["validation/NDCG@10"], abs=1e-6)

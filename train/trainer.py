@@ -5,9 +5,9 @@ The driver (``run_training``) reads the preprocessing output once (``read_traini
 model artifact with its test metrics. The test-split evaluation beside the popularity baseline (``evaluate_on_test``)
 and the ablations (``train_ablations``) are functions beside it. Workers read training windows
 (``training_windows``) as Ray Data shards, train every task at once through a DeepSpeed engine (ZeRO 0-3; with the
-sampled softmax the per-item and per-user tables train sparse, by a ``TableOptimizer`` beside it), evaluate
-the full validation split after each epoch, report to Ray Train with a checkpoint, and stop early when validation
-NDCG@10 stops improving.
+sampled softmax the per-item and per-user tables train sparse, by a ``TableOptimizer`` beside it), evaluate the
+validation split (a fixed sample of its rows on large data) after each epoch, report to Ray Train with a checkpoint,
+and stop early when validation NDCG@10 stops improving.
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
     data = resolve(config.data)
-    inputs, windows, popularity = read_training_data(data, config.window_targets)
+    inputs, windows, popularity = read_training_data(data, config.window_targets, config.validation_rows)
 
     tracking = start_tracking(config)
     result = fit(config, inputs, windows, output, published, tracking)
@@ -555,12 +555,23 @@ def _training_rating_mean(train_sequences: pa.Table) -> float:
     return float(pc.mean(known).as_py()) if len(known) else 0.0
 
 
-def read_training_data(data: Location, window_targets: int) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
-    """What the training reads from the preprocessing output: the inputs every worker gets, the popularity baseline,
-    and the training windows, cut by Ray Data's workers and held in the object store (a few per user: small enough
-    to keep, which spares every epoch a re-read)."""
+def validation_sample(rows: pa.Table, limit: int | None) -> pa.Table:
+    """``limit`` of the validation rows, the same ones for any run on this data; all of them when ``limit`` is None."""
+    if limit is None or rows.num_rows <= limit:
+        return rows
+    # Seeded by a constant, not the training seed: runs with different seeds are then selected on the same rows.
+    chosen = np.sort(np.random.default_rng(0).choice(rows.num_rows, size=limit, replace=False))
+    return rows.take(chosen)
+
+
+def read_training_data(data: Location, window_targets: int, validation_rows: int | None = None) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
+    """What the training reads from the preprocessing output: the inputs every worker gets (with a sample of
+    ``validation_rows`` of the validation split, see :func:`validation_sample`), the popularity baseline, and the
+    training windows, cut by Ray Data's workers and held in the object store (a few per user: small enough to keep,
+    which spares every epoch a re-read)."""
     train_sequences = read_train_sequences(data)
     inputs = load_training_inputs(data.uri, train_sequences)
+    inputs.validation = validation_sample(inputs.validation, validation_rows)
     windows = (
         ray.data.read_parquet(data.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=data.filesystem)
         .map_batches(training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets}, batch_format="pyarrow")
