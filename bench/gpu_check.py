@@ -55,7 +55,7 @@ def check_mode(mode: str, args: argparse.Namespace, vocab_size: int) -> None:
     config.deepspeed.precision = "bf16"
     config.scaling.use_gpu = True
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
-    inputs, windows, _ = read_training_data(resolve(config.data), config.window_targets, config.validation_rows)
+    inputs, windows, _ = read_training_data(resolve(config.data), config.window_targets, config.validation_sample_rows)
     model = build_model(config, inputs)
     backbone_parameters = sum(param.numel() for param in model.item_encoder.backbone.parameters())
     module = TrainingModule(model, LossWeighting(config.model.loss_weighting, model.task_names))

@@ -479,9 +479,10 @@ class _Run:
             },
             # Each actor holds a tokenizer (~300 MB); one is plenty below ITEMS_PER_ACTOR items.
             compute=ray.data.ActorPoolStrategy(size=max(1, min(cpus, math.ceil(items.num_rows / ITEMS_PER_ACTOR)))),
-            # Ray Data hands an actor its UDF through the object store, where Ray cannot restart it
-            # (ray-project/ray#53727, and it says so on the console for max_restarts > 0); a failed
-            # preprocessing is rerun whole, and reruns give identical files.
+            # No restarts: Ray Data hands an actor its UDF through the object store, and for such an actor with
+            # restarts Ray's core writes an error line to the console (a restart needs that object to survive,
+            # ray-project/ray#53727). This step takes seconds to minutes and writes to staging, and a rerun of
+            # the preprocessing gives identical files, so a lost actor failing the run costs little.
             max_restarts=0,
             batch_format="pyarrow",
             batch_size=None,

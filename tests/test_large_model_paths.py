@@ -284,7 +284,7 @@ def test_the_fine_tuned_artifact_serves(run, request):
 def test_zero1_trains_and_exports_the_frozen_default_validating_on_a_fixed_sample(small_data, tmp_path):
     validation = read_table(resolve(small_data), f"{schema.SEQUENCES_DIR}/validation")
     limit = validation.num_rows // 2 + 1
-    result = run_training(_two_workers(small_data, tmp_path, epochs=1, deepspeed__zero_stage=1, validation_rows=limit))
+    result = run_training(_two_workers(small_data, tmp_path, epochs=1, deepspeed__zero_stage=1, validation_sample_rows=limit))
     artifact = load_artifact(result.artifact)
 
     def ndcg(rows: pa.Table) -> float:

@@ -134,7 +134,8 @@ def test_top_k_agrees_with_a_full_sort_under_ties_nan_and_masks(seed):
     candidates[np.arange(num_rows), targets] = True
     for k in (1, 3, 10, num_columns + 5):
         expected = _top_k_by_full_sort(scores, candidates, k)
-        assert [items.tolist() for items in top_k_items(torch.from_numpy(scores), targets, seen, k)] == expected
+        for given in (torch.from_numpy(scores), torch.from_numpy(scores).to(torch.bfloat16), scores.astype(np.float64), scores.T.copy().T):
+            assert [items.tolist() for items in top_k_items(given, targets, seen, k)] == expected
     assert top_k_items(np.empty((0, num_columns)), np.empty(0, dtype=np.int64), [], 3) == []
 
 

@@ -343,8 +343,6 @@ def _score_on_actors(
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors.size),
-        # The UDF reaches the actors through the object store, where Ray cannot restart them (ray-project/ray#53727).
-        max_restarts=0,
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
     )

@@ -422,7 +422,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
     data = resolve(config.data)
-    inputs, windows, popularity = read_training_data(data, config.window_targets, config.validation_rows)
+    inputs, windows, popularity = read_training_data(data, config.window_targets, config.validation_sample_rows)
 
     tracking = start_tracking(config)
     result = fit(config, inputs, windows, output, published, tracking)
@@ -564,14 +564,16 @@ def validation_sample(rows: pa.Table, limit: int | None) -> pa.Table:
     return rows.take(chosen)
 
 
-def read_training_data(data: Location, window_targets: int, validation_rows: int | None = None) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
+def read_training_data(
+    data: Location, window_targets: int, validation_sample_rows: int | None = None
+) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
     """What the training reads from the preprocessing output: the inputs every worker gets (with a sample of
-    ``validation_rows`` of the validation split, see :func:`validation_sample`), the popularity baseline, and the
+    ``validation_sample_rows`` of the validation split, see :func:`validation_sample`), the popularity baseline, and the
     training windows, cut by Ray Data's workers and held in the object store (a few per user: small enough to keep,
     which spares every epoch a re-read)."""
     train_sequences = read_train_sequences(data)
     inputs = load_training_inputs(data.uri, train_sequences)
-    inputs.validation = validation_sample(inputs.validation, validation_rows)
+    inputs.validation = validation_sample(inputs.validation, validation_sample_rows)
     windows = (
         ray.data.read_parquet(data.join(f"{schema.SEQUENCES_DIR}/train"), filesystem=data.filesystem)
         .map_batches(training_windows, fn_kwargs={"max_history": inputs.max_history, "window_targets": window_targets}, batch_format="pyarrow")
