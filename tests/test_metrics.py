@@ -28,6 +28,7 @@ from train.metrics import (
     mrr_at_k,
     ndcg_at_k,
     rank_of_targets,
+    ranks_and_top_k,
     rmse,
     top_k_items,
 )
@@ -94,6 +95,8 @@ def test_top_k_lists_and_coverage():
     # Ties break towards the lower index (row 0: items 3 and 5 at 0.5); masked items never appear.
     top_2 = top_k_items(SCORES, TARGETS, SEEN, 2)
     assert [items.tolist() for items in top_2] == [[3, 5], [2, 3], [2, 3], [1, 2]]
+    ranks, top_2_again = ranks_and_top_k(SCORES, TARGETS, SEEN, 2)  # the evaluator's call: both from one masking
+    assert ranks.tolist() == RANKS and [items.tolist() for items in top_2_again] == [[3, 5], [2, 3], [2, 3], [1, 2]]
     assert coverage_at_k(top_2, num_items=6) == pytest.approx(4 / 6)
     # K above a row's candidate count: the whole candidate list, nothing masked.
     top_10 = top_k_items(SCORES, TARGETS, SEEN, 10)

@@ -47,9 +47,8 @@ from train.metrics import (
     mae,
     mrr_at_k,
     ndcg_at_k,
-    rank_of_targets,
+    ranks_and_top_k,
     rmse,
-    top_k_items,
 )
 from train.transfer import RatingScales, reindex_artifact
 
@@ -187,13 +186,14 @@ def score_rows(scorer: Scorer, rows: pa.Table, *, num_items: int, max_history: i
         )
     predictions = scorer.predict(model_batch) if hasattr(scorer, "predict") else {}
     targets = batch["target_items"]
+    ranks, top_items = ranks_and_top_k(scores, targets, seen_items, coverage_k)
     return pa.table(
         {
             "user_idx": batch["user_idx"].numpy(),
             "target_item": targets.numpy(),
             "is_cold": is_cold,
-            "rank": rank_of_targets(scores, targets, seen_items),
-            "top_items": pa.array(top_k_items(scores, targets, seen_items, coverage_k), type=pa.list_(pa.int64())),
+            "rank": ranks,
+            "top_items": pa.array(top_items, type=pa.list_(pa.int64())),
             "like_label": batch["target_likes"].numpy(),
             "like_probability": _prediction(predictions, "like", rows.num_rows),
             "rating": batch["target_ratings"].numpy(),

@@ -77,13 +77,7 @@ def rank_of_targets(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[
     ``scores`` is ``[B, N+1]`` with column 0 the padding; ``targets`` ``[B]`` item indices;
     ``mask_items`` the items each row has already seen (its ``seen_items``). Returns int64 ``[B]``.
     """
-    scores = _nan_as_lowest(scores)
-    targets = _as_numpy(targets).astype(np.int64)
-    competitors = candidate_mask(scores.shape[1], targets, mask_items)
-    rows = np.arange(len(targets))
-    competitors[rows, targets] = False
-    target_scores = scores[rows, targets]
-    return 1 + ((scores >= target_scores[:, None]) & competitors).sum(axis=1)
+    return _target_ranks(*_masked(scores, targets, mask_items))
 
 
 def top_k_items(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]], k: int) -> list[np.ndarray]:
@@ -92,8 +86,31 @@ def top_k_items(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequ
     Ties are broken towards the lower item index, so the lists are deterministic.
     """
     _check_k(k)
+    scores, _, candidates = _masked(scores, targets, mask_items)
+    return _top_k(scores, candidates, k)
+
+
+def ranks_and_top_k(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]], k: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`rank_of_targets` and :func:`top_k_items` of one batch, its candidates worked out once."""
+    _check_k(k)
+    scores, targets, candidates = _masked(scores, targets, mask_items)
+    return _target_ranks(scores, targets, candidates), _top_k(scores, candidates, k)
+
+
+def _masked(scores: ArrayLike, targets: ArrayLike, mask_items: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scores with NaN as -inf, the targets as int64 and the ``candidate_mask``."""
     scores = _nan_as_lowest(scores)
-    candidates = candidate_mask(scores.shape[1], targets, mask_items)
+    targets = _as_numpy(targets).astype(np.int64)
+    return scores, targets, candidate_mask(scores.shape[1], targets, mask_items)
+
+
+def _target_ranks(scores: np.ndarray, targets: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    target_scores = scores[np.arange(len(targets)), targets]
+    # The target is a candidate scoring at least its own score, so this count is 1 + the others that tie or beat it.
+    return ((scores >= target_scores[:, None]) & candidates).sum(axis=1)
+
+
+def _top_k(scores: np.ndarray, candidates: np.ndarray, k: int) -> list[np.ndarray]:
     # A full sort of every row is the cost of evaluating a large catalogue, so take each row's k-th best
     # candidate score with a partial selection, keep every candidate above it and, of those tied with
     # it, the lowest indices; only those k items are then sorted. NaN already counts as -inf, so a

@@ -564,9 +564,7 @@ def validation_sample(rows: pa.Table, limit: int | None) -> pa.Table:
     return rows.take(chosen)
 
 
-def read_training_data(
-    data: Location, window_targets: int, validation_sample_rows: int | None = None
-) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
+def read_training_data(data: Location, window_targets: int, validation_sample_rows: int | None) -> tuple[TrainingInputs, ray.data.Dataset, PopularityScorer]:
     """What the training reads from the preprocessing output: the inputs every worker gets (with a sample of
     ``validation_sample_rows`` of the validation split, see :func:`validation_sample`), the popularity baseline, and the
     training windows, cut by Ray Data's workers and held in the object store (a few per user: small enough to keep,
