@@ -3,6 +3,7 @@ rules, and the synthetic set's generator. The benchmark's trainings themselves a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.quality.make_synthetic import main as make_synthetic
-from bench.quality.run import default_rules, parse_variant, summary, train_config
+from bench.quality.run import default_rules, parse_variant, peer_is_kept, summary, train_config
 from common.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +75,46 @@ def test_the_synthetic_set_follows_its_generating_model(tmp_path, monkeypatch):
         assert len(user) == 30 and user["item_id"].is_unique  # drawn without replacement, at most --max-length
         assert np.all(np.diff(user["timestamp"].to_numpy()) > 0)
     assert set(interactions["rating"]) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def _capped_run(epochs_run: int, best_epoch: int, cap: float, **hyperparameters) -> dict:
+    settings = {"epochs": 300, "train_batch_size": 256, "learning_rate": 0.001} | hyperparameters | {"max_minutes_per_model": cap}
+    return {
+        "split_hash": "s",
+        "stop_reason": "time_capped",
+        "hyperparameters": settings,
+        "best_epoch": best_epoch,
+        "validation_ndcg@10_recbole": 0.0384,
+        "train_wall_seconds": 3473.5,
+        "epochs": [{"epoch": e} for e in range(epochs_run)],
+    }
+
+
+def test_a_peer_kept_at_a_lower_time_cap_is_trained_further_and_only_then():
+    capped = _capped_run(13, 12, cap=55.0)
+    assert not peer_is_kept(capped, "s", epochs=300, max_minutes=150)
+    assert peer_is_kept(capped, "s", epochs=300, max_minutes=55)
+    assert peer_is_kept(capped | {"stop_reason": "early_stopped"}, "s", epochs=300, max_minutes=150)
+    assert not peer_is_kept(capped, "another split", epochs=300, max_minutes=55)
+    assert peer_is_kept({"split_hash": "s", "hyperparameters": {}}, "s", epochs=300, max_minutes=150)  # popularity, SVD++
+
+
+def test_a_time_capped_peer_continues_from_its_checkpoint_only_when_that_is_its_last_epoch(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "quality"))  # peers.py imports split_hash from beside itself
+    from bench.quality.peers import capped_run_to_continue
+
+    hyperparameters = {"epochs": 300, "train_batch_size": 256, "learning_rate": 0.001}
+    older, newer = tmp_path / "SASRec-a.pth", tmp_path / "SASRec-b.pth"
+    torch.save({"epoch": 12, "best_valid_score": 0.0384}, older)
+    torch.save({"epoch": 30, "best_valid_score": 0.0401}, newer)  # another run's, written later
+    os.utime(older, (1, 1))
+
+    kept = _capped_run(13, 12, cap=55.0)
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (kept, older)
+    assert capped_run_to_continue("SASRec", kept | {"checkpoint": str(newer)}, "s", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("GRU4Rec", kept, "s", hyperparameters, tmp_path) is None  # no checkpoint of that model
+    assert capped_run_to_continue("SASRec", _capped_run(13, 9, cap=55.0), "s", hyperparameters, tmp_path) is None  # checkpoint is not the last epoch
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters | {"learning_rate": 0.01}, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept, "another split", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept | {"stop_reason": "early_stopped"}, "s", hyperparameters, tmp_path) is None

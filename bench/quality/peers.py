@@ -19,7 +19,13 @@ masked, ties pessimistic (rank = 1 + number of unmasked other items scoring >= t
 
 Writes to --out, each model's files as soon as that model is done: ranks-<Model>.parquet (user_idx, target_item,
 rank), svdpp-predictions.parquet and peers.json (per model: timings, epochs, stop reason, metrics, versions,
-command, data content hash, hyperparameters).
+command, data content hash, hyperparameters, checkpoint).
+
+A RecBole model that --out holds as stopped at its time cap, with the same split and hyperparameters, continues from
+its checkpoint instead of starting again, so raising --max-minutes-per-model buys only the epochs it lacked; the cap
+and the wall time count both runs. That checkpoint holds the model and optimizer after the best epoch, so this is
+possible only when the best epoch was the last one run (still improving at the cap); the continued run then differs
+from one uninterrupted run only in the order its batches are drawn (the data loader's random state starts afresh).
 """
 
 from __future__ import annotations
@@ -244,7 +250,40 @@ class TimeCapReached(Exception):
     """Raised after the first validated epoch that ends past --max-minutes-per-model."""
 
 
-def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int, max_minutes: float, train_batch_size: int | None, epochs: int | None) -> dict:
+def capped_run_to_continue(model_name: str, kept: dict | None, split_fingerprint: str, hyperparameters: dict, checkpoints: Path) -> tuple[dict, Path] | None:
+    """The kept run and its checkpoint when that run stopped at its time cap on its best epoch, on this split and with
+    these hyperparameters (the cap aside); None when training must start afresh."""
+    if not kept or kept.get("stop_reason") != "time_capped" or kept.get("split_hash") != split_fingerprint:
+        return None
+    if {k: v for k, v in kept["hyperparameters"].items() if k != "max_minutes_per_model"} != json.loads(json.dumps(hyperparameters)):
+        return None
+    if kept["best_epoch"] != kept["epochs"][-1]["epoch"]:
+        return None
+    import torch
+
+    # The entry names its checkpoint; entries written before it did are matched by epoch and best score.
+    newest_first = sorted(checkpoints.glob(f"{model_name}-*.pth"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in [Path(kept["checkpoint"])] if "checkpoint" in kept else newest_first:
+        if not path.exists():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["epoch"] == kept["best_epoch"] and float(state["best_valid_score"]) == kept["validation_ndcg@10_recbole"]:
+            return kept, path
+    return None
+
+
+def run_recbole(
+    model_name: str,
+    split: Split,
+    out: Path,
+    work: Path,
+    seed: int,
+    max_minutes: float,
+    train_batch_size: int | None,
+    epochs: int | None,
+    kept: dict | None,
+    split_fingerprint: str,
+) -> dict:
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -287,9 +326,40 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
     init_seed(config["seed"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    hyperparameters = {
+        key: config[key]
+        for key in [
+            *model_keys,
+            "MAX_ITEM_LIST_LENGTH",
+            "epochs",
+            "train_batch_size",
+            "learning_rate",
+            "weight_decay",
+            "clip_grad_norm",
+            "stopping_step",
+            "eval_step",
+            "valid_metric",
+            "train_neg_sample_args",
+        ]
+    }
 
     epoch_log: list[dict] = []
     started = time.perf_counter()
+    continued = capped_run_to_continue(model_name, kept, split_fingerprint, hyperparameters, work / "checkpoints")
+    if continued:
+        kept, checkpoint_file = continued
+        # torch >= 2.6 loads with weights_only=True, which rejects RecBole's checkpoint (it pickles the Config);
+        # resume_checkpoint passes no weights_only, so torch's documented switch decides.
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        trainer.resume_checkpoint(checkpoint_file)
+        del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+        epoch_log = list(kept["epochs"])
+        started -= kept["train_wall_seconds"]
+        print(
+            f"[{model_name}] continuing the time-capped run from its checkpoint after epoch {kept['best_epoch']} "
+            f"({kept['train_wall_seconds'] / 60:.1f} min so far): {checkpoint_file}",
+            flush=True,
+        )
 
     def after_validation(epoch: int, valid_score: float) -> None:
         elapsed = time.perf_counter() - started
@@ -341,23 +411,9 @@ def run_recbole(model_name: str, split: Split, out: Path, work: Path, seed: int,
         "test_metrics": write_ranks(out, model_name, split, ranks),
         "items_unknown_to_recbole": split.num_items - (len(item_tokens) - 1),
         "epochs": epoch_log,
-        "hyperparameters": {
-            key: config[key]
-            for key in [
-                *model_keys,
-                "MAX_ITEM_LIST_LENGTH",
-                "epochs",
-                "train_batch_size",
-                "learning_rate",
-                "weight_decay",
-                "clip_grad_norm",
-                "stopping_step",
-                "eval_step",
-                "valid_metric",
-                "train_neg_sample_args",
-            ]
-        }
-        | {"max_minutes_per_model": max_minutes},
+        "hyperparameters": hyperparameters | {"max_minutes_per_model": max_minutes},
+        "checkpoint": str(trainer.saved_model_file),
+        **({"continued_from": {"epochs_run": len(kept["epochs"]), "max_minutes": kept["hyperparameters"]["max_minutes_per_model"]}} if continued else {}),
     }
 
 
@@ -411,7 +467,9 @@ def main() -> None:
         elif model == "SVDpp":
             entry = run_svdpp(split, out, args.seed)
         else:
-            entry = run_recbole(model, split, out, work, args.seed, args.max_minutes_per_model, args.train_batch_size, args.epochs)
+            record_file = out / "peers.json"
+            kept = json.loads(record_file.read_text())["models"].get(model) if record_file.exists() else None
+            entry = run_recbole(model, split, out, work, args.seed, args.max_minutes_per_model, args.train_batch_size, args.epochs, kept, common["split_hash"])
         record(out, model, common | entry)
         summary = entry.get("test_metrics") or ({"RMSE": entry["test_rmse"]} if "test_rmse" in entry else {})
         figures = ", ".join(f"{k} {v:.4f}" for k, v in summary.items()) or entry.get("skipped", "")

@@ -20,7 +20,8 @@ What is kept, so that a rerun only trains what changed:
 
 - the peers' per-user test ranks and SVD++'s predictions, in ``bench/quality/peers/<split fingerprint>/`` (the
   fingerprint, ``split_hash.py``, covers exactly what a peer sees; a model is re-run only when it has no result
-  for this split at the requested epochs and batch size);
+  for this split at the requested epochs and batch size, and one that stopped at a lower ``--peer-max-minutes``
+  than asked for continues from its checkpoint, ``peers.py``);
 - each polyrec training's metrics, in ``bench/_work/quality/<name>/polyrec/<key>.json``, the key covering the
   split and the whole training config; a kept result is used while the source of ``train/``, ``data/`` and
   ``common/`` is the one it was trained with.
@@ -177,11 +178,17 @@ def trained(config: TrainConfig, split: str, sources: str | None, kept: Path) ->
 # ---------------------------------------------------------------- the peers
 
 
-def peer_is_kept(entry: dict | None, split: str, epochs: int) -> bool:
+def peer_is_kept(entry: dict | None, split: str, epochs: int, max_minutes: float) -> bool:
+    """Whether a peer's kept run answers this request; one stopped at a lower time cap than asked for is not (peers.py
+    continues it from its checkpoint)."""
     if entry is None or entry.get("split_hash") != split:
         return False
     settings = entry.get("hyperparameters", {})
-    return "epochs" not in settings or (settings["epochs"] == epochs and settings["train_batch_size"] == PEER_TRAIN_BATCH_SIZE)
+    if "epochs" not in settings:  # popularity and SVD++: no epochs, no cap
+        return True
+    if entry.get("stop_reason") == "time_capped" and settings["max_minutes_per_model"] < max_minutes:
+        return False
+    return settings["epochs"] == epochs and settings["train_batch_size"] == PEER_TRAIN_BATCH_SIZE
 
 
 def ensure_peers(data_dir: Path, split: str, models: list[str], args: argparse.Namespace) -> Path:
@@ -190,7 +197,7 @@ def ensure_peers(data_dir: Path, split: str, models: list[str], args: argparse.N
     record = folder / "peers.json"
     runs = json.loads(record.read_text())["models"] if record.exists() else {}
     epochs = args.peer_max_epochs or RECBOLE_EPOCHS
-    missing = [model for model in models if not peer_is_kept(runs.get(model), split, epochs)]
+    missing = [model for model in models if not peer_is_kept(runs.get(model), split, epochs, args.peer_max_minutes)]
     print(f"split {split[:16]}: peers kept in {folder}: {', '.join(sorted(set(models) - set(missing))) or 'none'}; to train: {', '.join(missing) or 'none'}")
     if not missing or args.report_only or args.no_peer_training:
         return folder
@@ -594,7 +601,12 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=None, help="cap polyrec's epochs (smoke runs; default: the config's)")
     parser.add_argument("--peers", nargs="+", choices=ALL_PEERS, default=list(ALL_PEERS), help="peer models to run and report (default: all)")
     parser.add_argument("--peer-threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--peer-max-minutes", type=float, default=90.0, help="each RecBole model stops after the first epoch past this (default: 90)")
+    parser.add_argument(
+        "--peer-max-minutes",
+        type=float,
+        default=90.0,
+        help="each RecBole model stops after the first epoch past this (default: 90); one kept at a lower cap continues",
+    )
     parser.add_argument("--peer-max-epochs", type=int, default=None, help=f"RecBole's epoch bound (default: {RECBOLE_EPOCHS}, its own)")
     parser.add_argument("--no-peer-training", action="store_true", help="report the peers kept for this split, train none")
     parser.add_argument("--skip-cold", action="store_true", help="leave out the cold-item split")
