@@ -99,9 +99,27 @@ def test_a_peer_kept_at_a_lower_time_cap_is_trained_further_and_only_then():
     assert peer_is_kept({"split_hash": "s", "hyperparameters": {}}, "s", epochs=300, max_minutes=150)  # popularity, SVD++
 
 
-def test_a_time_capped_peer_continues_from_its_checkpoint_only_when_that_is_its_last_epoch(tmp_path, monkeypatch):
+def test_a_time_capped_peer_continues_from_the_state_it_stopped_in(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(REPO / "bench" / "quality"))  # peers.py imports split_hash from beside itself
+    from bench.quality.peers import capped_run_to_continue
+
+    hyperparameters = {"epochs": 300, "train_batch_size": 256, "learning_rate": 0.001}
+    best, last = tmp_path / "SASRec-a.pth", tmp_path / "SASRec-a.last.pth"
+    torch.save({"epoch": 9, "best_valid_score": 0.0384}, best)
+    torch.save({"epoch": 12, "best_valid_score": 0.0384}, last)
+    kept = _capped_run(13, 9, cap=55.0) | {"checkpoint": str(best), "last_state": str(last)}
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (last, best)
+    last.unlink()
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters | {"learning_rate": 0.01}, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept, "another split", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept | {"stop_reason": "early_stopped"}, "s", hyperparameters, tmp_path) is None
+
+
+def test_a_capped_peer_recorded_without_its_last_state_continues_only_from_a_best_last_epoch(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "quality"))
     from bench.quality.peers import capped_run_to_continue
 
     hyperparameters = {"epochs": 300, "train_batch_size": 256, "learning_rate": 0.001}
@@ -109,12 +127,7 @@ def test_a_time_capped_peer_continues_from_its_checkpoint_only_when_that_is_its_
     torch.save({"epoch": 12, "best_valid_score": 0.0384}, older)
     torch.save({"epoch": 30, "best_valid_score": 0.0401}, newer)  # another run's, written later
     os.utime(older, (1, 1))
-
     kept = _capped_run(13, 12, cap=55.0)
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (kept, older)
-    assert capped_run_to_continue("SASRec", kept | {"checkpoint": str(newer)}, "s", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (older, older)
     assert capped_run_to_continue("GRU4Rec", kept, "s", hyperparameters, tmp_path) is None  # no checkpoint of that model
-    assert capped_run_to_continue("SASRec", _capped_run(13, 9, cap=55.0), "s", hyperparameters, tmp_path) is None  # checkpoint is not the last epoch
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters | {"learning_rate": 0.01}, tmp_path) is None
-    assert capped_run_to_continue("SASRec", kept, "another split", hyperparameters, tmp_path) is None
-    assert capped_run_to_continue("SASRec", kept | {"stop_reason": "early_stopped"}, "s", hyperparameters, tmp_path) is None
+    assert capped_run_to_continue("SASRec", _capped_run(13, 9, cap=55.0), "s", hyperparameters, tmp_path) is None  # best epoch not the last

@@ -22,10 +22,10 @@ rank), svdpp-predictions.parquet and peers.json (per model: timings, epochs, sto
 command, data content hash, hyperparameters, checkpoint).
 
 A RecBole model that --out holds as stopped at its time cap, with the same split and hyperparameters, continues from
-its checkpoint instead of starting again, so raising --max-minutes-per-model buys only the epochs it lacked; the cap
-and the wall time count both runs. That checkpoint holds the model and optimizer after the best epoch, so this is
-possible only when the best epoch was the last one run (still improving at the cap); the continued run then differs
-from one uninterrupted run only in the order its batches are drawn (the data loader's random state starts afresh).
+the state it stopped in (model, optimizer, best score, epochs without improvement: kept beside RecBole's best-epoch
+checkpoint when the cap is reached) instead of starting again, so raising --max-minutes-per-model buys only the
+epochs it lacked; the cap and the wall time count both runs. The continued run differs from one uninterrupted run
+only in the order its batches are drawn (the data loader's random state starts afresh).
 """
 
 from __future__ import annotations
@@ -250,25 +250,26 @@ class TimeCapReached(Exception):
     """Raised after the first validated epoch that ends past --max-minutes-per-model."""
 
 
-def capped_run_to_continue(model_name: str, kept: dict | None, split_fingerprint: str, hyperparameters: dict, checkpoints: Path) -> tuple[dict, Path] | None:
-    """The kept run and its checkpoint when that run stopped at its time cap on its best epoch, on this split and with
-    these hyperparameters (the cap aside); None when training must start afresh."""
+def capped_run_to_continue(model_name: str, kept: dict | None, split_fingerprint: str, hyperparameters: dict, checkpoints: Path) -> tuple[Path, Path] | None:
+    """(the state to resume from, the best epoch's checkpoint) of a kept run that stopped at its time cap, on this split
+    and with these hyperparameters (the cap aside); None when training must start afresh."""
     if not kept or kept.get("stop_reason") != "time_capped" or kept.get("split_hash") != split_fingerprint:
         return None
     if {k: v for k, v in kept["hyperparameters"].items() if k != "max_minutes_per_model"} != json.loads(json.dumps(hyperparameters)):
         return None
+    if "last_state" in kept:
+        paths = Path(kept["last_state"]), Path(kept["checkpoint"])
+        return paths if all(path.exists() for path in paths) else None
+    # A run recorded before its last state was kept: RecBole's checkpoint holds the best epoch's state, which is where
+    # the run stood only if the best epoch was the last. That checkpoint is matched by its epoch and best score.
     if kept["best_epoch"] != kept["epochs"][-1]["epoch"]:
         return None
     import torch
 
-    # The entry names its checkpoint; entries written before it did are matched by epoch and best score.
-    newest_first = sorted(checkpoints.glob(f"{model_name}-*.pth"), key=lambda path: path.stat().st_mtime, reverse=True)
-    for path in [Path(kept["checkpoint"])] if "checkpoint" in kept else newest_first:
-        if not path.exists():
-            continue
+    for path in sorted(checkpoints.glob(f"{model_name}-*.pth"), key=lambda path: path.stat().st_mtime, reverse=True):
         state = torch.load(path, map_location="cpu", weights_only=False)
         if state["epoch"] == kept["best_epoch"] and float(state["best_valid_score"]) == kept["validation_ndcg@10_recbole"]:
-            return kept, path
+            return path, path
     return None
 
 
@@ -347,19 +348,22 @@ def run_recbole(
     started = time.perf_counter()
     continued = capped_run_to_continue(model_name, kept, split_fingerprint, hyperparameters, work / "checkpoints")
     if continued:
-        kept, checkpoint_file = continued
+        resume_from, best_checkpoint = continued
         # torch >= 2.6 loads with weights_only=True, which rejects RecBole's checkpoint (it pickles the Config);
         # resume_checkpoint passes no weights_only, so torch's documented switch decides.
         os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-        trainer.resume_checkpoint(checkpoint_file)
+        trainer.resume_checkpoint(resume_from)
         del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+        trainer.saved_model_file = str(best_checkpoint)  # a better epoch replaces the best one's checkpoint, as in one run
         epoch_log = list(kept["epochs"])
         started -= kept["train_wall_seconds"]
         print(
-            f"[{model_name}] continuing the time-capped run from its checkpoint after epoch {kept['best_epoch']} "
-            f"({kept['train_wall_seconds'] / 60:.1f} min so far): {checkpoint_file}",
+            f"[{model_name}] continuing the time-capped run after its epoch {epoch_log[-1]['epoch']} "
+            f"({kept['train_wall_seconds'] / 60:.1f} min so far) from {resume_from}",
             flush=True,
         )
+
+    last_state = Path(trainer.saved_model_file).with_suffix(".last.pth")
 
     def after_validation(epoch: int, valid_score: float) -> None:
         elapsed = time.perf_counter() - started
@@ -372,6 +376,8 @@ def run_recbole(
             flush=True,
         )
         if elapsed > max_minutes * 60:
+            # RecBole keeps the best epoch's state only; continuing this run under a higher cap needs the last one.
+            trainer._save_checkpoint(epoch, saved_model_file=str(last_state), verbose=False)
             raise TimeCapReached
 
     try:
@@ -413,6 +419,7 @@ def run_recbole(
         "epochs": epoch_log,
         "hyperparameters": hyperparameters | {"max_minutes_per_model": max_minutes},
         "checkpoint": str(trainer.saved_model_file),
+        **({"last_state": str(last_state)} if stop_reason == "time_capped" else {}),
         **({"continued_from": {"epochs_run": len(kept["epochs"]), "max_minutes": kept["hyperparameters"]["max_minutes_per_model"]}} if continued else {}),
     }
 
