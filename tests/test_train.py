@@ -26,6 +26,7 @@ from train.evaluate import evaluate
 from train.trainer import (
     CONSOLIDATED_WEIGHTS,
     DEEPSPEED_DIR,
+    TRAINER_STATE,
     TableOptimizer,
     _training_rating_mean,
     build_model,
@@ -203,12 +204,19 @@ def _assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, to
         assert difference < 1e-4, f"{name} differs by {difference}"
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(data_dir, tmp_path, uninterrupted):
-    after_two_epochs = next(checkpoint for checkpoint, metrics in uninterrupted.checkpoints if metrics["epoch"] == 2)
-    resumed = run_training(sampled_config(data_dir, tmp_path / "resumed", epochs=3, resume_from=after_two_epochs))
+def test_resume_from_checkpoint_matches_uninterrupted_run_and_selects_anew_on_other_validation_rows(data_dir, tmp_path, uninterrupted):
+    after_two_epochs = tmp_path / "after-two-epochs"
+    shutil.copytree(next(checkpoint for checkpoint, metrics in uninterrupted.checkpoints if metrics["epoch"] == 2), after_two_epochs)
+    saved = json.loads((after_two_epochs / TRAINER_STATE).read_text())
+    # A best no epoch can beat, scored on all the validation rows: resuming on a sample of them must not compare with it.
+    (after_two_epochs / TRAINER_STATE).write_text(json.dumps(saved | {"best": 1.0}))
+    sample_rows = saved["validation_rows"] // 2
+    resumed = run_training(sampled_config(data_dir, tmp_path / "resumed", epochs=3, resume_from=str(after_two_epochs), validation_sample_rows=sample_rows))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == uninterrupted.history[:2]  # carried over from the checkpoint, not re-run
-    _assert_same_weights(_weights(resumed), _weights(uninterrupted))
+    _assert_same_weights(_weights(resumed), _weights(uninterrupted))  # validation never touches the weights
+    state = json.loads(Path(resumed.latest_checkpoint, TRAINER_STATE).read_text())
+    assert (state["best_epoch"], state["best"], state["validation_rows"]) == (3, resumed.history[2]["validation/NDCG@10"], sample_rows)
 
 
 def test_warm_start_carries_table_rows_over_by_id(data_dir, tmp_path, uninterrupted):

@@ -284,7 +284,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             logger.info("[polyrec train] the per-item and per-user tables train sparse, row by row (optimizer.sparse_tables)")
     device = engine.device
 
-    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
+    validation_rows = inputs.validation.num_rows
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": -1, "bad_epochs": 0, "history": [], "validation_rows": validation_rows}
     checkpoint = ray.train.get_checkpoint() or (Checkpoint(config.resume_from) if config.resume_from else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -294,6 +295,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             state = json.loads(Path(ckpt_dir, TRAINER_STATE).read_text())
         if rank == 0:
             logger.info("[polyrec train] resumed at epoch %d from %s", state["epoch"], checkpoint.path)
+        if state.get("validation_rows") != validation_rows:
+            # A best scored on other validation rows (another validation_sample_rows, or a checkpoint older than the
+            # record) is no yardstick for this run's scores: selection and early stopping start again here.
+            if rank == 0:
+                logger.warning(
+                    "[polyrec train] the checkpoint's best (validation NDCG@10 %.4f, epoch %d) was scored on %s validation rows, this run "
+                    "scores %d: the best checkpoint and early stopping count from this run's epochs only",
+                    state["best"],
+                    state["best_epoch"],
+                    state.get("validation_rows", "unrecorded"),
+                    validation_rows,
+                )
+            state.update(best=-math.inf, best_epoch=-1, bad_epochs=0, validation_rows=validation_rows)
 
     shard = ray.train.get_dataset_shard("train")
     steps_per_epoch = math.ceil(loop_config["num_train_windows"] / config.scaling.num_workers / config.batch_size)
