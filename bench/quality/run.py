@@ -513,9 +513,16 @@ def report(results: dict) -> str:
         facts = {
             key: value
             for key, value in run.items()
-            if isinstance(value, (int, float, str, bool)) and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command")
+            # the checkpoints' paths are this machine's, not a fact of the run
+            if isinstance(value, (int, float, str, bool))
+            and key not in ("data", "data_content_hash", "split_hash", "split_hash_note", "command", "checkpoint", "last_state")
         }
-        lines.append(f"- {name}: " + ", ".join(f"{key} {round(value, 4) if isinstance(value, float) else value}" for key, value in facts.items()))
+        continued = run.get("continued_from")
+        lines.append(
+            f"- {name}: "
+            + ", ".join(f"{key} {round(value, 4) if isinstance(value, float) else value}" for key, value in facts.items())
+            + (f", continued from the state after its first {continued['epochs_run']} epochs (capped at {continued['max_minutes']:g} min)" if continued else "")
+        )
     lines.append("")
     lines += [
         f"polyrec's validation NDCG@10 by epoch, seed {seed}: {', '.join(f'{v:.4f}' for v in run['validation_ndcg@10'])}."
