@@ -3,7 +3,6 @@ rules, and the synthetic set's generator. The benchmark's trainings themselves a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,25 +108,10 @@ def test_a_time_capped_peer_continues_from_the_state_it_stopped_in(tmp_path, mon
     torch.save({"epoch": 9, "best_valid_score": 0.0384}, best)
     torch.save({"epoch": 12, "best_valid_score": 0.0384}, last)
     kept = _capped_run(13, 9, cap=55.0) | {"checkpoint": str(best), "last_state": str(last)}
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (last, best)
+    assert capped_run_to_continue(kept, "s", hyperparameters) == (last, best)
+    assert capped_run_to_continue({key: value for key, value in kept.items() if key != "last_state"}, "s", hyperparameters) is None
     last.unlink()
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) is None
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters | {"learning_rate": 0.01}, tmp_path) is None
-    assert capped_run_to_continue("SASRec", kept, "another split", hyperparameters, tmp_path) is None
-    assert capped_run_to_continue("SASRec", kept | {"stop_reason": "early_stopped"}, "s", hyperparameters, tmp_path) is None
-
-
-def test_a_capped_peer_recorded_without_its_last_state_continues_only_from_a_best_last_epoch(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
-    monkeypatch.syspath_prepend(str(REPO / "bench" / "quality"))
-    from bench.quality.peers import capped_run_to_continue
-
-    hyperparameters = {"epochs": 300, "train_batch_size": 256, "learning_rate": 0.001}
-    older, newer = tmp_path / "SASRec-a.pth", tmp_path / "SASRec-b.pth"
-    torch.save({"epoch": 12, "best_valid_score": 0.0384}, older)
-    torch.save({"epoch": 30, "best_valid_score": 0.0401}, newer)  # another run's, written later
-    os.utime(older, (1, 1))
-    kept = _capped_run(13, 12, cap=55.0)
-    assert capped_run_to_continue("SASRec", kept, "s", hyperparameters, tmp_path) == (older, older)
-    assert capped_run_to_continue("GRU4Rec", kept, "s", hyperparameters, tmp_path) is None  # no checkpoint of that model
-    assert capped_run_to_continue("SASRec", _capped_run(13, 9, cap=55.0), "s", hyperparameters, tmp_path) is None  # best epoch not the last
+    assert capped_run_to_continue(kept, "s", hyperparameters) is None
+    assert capped_run_to_continue(kept, "s", hyperparameters | {"learning_rate": 0.01}) is None
+    assert capped_run_to_continue(kept, "another split", hyperparameters) is None
+    assert capped_run_to_continue(kept | {"stop_reason": "early_stopped"}, "s", hyperparameters) is None

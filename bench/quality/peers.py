@@ -250,27 +250,15 @@ class TimeCapReached(Exception):
     """Raised after the first validated epoch that ends past --max-minutes-per-model."""
 
 
-def capped_run_to_continue(model_name: str, kept: dict | None, split_fingerprint: str, hyperparameters: dict, checkpoints: Path) -> tuple[Path, Path] | None:
+def capped_run_to_continue(kept: dict | None, split_fingerprint: str, hyperparameters: dict) -> tuple[Path, Path] | None:
     """(the state to resume from, the best epoch's checkpoint) of a kept run that stopped at its time cap, on this split
     and with these hyperparameters (the cap aside); None when training must start afresh."""
-    if not kept or kept.get("stop_reason") != "time_capped" or kept.get("split_hash") != split_fingerprint:
+    if not kept or kept.get("stop_reason") != "time_capped" or kept.get("split_hash") != split_fingerprint or "last_state" not in kept:
         return None
     if {k: v for k, v in kept["hyperparameters"].items() if k != "max_minutes_per_model"} != json.loads(json.dumps(hyperparameters)):
         return None
-    if "last_state" in kept:
-        paths = Path(kept["last_state"]), Path(kept["checkpoint"])
-        return paths if all(path.exists() for path in paths) else None
-    # A run recorded before its last state was kept: RecBole's checkpoint holds the best epoch's state, which is where
-    # the run stood only if the best epoch was the last. That checkpoint is matched by its epoch and best score.
-    if kept["best_epoch"] != kept["epochs"][-1]["epoch"]:
-        return None
-    import torch
-
-    for path in sorted(checkpoints.glob(f"{model_name}-*.pth"), key=lambda path: path.stat().st_mtime, reverse=True):
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["epoch"] == kept["best_epoch"] and float(state["best_valid_score"]) == kept["validation_ndcg@10_recbole"]:
-            return path, path
-    return None
+    paths = Path(kept["last_state"]), Path(kept["checkpoint"])
+    return paths if all(path.exists() for path in paths) else None
 
 
 def run_recbole(
@@ -346,7 +334,7 @@ def run_recbole(
 
     epoch_log: list[dict] = []
     started = time.perf_counter()
-    continued = capped_run_to_continue(model_name, kept, split_fingerprint, hyperparameters, work / "checkpoints")
+    continued = capped_run_to_continue(kept, split_fingerprint, hyperparameters)
     if continued:
         resume_from, best_checkpoint = continued
         # torch >= 2.6 loads with weights_only=True, which rejects RecBole's checkpoint (it pickles the Config);
