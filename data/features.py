@@ -87,19 +87,25 @@ def like_labels(event: pa.Array | pa.ChunkedArray, value: pa.Array | pa.ChunkedA
 
 
 class RatingNormalisation(BaseModel):
-    """normalised = (raw - shift - per-user rating_offset) / scale."""
+    """normalised = (raw - shift - per-user rating_offset) / scale, on a raw scale of [low, high] (None: open).
+
+    The scale is the cleaning's rating range (``clean.min_value``, ``clean.max_value``), the ratings the data can
+    hold. Predictions taken back to it are clipped to it: a rating outside the scale is never right, so a clipped
+    prediction is never further from the truth (Surprise's SVD++ clips the same way)."""
 
     kind: Literal["none", "minmax", "user_center"]
     shift: float = 0.0
     scale: float = 1.0
+    low: float | None = None
+    high: float | None = None
 
     def apply(self, raw: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Raw values (NaN where none) → normalised float32, NaN staying NaN."""
         return ((raw - self.shift - offsets) / self.scale).astype(np.float32)
 
     def invert(self, normalised: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """``apply`` undone: normalised values → the raw scale, NaN staying NaN."""
-        return normalised * self.scale + self.shift + offsets
+        """``apply`` undone and clipped to [low, high]: normalised predictions → the raw scale, NaN staying NaN."""
+        return np.clip(normalised * self.scale + self.shift + offsets, self.low, self.high)
 
     def denormaliser(self, users: pa.Table) -> RatingDenormaliser:
         """``invert`` with the per-user offsets of ``users`` (a user vocabulary): (normalised, user_idx) → raw."""
@@ -124,11 +130,12 @@ def rating_offsets_by_index(users: pa.Table) -> np.ndarray:
 
 def rating_normalisation(features: FeatureConfig, clean: CleanConfig) -> RatingNormalisation:
     kind = features.rating_normalisation
+    scale = {"low": clean.min_value, "high": clean.max_value}
     if kind != "minmax":
-        return RatingNormalisation(kind=kind)
+        return RatingNormalisation(kind=kind, **scale)
     if clean.min_value is None or clean.max_value is None or clean.max_value <= clean.min_value:
         raise InputError(f"features.rating_normalisation: minmax needs clean.min_value < clean.max_value (got {clean.min_value}, {clean.max_value})")
-    return RatingNormalisation(kind=kind, shift=clean.min_value, scale=clean.max_value - clean.min_value)
+    return RatingNormalisation(kind=kind, shift=clean.min_value, scale=clean.max_value - clean.min_value, **scale)
 
 
 def user_rating_offsets(user_ids: pa.Array, sums: pa.Table, kind: str) -> np.ndarray:

@@ -109,8 +109,15 @@ def format_report(manifest: Manifest) -> str:
     if manifest.temporal_cutoffs:
         lines.append(f"temporal cut points: {manifest.temporal_cutoffs[0]} (validation), {manifest.temporal_cutoffs[1]} (test)")
     lines += [
-        f"ratings: {manifest.rating.kind} (shift {manifest.rating.shift:g}, scale {manifest.rating.scale:g})",
+        f"ratings: {manifest.rating.kind} (shift {manifest.rating.shift:g}, scale {manifest.rating.scale:g}){_clipping(manifest.rating)}",
         f"tokenizer: {manifest.tokenizer.class_name} from {manifest.tokenizer.path}",
         f"content hash: {manifest.content_hash}",
     ]
     return "\n".join(lines)
+
+
+def _clipping(rating: RatingNormalisation) -> str:
+    if rating.low is None and rating.high is None:
+        return ""
+    low, high = ("-inf" if rating.low is None else f"{rating.low:g}"), ("inf" if rating.high is None else f"{rating.high:g}")
+    return f", predictions clipped to [{low}, {high}]"

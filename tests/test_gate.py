@@ -162,9 +162,9 @@ def test_reindexed_artifact_scores_shared_users_and_items_as_the_original_model(
         torch.testing.assert_close(new_predictions[task], old_predictions[task], atol=1e-5, rtol=1e-5)
 
     # On the raw scale, the artifact's rating predictions are its normalised ones plus its own offset of each user
-    # (user_center: shift 0, scale 1), whatever the new output's min-max scaling.
+    # (user_center: shift 0, scale 1), clipped to its data's rating range [1, 5], whatever the new output's min-max scaling.
     offsets = _offsets_by_user_id(outputs.old)
-    expected_raw = old_predictions["rating"].double().numpy() + [offsets[old_users[i]] for i in old_rows["user_idx"].to_pylist()]
+    expected_raw = np.clip(old_predictions["rating"].double().numpy() + [offsets[old_users[i]] for i in old_rows["user_idx"].to_pylist()], 1.0, 5.0)
     raw = reindexed.ratings.denormalise(new_predictions["rating"].double().numpy(), new_rows["user_idx"].to_numpy())
     np.testing.assert_allclose(raw, expected_raw, atol=1e-5)
 
@@ -220,14 +220,16 @@ def test_evaluate_on_new_data_compares_the_artifacts_raw_predictions_with_the_ra
     assert figures["num_rows"] == rows.num_rows == NUM_USERS + 1
 
     # By hand: normalised predictions + the artifact's offset of each user (for the user it never saw, the mean of
-    # its users' offsets), against the raw ratings.
+    # its users' offsets), clipped to the rating range [1, 5], against the raw ratings.
     offsets = _offsets_by_user_id(outputs.old)
     user_ids = {index: user for user, index in _index(outputs.new, "user").items()}
     unknown = float(np.mean(list(offsets.values())))
     batch, _, _ = collate_eval_rows(rows, load_manifest(outputs.new).config["features"]["max_history"])
     with torch.no_grad():
         predicted = reindex_artifact(artifact, outputs.new).predict(batch)["rating"].double().numpy()
-    raw = predicted + [offsets.get(user_ids[index], unknown) for index in rows["user_idx"].to_pylist()]
+    unclipped = predicted + [offsets.get(user_ids[index], unknown) for index in rows["user_idx"].to_pylist()]
+    assert ((unclipped < 1.0) | (unclipped > 5.0)).any()  # the artifact's random rows take some predictions off the scale
+    raw = np.clip(unclipped, 1.0, 5.0)
     targets = rows["target_rating_raw"].to_numpy()
     assert figures["rating/rmse"] == pytest.approx(math.sqrt(np.mean((raw - targets) ** 2)), rel=1e-5)
 

@@ -86,12 +86,15 @@ def test_a_served_artifact_brings_its_users_and_reports_its_metrics(cluster, tra
     service = start(tmp_path, trained_run.artifact, "colocated")
     users = known_users(trained_run.data)
     assert f"histories of {len(users)} users" in capsys.readouterr().out
+    recorded = json.loads((Path(trained_run.artifact) / "artifact.json").read_text())
+    assert (recorded["rating"]["low"], recorded["rating"]["high"]) == (1.0, 5.0)  # the data's rating scale, which predictions keep to
     for user in users[:5]:
-        assert any(item["because"] for item in recommend(service.url, user)["items"]), user
+        items = recommend(service.url, user)["items"]
+        assert any(item["because"] for item in items), user
+        assert all(1.0 <= item["rating"] <= 5.0 for item in items), user
 
     model = httpx.get(f"{service.url}/v1/model", timeout=60)
     assert model.status_code == 200, model.text
-    recorded = json.loads((Path(trained_run.artifact) / "artifact.json").read_text())
     assert model.json()["metrics"] == recorded["metrics"]
     assert set(recorded["metrics"]) == {"validation", "test"} and "NDCG@10" in recorded["metrics"]["test"]
     assert model.json()["model_version"] == recorded["model_version"]

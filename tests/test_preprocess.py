@@ -21,11 +21,11 @@ import ray
 from common import storage
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, CleanConfig, FeatureConfig, PreprocessConfig, RayDataConfig, SplitConfig
-from data.features import render_item_text
+from data.features import rating_normalisation, render_item_text
 from data.manifest import Manifest, format_report, load_manifest
 from data.pipeline import preprocess_tables, run_preprocess
 from data.readers import SourceTables, files
-from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE, USER_HISTORIES
+from data.schema import EVAL_SEQUENCE, INTERACTIONS, ITEMS_BASE, QUARANTINE, SCHEMA_VERSION, TRAIN_SEQUENCE, USER_HISTORIES, USER_VOCAB_PATH
 from data.user_histories import read_user_histories
 
 DAY = 86_400
@@ -346,7 +346,7 @@ def test_leave_one_out_with_a_timestamp_tie_and_user_centring(tmp_path) -> None:
     assert test.loc["a", "history_ratings"].tolist() == [-1.0, 2.0]  # i2 (2), i3 (5)
     assert train.loc["b", "ratings"][0] == 0.0 and np.isnan(train.loc["b", "ratings"][1])
     assert train.loc["b", "likes"].tolist() == [1, 1]  # 5 ≥ 4; a "like" event
-    assert manifest.rating.model_dump() == {"kind": "user_center", "shift": 0.0, "scale": 1.0}
+    assert manifest.rating.model_dump() == {"kind": "user_center", "shift": 0.0, "scale": 1.0, "low": 1.0, "high": 5.0}
 
 
 def test_temporal_split_with_minmax_ratings(tmp_path) -> None:
@@ -374,7 +374,20 @@ def test_temporal_split_with_minmax_ratings(tmp_path) -> None:
     # minmax over [1, 5]: value v → (v − 1) / 4
     assert train.loc["a", "ratings"].tolist() == [0.0, 0.5, 1.0]  # values 1, 3, 5
     assert sorted(test["target_rating"]) == [0.75, 1.0] and sorted(test["target_rating_raw"]) == [4.0, 5.0]
-    assert manifest.rating.model_dump() == {"kind": "minmax", "shift": 1.0, "scale": 4.0}
+    assert manifest.rating.model_dump() == {"kind": "minmax", "shift": 1.0, "scale": 4.0, "low": 1.0, "high": 5.0}
+    # Predictions go back to the raw scale clipped to the cleaning's range: −1 → 1, 4 stays, 6.2 → 5
+    users = _read(tmp_path, USER_VOCAB_PATH)
+    back = manifest.rating.denormaliser(users)(np.array([-0.5, 0.75, 1.3, np.nan]), users["user_idx"].to_numpy()[[0, 0, 1, 1]])
+    np.testing.assert_array_equal(back, [1.0, 4.0, 5.0, np.nan])
+
+
+def test_a_rating_range_left_open_leaves_predictions_unclipped() -> None:
+    offsets = np.array([3.5, 2.0, 2.0])
+    normalised = np.array([2.0, -1.5, np.nan])
+    closed = rating_normalisation(FeatureConfig(rating_normalisation="user_center"), CleanConfig())
+    np.testing.assert_array_equal(closed.invert(normalised, offsets), [5.0, 1.0, np.nan])  # 5.5 and 0.5, clipped to [1, 5]
+    open_above = rating_normalisation(FeatureConfig(rating_normalisation="user_center"), CleanConfig(max_value=None))
+    np.testing.assert_array_equal(open_above.invert(normalised, offsets), [5.5, 1.0, np.nan])
 
 
 @pytest.mark.parametrize("normalisation", ["user_center", "minmax"])

@@ -80,7 +80,7 @@ class TrainingInputs:
     max_text_tokens: int
     data_hash: str
     tokenizer_path: str  # the tokenizer that made the items' token ids
-    rating: dict[str, Any]  # the manifest's rating normalisation: raw = normalised * scale + shift + offset
+    rating: dict[str, Any]  # the manifest's rating normalisation (data.features.RatingNormalisation)
 
 
 class TrainingModule(torch.nn.Module):
