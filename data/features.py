@@ -86,6 +86,11 @@ def like_labels(event: pa.Array | pa.ChunkedArray, value: pa.Array | pa.ChunkedA
     return np.select([liked, disliked], [1, 0], default=by_value).astype(np.int8)
 
 
+def rating_range_text(low: float | None, high: float | None) -> str:
+    """A rating scale as people read it, ``[1, 5]``; an open bound is -inf or inf."""
+    return f"[{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}]"
+
+
 class RatingNormalisation(BaseModel):
     """normalised = (raw - shift - per-user rating_offset) / scale, on a raw scale of [low, high] (None: open).
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ValidationError
 
 from common import storage
 from common.errors import InputError
-from data.features import RatingNormalisation
+from data.features import RatingNormalisation, rating_range_text
 from data.schema import MANIFEST_FILE, SCHEMA_VERSION
 
 
@@ -119,5 +119,4 @@ def format_report(manifest: Manifest) -> str:
 def _clipping(rating: RatingNormalisation) -> str:
     if rating.low is None and rating.high is None:
         return ""
-    low, high = ("-inf" if rating.low is None else f"{rating.low:g}"), ("inf" if rating.high is None else f"{rating.high:g}")
-    return f", predictions clipped to [{low}, {high}]"
+    return f", predictions clipped to {rating_range_text(rating.low, rating.high)}"

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
 
+from data.features import rating_range_text
+
 MAX_K = 1000
 MAX_HISTORY_ITEMS = 500
 MAX_EXCLUDE_ITEMS = 1000
@@ -88,8 +90,8 @@ class RecommendResponse(BaseModel):
 
 
 class FeedbackEvent(Body):
-    """An interaction. ``value``: a ``rate`` event's rating, within the service's ``rating_range`` (required
-    there); for other events an optional weight."""
+    """An interaction. ``value``: a ``rate`` event's rating, on the served model's rating scale (``GET /v1/model``'s
+    ``rating_scale``, required there); for other events an optional weight."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -153,6 +155,20 @@ class ItemInfo(BaseModel):
     attributes: list[int]
 
 
+class RatingScale(BaseModel):
+    """The ratings a ``rate`` event may carry: the served model's rating scale (its training data's ``clean.min_value`` to
+    ``clean.max_value``, which its predictions keep to), or the service's ``rating_range`` where set; null: open."""
+
+    low: float | None
+    high: float | None
+
+    def holds(self, rating: float) -> bool:
+        return (self.low is None or rating >= self.low) and (self.high is None or rating <= self.high)
+
+    def __str__(self) -> str:
+        return rating_range_text(self.low, self.high)
+
+
 class ModelInfo(BaseModel):
     model_version: str
     #: The artifact's figures by split, as training recorded them: ``{"validation": {...}, "test": {...}}``.
@@ -161,6 +177,7 @@ class ModelInfo(BaseModel):
     created_at: str | None
     num_items: int
     registered_items: int
+    rating_scale: RatingScale
 
 
 # --- The OpenAPI document: every status a route answers, and the settings that bound the bodies ------------
@@ -195,9 +212,10 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return described
 
 
-def contract(app: Any, *, accepted_events: list[str], rating_range: tuple[float, float], protect_reads: bool) -> dict[str, Any]:
-    """The app's OpenAPI document with what the service's settings decide: the accepted event types (an enum),
-    a ``rate`` event's value range, and the key on reads when they are protected. Built once, then cached."""
+def contract(app: Any, *, accepted_events: list[str], rating_scale: RatingScale, protect_reads: bool) -> dict[str, Any]:
+    """The app's OpenAPI document with what the service's settings and its model decide: the accepted event types (an
+    enum), a ``rate`` event's value range, and the key on reads when they are protected. Built once, then cached
+    (a swap to a model with another rating scale drops the cached one)."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema is not None:
@@ -205,13 +223,10 @@ def contract(app: Any, *, accepted_events: list[str], rating_range: tuple[float,
     document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     event = document["components"]["schemas"]["FeedbackEvent"]
     event["properties"]["event"] = {"type": "string", "enum": list(accepted_events), "title": "Event"}
-    low, high = rating_range
-    event["allOf"] = [
-        {
-            "if": {"properties": {"event": {"const": "rate"}}, "required": ["event"]},
-            "then": {"properties": {"value": {"type": "number", "minimum": low, "maximum": high}}, "required": ["value"]},
-        }
-    ]
+    bounds = {"minimum": rating_scale.low, "maximum": rating_scale.high}
+    value = {"type": "number", **{bound: limit for bound, limit in bounds.items() if limit is not None}}
+    rate = {"properties": {"event": {"const": "rate"}}, "required": ["event"]}
+    event["allOf"] = [{"if": rate, "then": {"properties": {"value": value}, "required": ["value"]}}]
     if protect_reads:
         for path, operations in document["paths"].items():
             for method, operation in operations.items():

@@ -277,8 +277,10 @@ class ServeConfig(StageConfig):
     #: then refuses to start without a key, unless ``insecure``.
     api_key_required: bool = False
     accepted_events: list[str] = Field(default_factory=lambda: ["click", "like", "dislike", "rate", "purchase", "view", "skip"])
-    #: A ``rate`` event's value must lie in this range (the data's rating scale); other events' values are weights.
-    rating_range: tuple[float, float] = (1.0, 5.0)
+    #: A ``rate`` event's value must lie in this range; other events' values are weights. Unset: the rating scale of the
+    #: model version that new requests go to (its training data's ``clean.min_value``/``max_value``, which the artifact
+    #: records), so it follows a swap. Set it only for an artifact that records no scale (one trained before it did).
+    rating_range: tuple[float, float] | None = None
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     #: Larger request bodies get 413 (the API's own limits on lists and texts are in ``serve.api``).
     max_body_bytes: int = Field(1_000_000, ge=1024)
@@ -329,7 +331,7 @@ class ServeConfig(StageConfig):
             raise ValueError(f"deployments: unknown {sorted(unknown)}; the graphs have {list(DEPLOYMENT_NAMES)}")
         if self.deployments["UserStateStore"].max_replicas != 1:
             raise ValueError("deployments.UserStateStore.max_replicas: must be 1 (it is the one copy of the state)")
-        if self.rating_range[0] > self.rating_range[1]:
+        if self.rating_range is not None and self.rating_range[0] > self.rating_range[1]:
             raise ValueError(f"rating_range: {list(self.rating_range)} is empty")
         return self
 

@@ -34,6 +34,7 @@ from serve.api import (
     ItemInfo,
     ModelInfo,
     NewItem,
+    RatingScale,
     RecommendRequest,
     RecommendResponse,
     responses,
@@ -42,7 +43,7 @@ from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
-from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key
+from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key, use_rating_scale
 from serve.messages import Query, Ranked
 from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingStage, RetrievalStage
 from serve.rerank import final_items_of_batch
@@ -99,6 +100,9 @@ class Ingress:
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
         self.model = config.model
+        # Set with the model by ``reconfigure``, which Serve runs before the replica takes a request (``build_graph``
+        # always gives the ingress a ``user_config``).
+        self.rating_scale: RatingScale
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
         latency = self.metrics.stage_latency
         self.stages = HandleStages(config, latency, store, *stage_deployments) if stage_deployments else ColocatedStages(config, latency, store)
@@ -111,7 +115,14 @@ class Ingress:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         if isinstance(self.stages, ColocatedStages):
             await self.stages.reconfigure(user_config)  # loads the versions before any request may name them
-        self.model = user_config["model"]
+        model = user_config["model"]
+        if self.config.rating_range is not None:
+            scale = RatingScale(low=self.config.rating_range[0], high=self.config.rating_range[1])
+        else:
+            scale = RatingScale.model_validate((await self.stages.describe(model))["rating_scale"])
+        # Together, with no wait between: no request is checked against one version's scale and served by another.
+        self.model, self.rating_scale = model, scale
+        use_rating_scale(app, scale)
 
     # --- recommendations ---------------------------------------------------------------------
 
@@ -190,13 +201,12 @@ class Ingress:
         resend the same ``event_id``s: an id applied before changes nothing, here or in retraining."""
         many = isinstance(body, FeedbackBatch)
         events: Sequence[FeedbackEvent] = body.events if many else [body]
-        low, high = self.config.rating_range
         for i, event in enumerate(events):
             where = ("body", "events", i) if many else ("body",)
             if event.event not in self.accepted_events:
                 raise invalid_field((*where, "event"), f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
-            if event.event == "rate" and (event.value is None or not low <= event.value <= high):
-                raise invalid_field((*where, "value"), f"a rate event's value is a rating in [{low:g}, {high:g}]", event.value)
+            if event.event == "rate" and (event.value is None or not self.rating_scale.holds(event.value)):
+                raise invalid_field((*where, "value"), f"a rate event's value is a rating in {self.rating_scale}", event.value)
         received = now_ms()
         rows = [
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received} for event in events
@@ -248,7 +258,8 @@ class Ingress:
     @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_read_key)], responses=responses(401, 503))
     async def model_info(self) -> ModelInfo:
         async with self._deadline():
-            return ModelInfo(**await self.metrics.stage_latency.timed("retrieve", self.stages.describe(self.model)))
+            described = await self.metrics.stage_latency.timed("retrieve", self.stages.describe(self.model))
+        return ModelInfo(**{**described, "rating_scale": self.rating_scale})  # what this service accepts
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter
 
-from serve.api import contract
+from serve.api import RatingScale, contract
 from serve.config import ServeConfig, api_key
 from serve.errors import ServiceUnavailable
 from serve.recommendation import StageLatency
@@ -84,7 +84,16 @@ def configure(served: FastAPI, config: ServeConfig, metrics: IngressMetrics) -> 
     served.state.protect_reads = config.protect_reads
     served.state.retry_after_s = config.admission.retry_after_s
     served.state.max_in_progress = config.admission.max_in_progress
-    served.openapi = lambda: contract(served, accepted_events=config.accepted_events, rating_range=config.rating_range, protect_reads=config.protect_reads)
+    served.openapi = lambda: contract(
+        served, accepted_events=config.accepted_events, rating_scale=served.state.rating_scale, protect_reads=config.protect_reads
+    )
+
+
+def use_rating_scale(served: FastAPI, scale: RatingScale) -> None:
+    """A ``rate`` event's value must lie on ``scale`` from now on; the OpenAPI document says so."""
+    if getattr(served.state, "rating_scale", None) != scale:
+        served.state.rating_scale = scale
+        served.openapi_schema = None
 
 
 # --- admission and error answers -------------------------------------------------------------

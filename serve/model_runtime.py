@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from transformers.utils import logging as transformers_logging
 
 from common.errors import InputError
-from data.features import RatingNormalisation, rating_offsets_by_index
+from data.features import rating_offsets_by_index
 from data.schema import PAD_INDEX
 from serve.config import IndexConfig
 from serve.messages import Candidates, Mode, Ranked, RetrievalRequest
 from serve.state import RegisteredItem
-from train.artifact import load_artifact
+from train.artifact import artifact_rating, load_artifact
 from train.batching import left_pad
 
 
@@ -112,7 +112,7 @@ class ServingModel:
         self._groups = _objects(self.attributes)
         self.user_index = dict(zip(artifact.users["user_id"].to_pylist(), artifact.users["user_idx"].to_pylist()))
         self.rating_offsets = rating_offsets_by_index(artifact.users)
-        self.rating = RatingNormalisation.model_validate(self.metadata.get("rating") or {"kind": "none"})
+        self.rating = artifact_rating(self.metadata)
 
         with torch.inference_mode():
             self.keys = self.model.retrieval_keys().float().cpu().numpy()  # [N+1, d] unit vectors
@@ -354,6 +354,7 @@ class ServingModel:
             "created_at": self.metadata.get("created_at"),
             "num_items": self.num_items,
             "registered_items": self.registry_version,
+            "rating_scale": {"low": self.rating.low, "high": self.rating.high},
         }
 
 

@@ -105,7 +105,7 @@ def save(model: PolyrecModel, items: pa.Table, users: pa.Table, out_dir: Path) -
         model_version="v7",
         data_manifest_hash="abc123",
         metrics={"test": {"recall@10": 0.5}},
-        rating={"shift": 3.0, "scale": 1.0},
+        rating={"kind": "minmax", "shift": 3.0, "scale": 1.0},
     )
 
 
@@ -140,7 +140,7 @@ def test_frozen_artifact_round_trip(frozen_artifact, tokenizer):
     metadata = json.loads((path / "artifact.json").read_text())
     assert metadata["format_version"] == 1 and metadata["model_version"] == loaded.model_version == "v7"
     assert (metadata["num_users"], metadata["num_items"], metadata["num_attributes"]) == (NUM_USERS, NUM_ITEMS, NUM_ATTRIBUTES)
-    assert metadata["rating_mean"] == pytest.approx(0.1) and metadata["rating"] == {"shift": 3.0, "scale": 1.0}
+    assert metadata["rating_mean"] == pytest.approx(0.1) and metadata["rating"] == {"kind": "minmax", "shift": 3.0, "scale": 1.0}
     assert metadata["data_manifest_hash"] == "abc123" and metadata["metrics"] == {"test": {"recall@10": 0.5}}
     assert ModelConfig.model_validate(metadata["model_config"]) == loaded.config
     assert loaded.items.column_names == ["item_idx", "item_id", "title", "text", "attributes", "year", "genres"]
@@ -220,6 +220,9 @@ def test_bad_metadata_and_contents_are_named(artifact_copy):
     metadata = json.loads(metadata_file.read_text())
     metadata_file.write_text(json.dumps({**metadata, "format_version": 99}))
     with pytest.raises(InputError, match="artifact.json.*format_version"):
+        load_artifact(artifact_copy)
+    metadata_file.write_text(json.dumps({**metadata, "rating": {**metadata["rating"], "high": "five"}}))
+    with pytest.raises(InputError, match=r"artifact.json: field 'rating': high: "):
         load_artifact(artifact_copy)
     metadata_file.write_text(json.dumps({**metadata, "num_items": NUM_ITEMS + 1}))
     with pytest.raises(InputError, match="model.safetensors"):

@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,13 +53,18 @@ def cluster():
             ray.shutdown()
 
 
-def start(root: Path, model: str, graph: str) -> Service:
-    """A fresh application of ``graph`` serving ``model``, with nothing but the model named: its users come
-    from the data the artifact records."""
+def start(root: Path, model: str, graph: str, **settings: Any) -> Service:
+    """A fresh application of ``graph`` serving ``model``, with nothing but the model (and ``settings``) named: its
+    users come from the data the artifact records."""
     if APP_NAME in serve.status().applications:
         serve.delete(APP_NAME)
     config = ServeConfig(
-        graph=graph, model=model, state_dir=str(root / graph / "state"), port=PORT, feedback=FeedbackLogConfig(path=str(root / graph / "feedback"))
+        graph=graph,
+        model=model,
+        state_dir=str(root / graph / "state"),
+        port=PORT,
+        feedback=FeedbackLogConfig(path=str(root / graph / "feedback")),
+        **settings,
     )
     return run_service(config, blocking=False)
 
@@ -96,6 +102,12 @@ def test_a_served_artifact_brings_its_users_and_reports_its_metrics(cluster, tra
     model = httpx.get(f"{service.url}/v1/model", timeout=60)
     assert model.status_code == 200, model.text
     assert model.json()["metrics"] == recorded["metrics"]
+    # Ratings are taken on the scale the artifact records, and nowhere else set: 5 is one, 5.5 is not.
+    assert model.json()["rating_scale"] == {"low": 1.0, "high": 5.0}
+    rate = {"user_id": users[0], "item_id": "50", "event": "rate"}
+    assert httpx.post(f"{service.url}/v1/feedback", json={**rate, "value": 5}, headers=AUTH, timeout=60).status_code == 200
+    refused = httpx.post(f"{service.url}/v1/feedback", json={**rate, "value": 5.5}, headers=AUTH, timeout=60)
+    assert refused.status_code == 422 and "a rate event's value is a rating in [1, 5]" in refused.text, refused.text
     assert set(recorded["metrics"]) == {"validation", "test"} and "NDCG@10" in recorded["metrics"]["test"]
     assert model.json()["model_version"] == recorded["model_version"]
 

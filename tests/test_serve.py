@@ -102,13 +102,18 @@ def item_text(item_id: str) -> str:
 # --- the service -----------------------------------------------------------------------------
 
 
+FIRST_SCALE = {"kind": "none", "low": 1.0, "high": 5.0}
+SECOND_SCALE = {"kind": "none", "low": 1.0, "high": 10.0}
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("serve")
     return {
         "root": str(root),
-        "first": str(build_random_artifact(root / "model-a", num_users=NUM_USERS, seed=0, model_version="random-0")),
-        "second": str(build_random_artifact(root / "model-b", num_users=NUM_USERS, seed=1, model_version="random-1")),
+        # Rating scales as the data's cleaning records them; the second's differs, as after a swap to data rated 1-10.
+        "first": str(build_random_artifact(root / "model-a", num_users=NUM_USERS, seed=0, model_version="random-0", rating=FIRST_SCALE)),
+        "second": str(build_random_artifact(root / "model-b", num_users=NUM_USERS, seed=1, model_version="random-1", rating=SECOND_SCALE)),
         "training_data": build_training_data(root / "data", num_users=NUM_USERS),
         "port": free_port(),
     }
@@ -241,6 +246,21 @@ def check_feedback_extends_the_server_side_history(client):
     assert any(item["because"] for item in after["items"])
 
 
+def check_ratings_are_taken_on_the_scale_of_the_served_version(client, scale: dict) -> None:
+    """The served version's rating scale, as its artifact records it, is what /v1/model reports, what the OpenAPI
+    document bounds a rate event's value by, and what /v1/feedback accepts."""
+    assert client.get("/v1/model").json()["rating_scale"] == {"low": scale["low"], "high": scale["high"]}
+    event = client.get("/openapi.json").json()["components"]["schemas"]["FeedbackEvent"]
+    assert event["allOf"][0]["then"]["properties"]["value"] == {"type": "number", "minimum": scale["low"], "maximum": scale["high"]}
+    for value in (scale["low"], scale["high"], scale["low"] - 0.5, scale["high"] + 0.5):
+        response = client.post("/v1/feedback", json={"user_id": "rater", "item_id": "50", "event": "rate", "value": value}, headers=AUTH)
+        if scale["low"] <= value <= scale["high"]:
+            assert response.status_code == 200, response.text
+        else:
+            assert response.status_code == 422 and field_named(response, "value"), response.text
+            assert f"[{scale['low']:g}, {scale['high']:g}]" in response.text
+
+
 def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service, capsys, tmp_path):
     outcomes: list[tuple[float, int, str | None]] = []
     stop = threading.Event()
@@ -267,6 +287,7 @@ def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client,
             thread.join()
 
     assert record.model_version == "random-1"
+    check_ratings_are_taken_on_the_scale_of_the_served_version(client, SECOND_SCALE)
     assert [status for _, status, _ in outcomes if status != 200] == []
     assert {version for _, _, version in outcomes} == {"random-0", "random-1"}
     assert {version for sent, _, version in outcomes if sent > swapped} == {"random-1"}
@@ -283,6 +304,7 @@ def check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client,
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"polyrec serve: rolled back to random-0 ({previous.model}) in place"
     assert recommend(client, user_id="1", k=3)["model_version"] == "random-0"
     assert [(r.model_version, r.status) for r in history.records()] == [("random-0", "live"), ("random-1", "rolled_back")]
+    check_ratings_are_taken_on_the_scale_of_the_served_version(client, FIRST_SCALE)
     with pytest.raises(InputError, match="no earlier model version"):
         rollback(service.config, blocking=False)
 

@@ -42,7 +42,8 @@ K = 10
 
 @pytest.fixture(scope="module")
 def service(trained_run, tmp_path_factory) -> Service:
-    return start(tmp_path_factory.mktemp("web"), trained_run.artifact, "colocated")
+    # A rating scale of the service's own (1-10, not the artifact's 1-5): the page's rating choices follow /v1/model.
+    return start(tmp_path_factory.mktemp("web"), trained_run.artifact, "colocated", rating_range=(1.0, 10.0))
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,7 @@ def test_a_deep_link_shows_the_users_list_and_a_like_changes_it(service, browser
     # From the keyboard: a rating of 2 for the new first item, then Tab to its Rate button and Enter.
     rated = shown_titles(page)[0]
     rating = page.get_by_label(f"Your rating of {rated}")
+    expect(rating.locator("option")).to_have_text([f"{r} ★" for r in range(10, 0, -1)])
     rating.focus()
     rating.select_option("2")
     page.keyboard.press("Tab")

@@ -42,6 +42,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common import storage
 from common.errors import InputError
+from data.features import RatingNormalisation
 from train.backbone import pretraining_provenance, save_backbone
 from train.config import ModelConfig
 from train.model import CatalogFeatures, PolyrecModel
@@ -290,18 +291,31 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     metrics = metadata.get("metrics", {})
     if not isinstance(metrics, dict) or not all(isinstance(split, dict) for split in metrics.values()):
         raise InputError(f"{file}: field 'metrics' must map each split to its figures")
+    try:
+        artifact_rating(metadata)
+    except ValidationError as err:
+        raise InputError(f"{file}: field 'rating': {_problems(err)}") from None
     return metadata
+
+
+def artifact_rating(metadata: Mapping[str, Any]) -> RatingNormalisation:
+    """How the artifact's rating predictions map back to the raw ratings, and the scale they are clipped to (``rating`` in
+    ``artifact.json``; without it predictions are raw ratings on an open scale)."""
+    return RatingNormalisation.model_validate(metadata.get("rating") or {"kind": "none"})
 
 
 def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
     try:
         config = ModelConfig.model_validate(metadata["model_config"])
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise InputError(f"{file}: field 'model_config': {problems}") from None
+        raise InputError(f"{file}: field 'model_config': {_problems(err)}") from None
     if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
         raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
     return config
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:

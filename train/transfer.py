@@ -29,7 +29,7 @@ from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, rating_offsets_by_index
 from data.manifest import load_manifest
-from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, load_artifact, local_artifact, read_metadata
+from train.artifact import ITEMS_FILE, USERS_FILE, LoadedArtifact, artifact_rating, load_artifact, local_artifact, read_metadata
 from train.model import CatalogFeatures, PolyrecModel
 from train.tasks import VocabularyTable
 
@@ -104,7 +104,7 @@ class RatingScales:
         user_rows = rows_by_id(artifact_path, data)["user"]
         artifact_offsets = carry_rows_by_id(torch.full((len(user_rows),), unknown_user_offset, dtype=torch.float64), own_offsets, user_rows)
         return cls(
-            artifact=RatingNormalisation.model_validate(read_metadata(artifact_path).get("rating") or {"kind": "none"}),
+            artifact=artifact_rating(read_metadata(artifact_path)),
             data=load_manifest(data_uri).rating,
             artifact_offsets=artifact_offsets.numpy(),
             data_offsets=rating_offsets_by_index(read_table(data, schema.USER_VOCAB_PATH)),

@@ -4,7 +4,7 @@
 
 const KEY_STORE = "polyrec.apiKey";
 const VISITOR_STORE = "polyrec.visitor";
-const RATINGS = [5, 4, 3, 2, 1];
+let ratingChoices = [5, 4, 3, 2, 1]; // the whole ratings on the served model's scale, highest first (showModel)
 
 const $ = (id) => document.getElementById(id);
 const dislikedByUser = new Map(); // user id → item ids disliked here, left out of that user's next lists
@@ -82,7 +82,7 @@ function itemCard(item, user) {
     element("dt", { textContent: "p(like)" }),
     element("dd", { textContent: item.p_like === null ? "–" : item.p_like.toFixed(2) }),
   ]);
-  const rating = element("select", { id: `rate-${item.item_id}`, className: "rating" }, RATINGS.map((r) => element("option", { value: r, textContent: `${r} ★` })));
+  const rating = element("select", { id: `rate-${item.item_id}`, className: "rating" }, ratingChoices.map((r) => element("option", { value: r, textContent: `${r} ★` })));
   const actions = element("div", { className: "actions" }, [
     feedbackButton("Like", "like", item, user),
     feedbackButton("Dislike", "dislike", item, user),
@@ -145,11 +145,18 @@ async function showModel() {
   try {
     const model = await api("/v1/model");
     $("model-version").textContent = model.model_version;
+    ratingChoices = wholeRatings(model.rating_scale) || ratingChoices;
     $("metrics-tables").replaceChildren(metricsTable(model.metrics));
   } catch (error) {
     $("model-version").textContent = "unknown";
     say($("metrics-tables"), `Could not read the model: ${error.message}`, true);
   }
+}
+
+// The whole ratings on a scale, highest first; null where a bound is open (a model that records no scale).
+function wholeRatings({ low, high }) {
+  if (low === null || high === null || Math.floor(high) < Math.ceil(low)) return null;
+  return Array.from({ length: Math.floor(high) - Math.ceil(low) + 1 }, (_, i) => Math.floor(high) - i);
 }
 
 // One row per figure, one column per split; a split's own prefix ("validation/NDCG@10") is dropped.
@@ -186,6 +193,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("user").value = query.get("user") || "";
   $("interests").value = query.get("interests") || "";
   if (query.get("k")) $("k").value = query.get("k");
-  showModel();
-  if (query.get("user") || query.get("interests")) recommend();
+  // The list after the model: its cards offer the ratings on the model's scale.
+  showModel().then(() => {
+    if (query.get("user") || query.get("interests")) recommend();
+  });
 });
