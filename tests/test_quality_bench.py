@@ -115,3 +115,21 @@ def test_a_time_capped_peer_continues_from_the_state_it_stopped_in(tmp_path, mon
     assert capped_run_to_continue(kept, "s", hyperparameters | {"learning_rate": 0.01}) is None
     assert capped_run_to_continue(kept, "another split", hyperparameters) is None
     assert capped_run_to_continue(kept | {"stop_reason": "early_stopped"}, "s", hyperparameters) is None
+
+
+def test_kept_results_survive_an_edit_of_comments_docstrings_and_layout_but_no_other(tmp_path, monkeypatch):
+    import bench.quality.run as bench_run
+
+    monkeypatch.setattr(bench_run, "REPO", tmp_path)
+    monkeypatch.setattr(bench_run, "SOURCE_FOLDERS", ("train",))
+    module = tmp_path / "train" / "loss.py"
+    module.parent.mkdir()
+
+    def fingerprint(source: str) -> str:
+        module.write_text(source)
+        return bench_run.source_fingerprint()
+
+    trained_with = fingerprint('"""Losses."""\n\n\ndef scale(x):\n    """Doubled."""\n    return 2 * x  # why: the paper\n')
+    assert fingerprint('"""The losses, reworded."""\n\ndef scale(x):\n    return 2 * x\n') == trained_with
+    assert fingerprint('"""Losses."""\n\n\ndef scale(x):\n    """Doubled."""\n    return 3 * x\n') != trained_with
+    assert fingerprint('"""Losses."""\n\n\ndef scale(x):\n    """Doubled."""\n    "a statement, not a docstring"\n    return 2 * x\n') != trained_with
