@@ -29,6 +29,7 @@ from data.config import ColumnMapping, PreprocessConfig, SourceConfig
 from data.manifest import format_report
 from data.pipeline import run_preprocess
 from data.readers import read_source
+from train.artifact import TRAINED_ARTIFACT_DIR
 from train.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -82,7 +83,7 @@ def run_pipeline(
     if not Path(configs).is_dir():
         raise InputError(f"--configs {configs}: no such folder (it holds the stages' files: preprocess.yaml, train.yaml, ...)")
     root = Path(output).resolve()
-    if (root / "model" / "artifact").exists():  # every later stage would refuse to overwrite its output
+    if (root / "model" / TRAINED_ARTIFACT_DIR).exists():  # every later stage would refuse to overwrite its output
         raise InputError(f"{root} already holds a finished run; choose another output (make run RUN_DIR=...) or remove it")
     serve_config = _stage_config(ServeConfig, configs, "serve", feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
     timings: dict[str, float] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoTokenizer
@@ -255,3 +256,18 @@ def test_a_trained_artifact_carries_what_people_are_shown_of_each_item(trained_r
     assert len(items) == len(data) and any(row["genres"] for row in items)
     for row in items:
         assert (row["year"], row["genres"]) == (data[row["item_id"]]["year"], data[row["item_id"]]["genres"])
+
+
+def test_a_trainings_output_given_for_its_artifact_is_one_line_naming_the_artifact(trained_run, capsys):
+    """`polyrec evaluate --model DIR` with the folder `polyrec train --output DIR` wrote, not DIR/artifact: with or
+    without Ray Data, one error line that names the artifact inside it (it was a traceback, or a wrong complaint)."""
+    from cluster.cli import main as polyrec
+
+    output = Path(trained_run.artifact).parent
+    for ray_data in ([], ["--ray-data"]):
+        capsys.readouterr()
+        assert polyrec(["evaluate", "--model", str(output), "--data", trained_run.data, *ray_data]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        hint = f"it is a training's output, whose artifact is {trained_run.artifact}"
+        assert error == [f"polyrec evaluate: error: {output}: not a model artifact (artifact.json not found); {hint}"]
+        assert not ray.is_initialized()  # refused before Ray Data started anything

@@ -55,6 +55,8 @@ ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
 BACKBONE_DIR = "backbone"
 ARTIFACT_FILES = (METADATA_FILE, MODEL_FILE, ITEM_VECTORS_FILE, ITEMS_FILE, USERS_FILE)
+#: Where in a training's output folder its artifact is (``polyrec train --output DIR`` writes ``DIR/artifact``).
+TRAINED_ARTIFACT_DIR = "artifact"
 #: What save_pretrained writes for a model and its tokenizer, all plain data (vocabularies and
 #: chat templates are text).
 BACKBONE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja")
@@ -182,7 +184,14 @@ def local_artifact(path: str | Path) -> Path:
     carries its version and creation time), and it appears by a rename once complete, so concurrent readers
     (serving replicas, training workers) share it and never see half of it."""
     if "://" not in str(path):
-        return Path(path)
+        folder = Path(path)
+        if not folder.is_dir():
+            raise InputError(f"{folder}: no such folder (a model artifact was expected)")
+        if not (folder / METADATA_FILE).is_file():
+            trained = folder / TRAINED_ARTIFACT_DIR
+            hint = f"; it is a training's output, whose artifact is {trained}" if (trained / METADATA_FILE).is_file() else ""
+            raise InputError(f"{folder}: not a model artifact ({METADATA_FILE} not found){hint}")
+        return folder
     location = storage.resolve(str(path), "model")
     try:
         metadata = storage.read_text(location, METADATA_FILE)
@@ -205,8 +214,6 @@ def local_artifact(path: str | Path) -> Path:
 def load_artifact(path: str | Path) -> LoadedArtifact:
     """The model (eval mode) and tables of an artifact folder (a local path or a URI)."""
     path = local_artifact(path)
-    if not path.is_dir():
-        raise InputError(f"{path}: no model artifact folder there")
     _check_listing(path)
     metadata = read_metadata(path)
     config = _model_config(path / METADATA_FILE, metadata)

@@ -39,6 +39,7 @@ from common.errors import InputError
 from data.features import RatingDenormaliser
 from data.manifest import load_manifest
 from data.schema import PAD_INDEX, SEQUENCES_DIR, USER_VOCAB_PATH
+from train.artifact import read_metadata
 from train.batching import left_pad
 from train.metrics import (
     binary_classification_metrics,
@@ -523,6 +524,7 @@ def evaluate_artifact(
     :func:`evaluate_on` scores it), by :func:`evaluate_with_popularity`; with ``use_ray_data`` the artifact's rows are
     scored on a pool of Ray Data actors instead (:func:`evaluate` with an ``ActorPool``, the same metrics). Writes
     ``metrics.json``, ``metrics.md`` and ``metrics.png`` to ``output`` when given."""
+    read_metadata(artifact_path)  # a wrong artifact is refused before any data is read or Ray starts
     manifest = load_manifest(data_uri)
     location = storage.resolve(data_uri)
     rows = storage.read_table(location, f"{SEQUENCES_DIR}/{split}")

@@ -43,7 +43,7 @@ from common.storage import Location, read_table, resolve
 from data import schema
 from data.features import RatingNormalisation, load_tokenizer
 from data.manifest import load_manifest
-from train.artifact import METADATA_FILE, load_artifact, refuse_existing_artifact, save_artifact
+from train.artifact import METADATA_FILE, TRAINED_ARTIFACT_DIR, load_artifact, refuse_existing_artifact, save_artifact
 from train.batching import left_pad
 from train.config import TrainConfig
 from train.evaluate import PopularityScorer, evaluate, evaluate_with_popularity, write_report
@@ -449,7 +449,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     test_metrics = evaluate_on_test(model, popularity, inputs, data, users, config.eval_ks) | train_ablations(config, output)
     artifact = save_artifact(
         model,
-        output / "artifact",
+        output / TRAINED_ARTIFACT_DIR,
         items=inputs.items,
         users=users,
         model_version=config.model_version or time.strftime("v%Y%m%d-%H%M%S"),
@@ -508,7 +508,7 @@ def _output_folder(config: TrainConfig) -> tuple[Path, Location | None]:
     """The local folder the run writes, and the location it is published to when ``train.output`` is a URI (the run
     then writes into a temporary folder, and its checkpoints go straight to the URI). Refused now rather than after
     the training when an artifact (the model's or an ablation's) is already there or the URI is not writable."""
-    artifact_dirs = ["artifact", *[f"ablations/{name}/artifact" for name in config.ablations]]
+    artifact_dirs = [TRAINED_ARTIFACT_DIR, *[f"ablations/{name}/{TRAINED_ARTIFACT_DIR}" for name in config.ablations]]
     if "://" in config.output:
         published = resolve(config.output, "train.output")
         for artifact_dir in artifact_dirs:
