@@ -21,9 +21,20 @@ def connect(config: RayConfig, **local_options: Any) -> bool:
         return False
     if config.address:
         ray.init(address=config.address, logging_level="WARNING")
+        _sigterm_to_python()
         return False
     ray.init(num_cpus=config.num_cpus, **local_options)
+    _sigterm_to_python()
     return True
+
+
+def _sigterm_to_python() -> None:
+    """``ray.init`` puts Ray's C++ crash handler in front of the Python SIGTERM handler it set, and that handler prints a
+    stack dump of the driver before passing the signal on; but a SIGTERM (``kill``, a supervisor, a pod's stop) is a
+    request to stop, not a crash. Setting the Python handler again gives SIGTERM back to it alone; the crash signals
+    keep Ray's handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
 
 
 def find_cluster(address: str | None) -> bool:
@@ -34,6 +45,7 @@ def find_cluster(address: str | None) -> bool:
         ray.init(address=address or "auto", logging_level="WARNING")
     except ConnectionError:
         return False
+    _sigterm_to_python()
     return True
 
 

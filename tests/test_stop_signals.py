@@ -1,6 +1,6 @@
 """A kept service stops on Ctrl-C even when an earlier stage of the same process (Ray Train, in the main job)
 installed a SIGINT handler of its own, and says which version it serves; stopped while it starts, it leaves nothing
-running; and a Ctrl-C during a training, or after one, interrupts the command as Ctrl-C should."""
+running; and a Ctrl-C or a SIGTERM during a training, or a Ctrl-C after one, interrupts the command as it should."""
 
 from __future__ import annotations
 
@@ -57,21 +57,25 @@ def test_ctrl_c_stops_the_kept_service_whatever_handler_came_before(tmp_path: Pa
     assert printed.err.strip().splitlines()[-1] == f"polyrec: service stopped; its feedback log is {service.config.feedback.path}"
 
 
-def test_ctrl_c_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as_it_was(
-    trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_stop_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as_it_was(
+    trained_run, tmp_path: Path, capfd: pytest.CaptureFixture[str], stop: signal.Signals
 ) -> None:
-    """Ray Train aborts the run on Ctrl-C and ends it with sys.exit(1); `polyrec train` says it was interrupted, and
-    Ray Train's handler (which would ask the finished run's controller to abort, and fail to find it) is gone with it."""
+    """Ray Train aborts the run on Ctrl-C and ends it with sys.exit(1), Ray's SIGTERM handler ends it with
+    sys.exit(15); either way `polyrec train` says it was interrupted, and nothing else: Ray's C++ crash handler
+    printed a stack dump of the process on SIGTERM (captured here at the file descriptor, where it wrote). Ray Train's
+    handler (which would ask the finished run's controller to abort, and fail to find it) is gone with the run."""
     (tmp_path / "train.yaml").write_text(tiny_config(trained_run.data, tmp_path / "model", epochs=1000).to_yaml())
 
-    def ctrl_c_once_an_epoch_is_checkpointed() -> None:
+    def stop_once_an_epoch_is_checkpointed() -> None:
         deadline = time.monotonic() + 300
         while not list((tmp_path / "model" / "ray_results").glob("*/checkpoint_*")) and time.monotonic() < deadline:
             time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), stop)
 
-    threading.Thread(target=ctrl_c_once_an_epoch_is_checkpointed, daemon=True).start()
+    threading.Thread(target=stop_once_an_epoch_is_checkpointed, daemon=True).start()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh process has it
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     started_ray = not ray.is_initialized()
     try:
         assert polyrec(["train", "--config", str(tmp_path / "train.yaml")]) == 130
@@ -80,9 +84,12 @@ def test_ctrl_c_during_a_training_interrupts_it_in_one_line_and_leaves_ctrl_c_as
             time.sleep(5)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if started_ray:
             ray.shutdown()
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "polyrec train: interrupted"
+    printed = capfd.readouterr().err
+    assert "polyrec train: interrupted" in printed.splitlines()
+    assert "SIGTERM received" not in printed and "Traceback" not in printed, printed[-3000:]
     assert not (tmp_path / "model" / "artifact").exists()
 
 
