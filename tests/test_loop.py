@@ -109,6 +109,7 @@ def test_a_served_artifact_brings_its_users_and_reports_its_metrics(cluster, tra
     refused = httpx.post(f"{service.url}/v1/feedback", json={**rate, "value": 5.5}, headers=AUTH, timeout=60)
     assert refused.status_code == 422 and "a rate event's value is a rating in [1, 5]" in refused.text, refused.text
     assert set(recorded["metrics"]) == {"validation", "test"} and "NDCG@10" in recorded["metrics"]["test"]
+    assert recorded["metrics"]["validation"].keys() == recorded["metrics"]["test"].keys()  # the same figures, by the same names
     assert model.json()["model_version"] == recorded["model_version"]
 
 

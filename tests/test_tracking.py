@@ -53,7 +53,7 @@ def test_the_cli_training_run_is_tracked_with_its_config_epochs_test_metrics_and
     recorded = json.loads((Path(trained_run.artifact) / "artifact.json").read_text())["metrics"]
     assert run.data.metrics["test/NDCG_at_10"] == pytest.approx(recorded["test"]["NDCG@10"])
     # The artifact is the best epoch's model: its validation figure is one of the epochs' points.
-    assert recorded["validation"]["validation/NDCG@10"] in [pytest.approx(point.value) for point in per_epoch["validation/NDCG_at_10"]]
+    assert recorded["validation"]["NDCG@10"] in [pytest.approx(point.value) for point in per_epoch["validation/NDCG_at_10"]]
 
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"metrics.md", "training_curves.png"} <= artifacts

@@ -456,7 +456,7 @@ def run_training(config: TrainConfig) -> TrainResult:
         data_manifest_hash=inputs.data_hash,
         rating=inputs.rating,
         training_data=data.uri if "://" in data.uri else data.path,
-        metrics={"validation": {k: v for k, v in best_validation.items() if k.startswith("validation/")}, "test": test_metrics["polyrec"]},
+        metrics={"validation": _validation_figures(best_validation), "test": test_metrics["polyrec"]},
     )
     write_report(test_metrics, output)
     plot_training_curves(history, output / "training_curves.png")
@@ -502,6 +502,11 @@ def _absolute_start_points(config: TrainConfig) -> dict[str, Any]:
         name_or_path = absolute_folder(backbone.name_or_path, "model.backbone.name_or_path")
         absolute["model"] = config.model.model_copy(update={"backbone": backbone.model_copy(update={"name_or_path": name_or_path})})
     return absolute
+
+
+def _validation_figures(epoch: dict[str, float]) -> dict[str, float]:
+    """An epoch's validation figures named as the test split's are (``validation/NDCG@10`` → ``NDCG@10``)."""
+    return {name.removeprefix("validation/"): value for name, value in epoch.items() if name.startswith("validation/")}
 
 
 def _output_folder(config: TrainConfig) -> tuple[Path, Location | None]:

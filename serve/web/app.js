@@ -159,7 +159,7 @@ function wholeRatings({ low, high }) {
   return Array.from({ length: Math.floor(high) - Math.ceil(low) + 1 }, (_, i) => Math.floor(high) - i);
 }
 
-// One row per figure, one column per split; a split's own prefix ("validation/NDCG@10") is dropped.
+// One row per figure, one column per split; a split's own prefix, which artifacts from before kept ("validation/NDCG@10"), is dropped.
 function metricsTable(metrics) {
   const splits = Object.keys(metrics);
   const bySplit = splits.map((split) => new Map(Object.entries(metrics[split]).map(([name, figure]) => [name.replace(`${split}/`, ""), figure])));
