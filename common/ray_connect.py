@@ -21,11 +21,10 @@ def connect(config: RayConfig, **local_options: Any) -> bool:
         return False
     if config.address:
         ray.init(address=config.address, logging_level="WARNING")
-        _sigterm_to_python()
-        return False
-    ray.init(num_cpus=config.num_cpus, **local_options)
+    else:
+        ray.init(num_cpus=config.num_cpus, **local_options)
     _sigterm_to_python()
-    return True
+    return not config.address
 
 
 def _sigterm_to_python() -> None:

@@ -100,9 +100,6 @@ class Ingress:
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
         self.model = config.model
-        # Set with the model by ``reconfigure``, which Serve runs before the replica takes a request (``build_graph``
-        # always gives the ingress a ``user_config``).
-        self.rating_scale: RatingScale
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
         latency = self.metrics.stage_latency
         self.stages = HandleStages(config, latency, store, *stage_deployments) if stage_deployments else ColocatedStages(config, latency, store)
@@ -121,7 +118,7 @@ class Ingress:
         else:
             scale = RatingScale.model_validate((await self.stages.describe(model))["rating_scale"])
         # Together, with no wait between: no request is checked against one version's scale and served by another.
-        self.model, self.rating_scale = model, scale
+        self.model = model
         use_rating_scale(app, scale)
 
     # --- recommendations ---------------------------------------------------------------------
@@ -201,12 +198,13 @@ class Ingress:
         resend the same ``event_id``s: an id applied before changes nothing, here or in retraining."""
         many = isinstance(body, FeedbackBatch)
         events: Sequence[FeedbackEvent] = body.events if many else [body]
+        scale: RatingScale = app.state.rating_scale
         for i, event in enumerate(events):
             where = ("body", "events", i) if many else ("body",)
             if event.event not in self.accepted_events:
                 raise invalid_field((*where, "event"), f"unknown event type; accepted: {', '.join(sorted(self.accepted_events))}", event.event)
-            if event.event == "rate" and (event.value is None or not self.rating_scale.holds(event.value)):
-                raise invalid_field((*where, "value"), f"a rate event's value is a rating in {self.rating_scale}", event.value)
+            if event.event == "rate" and (event.value is None or not scale.holds(event.value)):
+                raise invalid_field((*where, "value"), f"a rate event's value is a rating in {scale}", event.value)
         received = now_ms()
         rows = [
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received} for event in events
@@ -259,7 +257,7 @@ class Ingress:
     async def model_info(self) -> ModelInfo:
         async with self._deadline():
             described = await self.metrics.stage_latency.timed("retrieve", self.stages.describe(self.model))
-        return ModelInfo(**{**described, "rating_scale": self.rating_scale})  # what this service accepts
+        return ModelInfo(**{**described, "rating_scale": app.state.rating_scale})  # what this service accepts
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -90,7 +90,8 @@ def configure(served: FastAPI, config: ServeConfig, metrics: IngressMetrics) -> 
 
 
 def use_rating_scale(served: FastAPI, scale: RatingScale) -> None:
-    """A ``rate`` event's value must lie on ``scale`` from now on; the OpenAPI document says so."""
+    """A ``rate`` event's value must lie on ``scale`` from now on (``served.state.rating_scale``, set by the ingress's
+    ``reconfigure`` before the replica takes a request); the OpenAPI document says so."""
     if getattr(served.state, "rating_scale", None) != scale:
         served.state.rating_scale = scale
         served.openapi_schema = None
