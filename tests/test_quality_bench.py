@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -133,3 +134,31 @@ def test_kept_results_survive_an_edit_of_comments_docstrings_and_layout_but_no_o
     assert fingerprint('"""The losses, reworded."""\n\ndef scale(x):\n    return 2 * x\n') == trained_with
     assert fingerprint('"""Losses."""\n\n\ndef scale(x):\n    """Doubled."""\n    return 3 * x\n') != trained_with
     assert fingerprint('"""Losses."""\n\n\ndef scale(x):\n    """Doubled."""\n    "a statement, not a docstring"\n    return 2 * x\n') != trained_with
+
+
+def test_a_variant_warm_started_from_the_default_fine_tunes_that_seeds_default_model(tmp_path, monkeypatch):
+    import bench.quality.run as bench_run
+    import train.trainer
+
+    started = []
+
+    def fake_training(config):
+        started.append(config)
+        return SimpleNamespace(test_metrics={"polyrec": {"NDCG@10": 0.1 * len(started)}}, history=[{"validation/NDCG@10": 0.1}])
+
+    monkeypatch.setattr(train.trainer, "run_training", fake_training)
+    name, overrides = parse_variant("lora-ft=model.backbone.mode=lora,epochs=1,warm_start_from=<default>")
+    kept = tmp_path / "polyrec"
+
+    def runs():
+        return bench_run.polyrec_runs(name, overrides, [0, 1], Path("/d"), "split", base={}, sources="src", kept=kept, max_epochs=None)
+
+    first = runs()
+    # each seed's default, then the variant from the artifact of that default
+    assert [(config.seed, config.model.backbone.mode) for config in started] == [(0, "frozen"), (0, "lora"), (1, "frozen"), (1, "lora")]
+    for default, variant in (started[0:2], started[2:4]):
+        assert default.warm_start_from is None
+        assert variant.warm_start_from == str(Path(default.output) / "artifact")
+    assert first[1]["metrics"]["polyrec"]["NDCG@10"] == pytest.approx(0.4)
+    # the variant's result is kept under its config with the placeholder, not a machine's path: a rerun trains nothing
+    assert runs() == first and len(started) == 4

@@ -26,6 +26,11 @@ What is kept, so that a rerun only trains what changed:
   split and the whole training config; a kept result is used while the code of ``train/``, ``data/`` and
   ``common/`` is the one it was trained with (comments, docstrings and layout aside: ``source_fingerprint``).
 
+A variant with ``warm_start_from=<default>`` (``FROM_DEFAULT``) is a second training stage: each of its seeds starts
+from the default model of that seed and split (trained first unless kept), e.g. LoRA fine-tuning after the default's
+frozen backbone, ``--variant "lora-ft=model.backbone.mode=lora,epochs=1,warm_start_from=<default>"``. Its train wall is
+the second stage's alone.
+
 ``--report-only`` re-renders the section from what is kept (whatever source it was trained with) without training.
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +66,7 @@ from common.storage import read_table, resolve  # noqa: E402
 from data import schema  # noqa: E402
 from data.config import PreprocessConfig  # noqa: E402
 from data.manifest import Manifest, load_manifest  # noqa: E402
+from train.artifact import TRAINED_ARTIFACT_DIR  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.evaluate import ranking_metrics  # noqa: E402
 from train.metrics import mae, rmse  # noqa: E402
@@ -85,6 +92,9 @@ COLD_ITEM_FRACTION = 0.1
 SOURCE_FOLDERS = ("train", "data", "common")
 #: Named variants that need no overrides: the id-only ablation (``train.trainer.ablation_config``).
 BUILTIN_VARIANTS = ("id-only",)
+#: A variant's ``warm_start_from`` that starts each of its runs from the default model of the same seed and split:
+#: the second stage of a two-stage training, such as LoRA fine-tuning after training with the backbone frozen.
+FROM_DEFAULT = "<default>"
 
 
 # ---------------------------------------------------------------- configs, variants and what is kept
@@ -155,9 +165,15 @@ def run_key(split: str, config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps([split, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trained(config: TrainConfig, split: str, sources: str | None, kept: Path) -> dict | None:
+def model_folder(kept: Path, split: str, config: TrainConfig) -> Path:
+    """Where the training of ``config`` on ``split`` keeps its output (its artifact in ``TRAINED_ARTIFACT_DIR``)."""
+    return kept.parent / "models" / run_key(split, config)
+
+
+def trained(config: TrainConfig, split: str, sources: str | None, kept: Path, warm_start: Path | None = None) -> dict | None:
     """polyrec's test metrics, seconds and validation curve for ``config``: kept ones trained from ``sources``
-    (None: from any source, and no training), or from a training now."""
+    (None: from any source, and no training), or from a training now, started from the artifact ``warm_start``
+    when given (``config`` names it by ``FROM_DEFAULT``, so that the key does not hold a machine's path)."""
     from train.trainer import run_training
 
     key = run_key(split, config)
@@ -166,10 +182,11 @@ def trained(config: TrainConfig, split: str, sources: str | None, kept: Path) ->
         return json.loads(record.read_text())
     if sources is None:
         return None
-    output = kept.parent / "models" / key
+    output = model_folder(kept, split, config)
     shutil.rmtree(output, ignore_errors=True)  # an unfinished earlier run: training refuses to overwrite an artifact
     started = time.perf_counter()
-    result = run_training(config.model_copy(update={"output": str(output)}))
+    update = {"output": str(output)} | ({"warm_start_from": str(warm_start)} if warm_start else {})
+    result = run_training(config.model_copy(update=update))
     entry = {
         "seed": config.seed,
         "seconds": time.perf_counter() - started,
@@ -181,6 +198,36 @@ def trained(config: TrainConfig, split: str, sources: str | None, kept: Path) ->
     kept.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(entry, indent=2))
     return entry
+
+
+def polyrec_runs(
+    variant: str | None,
+    overrides: dict[str, Any],
+    seeds: list[int],
+    data: Path,
+    split: str,
+    *,
+    base: dict[str, Any],
+    sources: str | None,
+    kept: Path,
+    max_epochs: int | None,
+) -> dict[int, dict]:
+    """polyrec's run (``trained``) per seed of ``variant`` (None: the default) on ``split`` of ``data``. A variant whose
+    ``warm_start_from`` is ``FROM_DEFAULT`` starts each seed from the default model of that seed and split, which is
+    trained first unless it is kept."""
+    out = {}
+    for seed in seeds:
+        config = train_config(merged(base, overrides), variant, seed, data, max_epochs)
+        warm_start = None
+        if config.warm_start_from == FROM_DEFAULT:
+            default = train_config(base, None, seed, data, max_epochs)
+            if trained(default, split, sources, kept) is None:
+                continue
+            warm_start = model_folder(kept, split, default) / TRAINED_ARTIFACT_DIR
+        run = trained(config, split, sources, kept, warm_start)
+        if run is not None:
+            out[seed] = run
+    return out
 
 
 # ---------------------------------------------------------------- the peers
@@ -345,14 +392,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     base = parse_overrides(",".join(args.train_override)) if args.train_override else {}
     variants = [parse_variant(text) for text in args.variant]
     variant_seeds = args.variant_seeds or args.seeds[:1]
-
-    def runs_of(variant: str | None, overrides: dict[str, Any], seeds: list[int], data: Path, split_of: str) -> dict[int, dict]:
-        out = {}
-        for seed in seeds:
-            run = trained(train_config(merged(base, overrides), variant, seed, data, args.max_epochs), split_of, sources, kept)
-            if run is not None:
-                out[seed] = run
-        return out
+    runs_of = functools.partial(polyrec_runs, base=base, sources=sources, kept=kept, max_epochs=args.max_epochs)
 
     results: dict[str, Any] = {
         "name": name,
@@ -609,7 +649,8 @@ def main() -> None:
         "--variant",
         action="append",
         default=[],
-        help="a named polyrec variant as train-config overrides, name=key.path=value,... (or the built-in 'id-only'); repeatable",
+        help="a named polyrec variant as train-config overrides, name=key.path=value,... (or the built-in 'id-only'); repeatable; "
+        "warm_start_from=<default> starts it from the default model of its seed and split",
     )
     parser.add_argument("--variant-seeds", type=int, nargs="+", default=None, help="seeds of each variant (default: the first of --seeds)")
     parser.add_argument("--train-override", action="append", default=[], help="key.path=value,... applied to every polyrec training")
