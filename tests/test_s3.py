@@ -21,13 +21,15 @@ import ray
 from moto.server import ThreadedMotoServer
 from ray import serve
 
+import train.artifact as artifact_module
 from cluster.cli import main as polyrec
+from common.errors import InputError
 from data.manifest import load_manifest
 from serve.config import ServeConfig
 from serve.runner import APP_NAME
 from tests.ports import free_port
 from tests.tiny import tiny_config, tiny_preprocess_config
-from train.artifact import METADATA_FILE
+from train.artifact import METADATA_FILE, read_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +154,12 @@ def test_retrain_reads_the_feedback_log_in_the_bucket(s3_run):
     assert load_manifest(str(new_data)).num_input_interactions == load_manifest(s3_run.data).num_input_interactions + len(CLICKED)
     assert outcome["current_model"] == f"{s3_run.model}/artifact"  # the warm start and the gate's reference
     assert outcome["swapped"] == outcome["promoted"]  # into the service that runs the artifact from the bucket
+
+
+def test_an_artifacts_metadata_is_read_from_the_bucket_without_copying_the_artifact(s3_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(artifact_module, "ARTIFACT_CACHE", tmp_path / "cache")
+    expected = json.loads(s3_run.bucket.Object(f"model/artifact/{METADATA_FILE}").get()["Body"].read())
+    assert read_metadata(f"{s3_run.model}/artifact") == expected
+    assert not (tmp_path / "cache").exists()  # the copy serving makes (local_artifact) is not made to read one file
+    with pytest.raises(InputError, match=rf"^{s3_run.model}: no model artifact there .*, whose artifact is {s3_run.model}/artifact$"):
+        read_metadata(s3_run.model)

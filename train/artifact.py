@@ -192,11 +192,7 @@ def local_artifact(path: str | Path) -> Path:
             hint = f"; it is a training's output, whose artifact is {trained}" if (trained / METADATA_FILE).is_file() else ""
             raise InputError(f"{folder}: not a model artifact ({METADATA_FILE} not found){hint}")
         return folder
-    location = storage.resolve(str(path), "model")
-    try:
-        metadata = storage.read_text(location, METADATA_FILE)
-    except InputError:
-        raise InputError(f"{path}: no model artifact there ({METADATA_FILE} not found)") from None
+    location, metadata = _remote_metadata(path)
     copy = ARTIFACT_CACHE / hashlib.sha256(f"{path}\n{metadata}".encode()).hexdigest()[:24]
     if not (copy / METADATA_FILE).is_file():
         partial = copy.with_name(f"{copy.name}.partial-{uuid.uuid4().hex[:8]}")
@@ -209,6 +205,17 @@ def local_artifact(path: str | Path) -> Path:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return copy
+
+
+def _remote_metadata(uri: str | Path) -> tuple[storage.Location, str]:
+    """The artifact folder at ``uri`` and its ``artifact.json``'s text, unchecked."""
+    location = storage.resolve(str(uri), "model")
+    try:
+        return location, storage.read_text(location, METADATA_FILE)
+    except InputError:
+        trained = f"{str(uri).rstrip('/')}/{TRAINED_ARTIFACT_DIR}"
+        hint = f"; it is a training's output, whose artifact is {trained}" if storage.exists(location, f"{TRAINED_ARTIFACT_DIR}/{METADATA_FILE}") else ""
+        raise InputError(f"{uri}: no model artifact there ({METADATA_FILE} not found){hint}") from None
 
 
 def load_artifact(path: str | Path) -> LoadedArtifact:
@@ -275,12 +282,11 @@ def _check_listing(path: Path) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """``artifact.json`` of the artifact folder ``path``, checked (format version, required fields),
-    without loading the model: the one reader of that file."""
-    file = local_artifact(path) / METADATA_FILE
+    without loading the model (nor, for a URI, copying it): the one reader of that file."""
+    remote = "://" in str(path)
+    file = f"{str(path).rstrip('/')}/{METADATA_FILE}" if remote else local_artifact(path) / METADATA_FILE
     try:
-        metadata = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{file}: not found; is {path} a model artifact?") from None
+        metadata = json.loads(_remote_metadata(path)[1] if remote else file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{file}: not valid JSON: {err}") from None
     if not isinstance(metadata, dict):
