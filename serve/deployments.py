@@ -49,6 +49,7 @@ from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingS
 from serve.rerank import final_items_of_batch
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 from serve.user_cache import ChangeFeed, Changes, Contexts
+from train.artifact import artifact_rating, read_metadata
 
 logger = logging.getLogger("ray.serve")
 
@@ -116,7 +117,9 @@ class Ingress:
         if self.config.rating_range is not None:
             scale = RatingScale(low=self.config.rating_range[0], high=self.config.rating_range[1])
         else:
-            scale = RatingScale.model_validate((await self.stages.describe(model))["rating_scale"])
+            # From artifact.json, not from a stage: feedback is taken while the split graph's stages start or fail.
+            rating = artifact_rating(await asyncio.to_thread(read_metadata, model))
+            scale = RatingScale(low=rating.low, high=rating.high)
         # Together, with no wait between: no request is checked against one version's scale and served by another.
         self.model = model
         use_rating_scale(app, scale)

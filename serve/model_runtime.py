@@ -354,7 +354,6 @@ class ServingModel:
             "created_at": self.metadata.get("created_at"),
             "num_items": self.num_items,
             "registered_items": self.registry_version,
-            "rating_scale": {"low": self.rating.low, "high": self.rating.high},
         }
 
 
