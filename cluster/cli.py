@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    ray_was_connected = _ray_connected()
     try:
         with console_session(run_folder(args), verbose=args.verbose):
             status = args.handler(args) or 0
@@ -259,9 +260,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"polyrec {args.stage}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _ray_connected() and not ray_was_connected:
+            # Before the message: Ray prints its workers' log lines until the driver disconnects, which would
+            # otherwise happen at exit, after it. A connection the caller had (a notebook, a test) stays.
+            import ray
+
+            ray.shutdown()
         print(f"polyrec {args.stage}: interrupted", file=sys.stderr)
         return 130
     return status
+
+
+def _ray_connected() -> bool:
+    # Without importing Ray: most commands never do.
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 if __name__ == "__main__":
