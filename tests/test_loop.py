@@ -137,7 +137,7 @@ def swapped(request, cluster, trained_run, tmp_path_factory) -> dict:
                 answer = http.post("/v1/recommend", json={"user_id": user, "k": 5})
                 body = answer.json() if answer.status_code == 200 else {}
                 outcomes.append((answer.status_code, body.get("model_version"), any(i["because"] for i in body.get("items", []))))
-                time.sleep(0.05)
+                time.sleep(0.25)  # 4 clients at about 3 requests a second each; faster, they starve the retraining of the CPU
 
     config = RetrainConfig(
         feedback_log=service.config.feedback.path,
