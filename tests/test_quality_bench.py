@@ -148,17 +148,19 @@ def test_a_variant_warm_started_from_the_default_fine_tunes_that_seeds_default_m
 
     monkeypatch.setattr(train.trainer, "run_training", fake_training)
     name, overrides = parse_variant("lora-ft=model.backbone.mode=lora,epochs=1,warm_start_from=<default>")
-    kept = tmp_path / "polyrec"
+    kept, models = tmp_path / "polyrec", tmp_path / "models"
 
     def runs():
-        return bench_run.polyrec_runs(name, overrides, [0, 1], Path("/d"), "split", base={}, sources="src", kept=kept, max_epochs=None)
+        return bench_run.polyrec_runs(name, overrides, [0, 1], Path("/d"), "split", base={}, sources="src", kept=kept, models=models, max_epochs=None)
 
     first = runs()
     # each seed's default, then the variant from the artifact of that default
     assert [(config.seed, config.model.backbone.mode) for config in started] == [(0, "frozen"), (0, "lora"), (1, "frozen"), (1, "lora")]
     for default, variant in (started[0:2], started[2:4]):
+        assert Path(default.output).parent == Path(variant.output).parent == models  # beside the records, not in them
         assert default.warm_start_from is None
         assert variant.warm_start_from == str(Path(default.output) / "artifact")
     assert first[1]["metrics"]["polyrec"]["NDCG@10"] == pytest.approx(0.4)
+    assert len(list(kept.glob("*.json"))) == 4  # one record per training
     # the variant's result is kept under its config with the placeholder, not a machine's path: a rerun trains nothing
     assert runs() == first and len(started) == 4

@@ -22,9 +22,11 @@ What is kept, so that a rerun only trains what changed:
   fingerprint, ``split_hash.py``, covers exactly what a peer sees; a model is re-run only when it has no result
   for this split at the requested epochs and batch size, and one that stopped at a lower ``--peer-max-minutes``
   than asked for continues from its checkpoint, ``peers.py``);
-- each polyrec training's metrics, in ``bench/_work/quality/<name>/polyrec/<key>.json``, the key covering the
-  split and the whole training config; a kept result is used while the code of ``train/``, ``data/`` and
-  ``common/`` is the one it was trained with (comments, docstrings and layout aside: ``source_fingerprint``).
+- each polyrec training's metrics, in ``bench/quality/polyrec/<name>/<key>.json`` (committed, as the peers' are, so
+  that a table can be re-rendered on another machine), the key covering the split and the whole training config; a
+  kept result is used while the code of ``train/``, ``data/`` and ``common/`` is the one it was trained with
+  (comments, docstrings and layout aside: ``source_fingerprint``). The models it trained stay on the machine, in
+  ``bench/_work/quality/<name>/models/<key>/``.
 
 A variant with ``warm_start_from=<default>`` (``FROM_DEFAULT``) is a second training stage: each of its seeds starts
 from the default model of that seed and split (trained first unless kept), e.g. LoRA fine-tuning after the default's
@@ -75,6 +77,7 @@ from train.trainer import ablation_config  # noqa: E402
 HERE = Path(__file__).resolve().parent
 WORK = REPO / "bench" / "_work" / "quality"
 PEERS = HERE / "peers"
+RECORDS = HERE / "polyrec"
 PEERS_PYTHON = REPO / "bench" / ".venv-peers" / "bin" / "python"
 DEFAULT_NAME = "MovieLens-100K"
 RANKING_PEERS = ("SASRec", "GRU4Rec", "BERT4Rec")
@@ -165,15 +168,16 @@ def run_key(split: str, config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps([split, settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def model_folder(kept: Path, split: str, config: TrainConfig) -> Path:
+def model_folder(models: Path, split: str, config: TrainConfig) -> Path:
     """Where the training of ``config`` on ``split`` keeps its output (its artifact in ``TRAINED_ARTIFACT_DIR``)."""
-    return kept.parent / "models" / run_key(split, config)
+    return models / run_key(split, config)
 
 
-def trained(config: TrainConfig, split: str, sources: str | None, kept: Path, warm_start: Path | None = None) -> dict | None:
-    """polyrec's test metrics, seconds and validation curve for ``config``: kept ones trained from ``sources``
-    (None: from any source, and no training), or from a training now, started from the artifact ``warm_start``
-    when given (``config`` names it by ``FROM_DEFAULT``, so that the key does not hold a machine's path)."""
+def trained(config: TrainConfig, split: str, sources: str | None, kept: Path, models: Path, warm_start: Path | None = None) -> dict | None:
+    """polyrec's test metrics, seconds and validation curve for ``config``: kept in ``kept`` and trained from
+    ``sources`` (None: from any source, and no training), or from a training now into ``models``, started from the
+    artifact ``warm_start`` when given (``config`` names it by ``FROM_DEFAULT``, so that the key does not hold a
+    machine's path)."""
     from train.trainer import run_training
 
     key = run_key(split, config)
@@ -182,7 +186,7 @@ def trained(config: TrainConfig, split: str, sources: str | None, kept: Path, wa
         return json.loads(record.read_text())
     if sources is None:
         return None
-    output = model_folder(kept, split, config)
+    output = model_folder(models, split, config)
     shutil.rmtree(output, ignore_errors=True)  # an unfinished earlier run: training refuses to overwrite an artifact
     started = time.perf_counter()
     update = {"output": str(output)} | ({"warm_start_from": str(warm_start)} if warm_start else {})
@@ -210,6 +214,7 @@ def polyrec_runs(
     base: dict[str, Any],
     sources: str | None,
     kept: Path,
+    models: Path,
     max_epochs: int | None,
 ) -> dict[int, dict]:
     """polyrec's run (``trained``) per seed of ``variant`` (None: the default) on ``split`` of ``data``. A variant whose
@@ -221,10 +226,10 @@ def polyrec_runs(
         warm_start = None
         if config.warm_start_from == FROM_DEFAULT:
             default = train_config(base, None, seed, data, max_epochs)
-            if trained(default, split, sources, kept) is None:
+            if trained(default, split, sources, kept, models) is None:
                 continue
-            warm_start = model_folder(kept, split, default) / TRAINED_ARTIFACT_DIR
-        run = trained(config, split, sources, kept, warm_start)
+            warm_start = model_folder(models, split, default) / TRAINED_ARTIFACT_DIR
+        run = trained(config, split, sources, kept, models, warm_start)
         if run is not None:
             out[seed] = run
     return out
@@ -378,7 +383,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     import ray
 
     work = WORK / slug(name)
-    kept = work / "polyrec"
+    kept = RECORDS / slug(name)
     data_dir = work / "data"
     reuse = args.report_only
     if not args.report_only:
@@ -392,7 +397,7 @@ def measure(args: argparse.Namespace, name: str) -> dict:
     base = parse_overrides(",".join(args.train_override)) if args.train_override else {}
     variants = [parse_variant(text) for text in args.variant]
     variant_seeds = args.variant_seeds or args.seeds[:1]
-    runs_of = functools.partial(polyrec_runs, base=base, sources=sources, kept=kept, max_epochs=args.max_epochs)
+    runs_of = functools.partial(polyrec_runs, base=base, sources=sources, kept=kept, models=work / "models", max_epochs=args.max_epochs)
 
     results: dict[str, Any] = {
         "name": name,
