@@ -3,6 +3,7 @@ rules, and the synthetic set's generator. The benchmark's trainings themselves a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,29 @@ def test_a_peer_kept_at_a_lower_time_cap_is_trained_further_and_only_then():
     assert peer_is_kept(capped | {"stop_reason": "early_stopped"}, "s", epochs=300, max_minutes=150)
     assert not peer_is_kept(capped, "another split", epochs=300, max_minutes=55)
     assert peer_is_kept({"split_hash": "s", "hyperparameters": {}}, "s", epochs=300, max_minutes=150)  # popularity, SVD++
+
+
+@pytest.mark.parametrize("held_back", ["report_only", "no_peer_training"])
+def test_a_peer_short_of_the_request_is_trained_further_unless_training_is_held_back(tmp_path, monkeypatch, capsys, held_back):
+    import bench.quality.run as bench_run
+
+    monkeypatch.setattr(bench_run, "PEERS", tmp_path)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "peers.json").write_text(json.dumps({"models": {"BERT4Rec": _capped_run(10, 7, cap=35.0), "Pop": {"split_hash": "s"}}}))
+    commands = []
+    monkeypatch.setattr(bench_run.subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(bench_run, "PEERS_PYTHON", tmp_path)  # there: no environment is built
+    args = SimpleNamespace(peer_max_epochs=None, peer_max_minutes=150, peer_threads=2, report_only=False, no_peer_training=False)
+
+    bench_run.ensure_peers(tmp_path / "data", "s", ["Pop", "BERT4Rec"], SimpleNamespace(**vars(args) | {held_back: True}))
+    flag = "--" + held_back.replace("_", "-")
+    assert capsys.readouterr().out.strip().endswith(f"peers kept in {tmp_path / 's'}: Pop; not trained ({flag}): BERT4Rec, reported as kept, if kept at all")
+    assert commands == []
+
+    bench_run.ensure_peers(tmp_path / "data", "s", ["Pop", "BERT4Rec"], args)
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"peers kept in {tmp_path / 's'}: Pop; to train: BERT4Rec")
+    (command,) = commands  # peers.py, for the one short of the request
+    assert command[command.index("--models") + 1 : command.index("--threads")] == ["BERT4Rec"]
 
 
 def test_a_time_capped_peer_continues_from_the_state_it_stopped_in(tmp_path, monkeypatch):

@@ -258,8 +258,13 @@ def ensure_peers(data_dir: Path, split: str, models: list[str], args: argparse.N
     runs = json.loads(record.read_text())["models"] if record.exists() else {}
     epochs = args.peer_max_epochs or RECBOLE_EPOCHS
     missing = [model for model in models if not peer_is_kept(runs.get(model), split, epochs, args.peer_max_minutes)]
-    print(f"split {split[:16]}: peers kept in {folder}: {', '.join(sorted(set(models) - set(missing))) or 'none'}; to train: {', '.join(missing) or 'none'}")
-    if not missing or args.report_only or args.no_peer_training:
+    kept = ", ".join(sorted(set(models) - set(missing))) or "none"
+    held_back = "--report-only" if args.report_only else "--no-peer-training" if args.no_peer_training else None
+    to_train = f"to train: {', '.join(missing) or 'none'}"
+    if missing and held_back:
+        to_train = f"not trained ({held_back}): {', '.join(missing)}, reported as kept, if kept at all"
+    print(f"split {split[:16]}: peers kept in {folder}: {kept}; {to_train}")
+    if not missing or held_back:
         return folder
     if not PEERS_PYTHON.exists():
         subprocess.run([str(HERE / "setup_peers.sh")], check=True)
