@@ -112,8 +112,11 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _retrain(args: argparse.Namespace) -> None:
     from cluster.retrain import RetrainConfig, run_retrain
+    from train.config import TrainConfig
 
     config = RetrainConfig.from_yaml(args.config, feedback_log=args.feedback_log, current_model=args.model, output=args.output)
+    if args.train_config:
+        config.train = TrainConfig.from_yaml(args.train_config)
     if args.ray_address:
         config.preprocess.ray.address = config.train.ray.address = config.serving.ray.address = args.ray_address
     if args.serving:
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = stage("retrain", _retrain, "Retrain from the base data plus the feedback log; promote and hot-swap if it is better.")
     sub.add_argument("--config", help="YAML file (see configs/retrain.yaml)")
+    sub.add_argument("--train-config", help="the training config that trained the model in service (replaces the config's train: section)")
     sub.add_argument("--feedback-log", help="the feedback log (path or URI)")
     sub.add_argument("--model", help="the artifact in service (warm start and gate reference; default: the version the service runs)")
     sub.add_argument("--output", help="folder for the new data and model")

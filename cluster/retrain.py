@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from cluster.gate import GateConfig, GateDecision, decide
 from common.config import RayConfig, StageConfig
@@ -123,17 +123,18 @@ def run_retrain(config: RetrainConfig) -> RetrainResult:
     if current is None:
         raise InputError("retrain: no service runs and current_model is not set: name the artifact in service with --model")
     run_dir = Path(config.output) / time.strftime("%Y%m%d-%H%M%S")
+    train = config.train.model_copy(deep=True)
+    train.data, train.output, train.warm_start_from = str(run_dir / "data"), str(run_dir / "model"), current
+    _check_same_model(current, train)
 
     preprocess = config.preprocess.model_copy(deep=True)
     registry = Path(service.state_dir) / REGISTRY_FILE
     feedback = SourceConfig(format="feedback", path=config.feedback_log, items_path=str(registry) if registry.is_file() else None)
     preprocess.extra_sources = [*preprocess.extra_sources, feedback]
-    preprocess.output = str(run_dir / "data")
+    preprocess.output = train.data
     manifest = run_preprocess(preprocess)
     print(f"[polyrec retrain] data: {manifest.num_interactions:,} interactions incl. feedback from {config.feedback_log}")
 
-    train = config.train.model_copy(deep=True)
-    train.data, train.output, train.warm_start_from = preprocess.output, str(run_dir / "model"), current
     if train.tracking.uri is None and "://" not in config.output:
         # The store of the run folder that holds the retrain output (runs/default/mlruns), where the first training went.
         train.tracking.uri = str(Path(config.output).resolve().parent / "mlruns")
@@ -162,3 +163,32 @@ def run_retrain(config: RetrainConfig) -> RetrainResult:
     outcome = RetrainResult(decision.promoted, swapped, reason, result.artifact, current, decision, result.test_metrics, registered)
     (run_dir / "retrain.json").write_text(json.dumps(asdict(outcome), indent=2))
     return outcome
+
+
+def _check_same_model(current: str, train: TrainConfig) -> None:
+    """Retraining continues the model in service, so ``train.model`` must be the one it was trained with. Another
+    backbone or shape would carry little of it over (the warm start takes only what matches) and the gate would judge
+    another recipe: refused before any work, naming what differs."""
+    from train.artifact import trained_model_config
+    from train.trainer import absolute_start_points
+
+    in_service = _settings(trained_model_config(current))
+    configured = _settings(absolute_start_points(train).get("model", train.model))
+    differences = [f"model.{name}: {value!r} in service, {configured[name]!r} here" for name, value in in_service.items() if value != configured[name]]
+    if differences:
+        raise InputError(
+            f"{current}, the model in service, was trained with another train.model ({'; '.join(differences)}); "
+            "retraining continues that model: give it the training config that trained it (--train-config FILE, or the train: section)"
+        )
+
+
+def _settings(section: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """A config section's settings by dotted name (``{"backbone.name_or_path": ...}``)."""
+    flat: dict[str, Any] = {}
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            flat.update(_settings(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat

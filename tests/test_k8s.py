@@ -327,6 +327,18 @@ def test_job_entrypoints_reach_the_cluster_as_one_polyrec_command_line(rendered)
                 assert program == "polyrec" and stage in STAGES, command
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_nightly_retraining_trains_with_the_config_the_training_job_trained_with(rendered, overlay):
+    # `polyrec retrain` refuses a train.model other than the served model's, and the served model is the RayJob's.
+    commands = {}
+    for job_spec in (rendered[overlay]["RayJob"]["spec"], rendered[overlay]["RayCronJob"]["spec"]["jobTemplate"]):
+        _, _, script = shlex.split(job_spec["entrypoint"])
+        for command in script.split(" && ")[1:]:
+            arguments = cli.build_parser().parse_args(shlex.split(command)[1:])
+            commands[arguments.stage] = arguments
+    assert commands["retrain"].train_config == commands["train"].config
+
+
 # --- Capacity --------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from train.backbone import default_backbone_path, pool
 from train.config import BackboneConfig, LossWeightingConfig, ModelConfig, TrainConfig
 from train.evaluate import evaluate
 from train.model import CatalogFeatures, PolyrecModel
-from train.trainer import TrainingModule, _absolute_start_points, _parameter_groups, run_training, validation_sample
+from train.trainer import TrainingModule, _parameter_groups, absolute_start_points, run_training, validation_sample
 from train.weighting import LossWeighting
 
 pytestmark = pytest.mark.slow
@@ -129,9 +129,9 @@ def test_a_relative_backbone_folder_is_made_absolute_for_the_workers(tmp_path, m
     config = TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "train-llm-8b.yaml")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match="name_or_path: runs/models/llm-8b is not a folder"):
-        _absolute_start_points(config)
+        absolute_start_points(config)
     (tmp_path / config.model.backbone.name_or_path).mkdir(parents=True)
-    absolute = config.model_copy(update=_absolute_start_points(config))
+    absolute = config.model_copy(update=absolute_start_points(config))
     assert absolute.model.backbone.name_or_path == str(tmp_path / "runs/models/llm-8b")
     assert absolute.model.backbone.mode == "lora" and absolute.model.user_model == config.model.user_model
 

@@ -3,6 +3,7 @@ training warm-starts from the serving model, and the promotion gate decides."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 
@@ -12,14 +13,15 @@ import ray
 import torch
 from mlflow import MlflowClient
 
+from cluster.cli import main as polyrec
 from cluster.gate import GateConfig, decide
-from cluster.retrain import RetrainConfig, run_retrain
+from cluster.retrain import RetrainConfig, _check_same_model, run_retrain
 from data import schema
 from data.manifest import load_manifest
 from serve.feedback_log import FeedbackLog
 from serve.versions import VersionHistory
 from tests.tiny import tiny_config
-from train.artifact import load_artifact
+from train.artifact import load_artifact, read_metadata
 from train.batching import left_pad
 from train.evaluate import evaluate_on
 
@@ -125,3 +127,27 @@ def test_retrain_reads_logged_clicks_warm_starts_and_gates(tmp_path, ray_local, 
     before = {item_ids[i] for i in _top_items(old_model, old_row["history"], user_idx)}
     after = {new_item_ids[i] for i in _top_items(new_model, new_row["history"], new_user_idx)}
     assert before != after
+
+
+def test_retrain_refuses_another_model_than_the_one_in_service_before_any_work(tmp_path, trained_run, capsys):
+    # The model in service was trained by `polyrec train` on tests.tiny's config; the retrain gets one 48 wide instead of 32.
+    wider = tiny_config(trained_run.data, tmp_path / "unused", epochs=1)
+    wider.model.user_model.hidden_size = 48
+    (tmp_path / "train.yaml").write_text(wider.to_yaml())
+    command = ["retrain", "--model", trained_run.artifact, "--feedback-log", str(tmp_path / "feedback"), "--output", str(tmp_path / "retrain")]
+
+    assert polyrec([*command, "--train-config", str(tmp_path / "train.yaml")]) == 2
+    (message,) = capsys.readouterr().err.splitlines()
+    served_width = read_metadata(trained_run.artifact)["model_config"]["user_model"]["hidden_size"]
+    assert f"(model.user_model.hidden_size: {served_width} in service, 48 here)" in message
+    assert "--train-config" in message
+
+    # Without a training config the retrain's own train: section, the defaults, applies: every setting tests.tiny changes differs.
+    assert polyrec(command) == 2
+    (message,) = capsys.readouterr().err.splitlines()
+    named = set(re.findall(r"model\.([\w.]+): .*? in service, ", message))
+    assert named == {"backbone.random_init_config", "user_model.hidden_size", "towers.expert_hidden"}
+    assert not (tmp_path / "retrain").exists()  # refused before preprocessing
+
+    # The config that trained it passes.
+    _check_same_model(trained_run.artifact, tiny_config(trained_run.data, tmp_path / "unused", epochs=1))

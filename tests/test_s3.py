@@ -99,11 +99,12 @@ def s3_run(tmp_path_factory) -> S3Run:
         response = httpx.post(f"{url}/v1/feedback", headers={"X-API-Key": API_KEY}, json=events, timeout=60)
         assert response.status_code == 200, response.text
 
-        # Retraining warm-starts from the version in service (the artifact in the bucket) and swaps the new one in.
-        retrain = {"preprocess": preprocess_config.model_dump(mode="json"), "train": tiny_config(data, root / "unused", epochs=1).model_dump(mode="json")}
-        (root / "retrain.yaml").write_text(json.dumps(retrain))  # JSON is YAML
+        # Retraining warm-starts from the version in service (the artifact in the bucket), trained by the same training
+        # config, and swaps the new one in.
+        (root / "retrain.yaml").write_text(json.dumps({"preprocess": preprocess_config.model_dump(mode="json")}))  # JSON is YAML
         retrain_dir = root / "retrain"
-        assert polyrec(["retrain", "--config", str(root / "retrain.yaml"), "--feedback-log", feedback, "--output", str(retrain_dir)]) == 0
+        retrain = ["retrain", "--config", str(root / "retrain.yaml"), "--train-config", str(root / "train.yaml"), "--feedback-log", feedback]
+        assert polyrec([*retrain, "--output", str(retrain_dir)]) == 0
         yield S3Run(bucket, data, model, feedback, served, recommended, user, retrain_dir)
     finally:
         if ray.is_initialized():

@@ -283,8 +283,7 @@ def _check_listing(path: Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """``artifact.json`` of the artifact folder ``path``, checked (format version, required fields),
     without loading the model (nor, for a URI, copying it): the one reader of that file."""
-    remote = "://" in str(path)
-    file = f"{str(path).rstrip('/')}/{METADATA_FILE}" if remote else local_artifact(path) / METADATA_FILE
+    remote, file = "://" in str(path), _metadata_file(path)
     try:
         metadata = json.loads(_remote_metadata(path)[1] if remote else file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -317,11 +316,25 @@ def artifact_rating(metadata: Mapping[str, Any]) -> RatingNormalisation:
     return RatingNormalisation.model_validate(metadata.get("rating") or {"kind": "none"})
 
 
-def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
+def trained_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` the artifact at ``path`` (a folder or a URI) was trained with, from ``artifact.json`` alone."""
+    return _validated_model_config(_metadata_file(path), read_metadata(path))
+
+
+def _metadata_file(path: str | Path) -> str | Path:
+    """Where ``artifact.json`` of the artifact at ``path`` is, as error messages name it."""
+    return f"{str(path).rstrip('/')}/{METADATA_FILE}" if "://" in str(path) else local_artifact(path) / METADATA_FILE
+
+
+def _validated_model_config(file: str | Path, metadata: dict[str, Any]) -> ModelConfig:
     try:
-        config = ModelConfig.model_validate(metadata["model_config"])
+        return ModelConfig.model_validate(metadata["model_config"])
     except ValidationError as err:
         raise InputError(f"{file}: field 'model_config': {_problems(err)}") from None
+
+
+def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
+    config = _validated_model_config(file, metadata)
     if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
         raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
     return config

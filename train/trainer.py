@@ -431,7 +431,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     """Fit on Ray Train + DeepSpeed, then export the best checkpoint as a model artifact that records its test metrics
     (reported beside the popularity baseline's and each ablation's, with the training curves)."""
     _refuse_unsupported_combinations(config)
-    config = config.model_copy(update=_absolute_start_points(config))
+    config = config.model_copy(update=absolute_start_points(config))
     output, published = _output_folder(config)
     connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
@@ -483,7 +483,7 @@ def _refuse_unsupported_combinations(config: TrainConfig) -> None:
         )
 
 
-def _absolute_start_points(config: TrainConfig) -> dict[str, Any]:
+def absolute_start_points(config: TrainConfig) -> dict[str, Any]:
     """``warm_start_from``, ``resume_from`` and the backbone's ``name_or_path`` as absolute paths (URIs as given):
     Ray Train's workers run in directories of their own, where a relative path finds nothing. A local folder that
     is missing fails here, before any worker starts."""
