@@ -120,12 +120,20 @@ def first_occurrences(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def read_feedback_log(log_uri: str, wal_dir: str | Path | None = None) -> pa.Table:
     """Every row logged so far as a ``FEEDBACK_LOG`` table: the Parquet parts, plus the WAL segments not
-    yet flushed when ``wal_dir`` is given; the first row of each ``event_id`` is kept."""
-    tables = [rows_to_table([])]
-    tables += [part.read(FEEDBACK_LOG) for part in log_parts(storage.resolve(log_uri, "feedback log"))]
+    yet flushed when ``wal_dir`` is given; the first row of each ``event_id`` is kept.
+
+    A live writer may flush meanwhile: it publishes a segment's part, then deletes the segment. So the segments
+    are read first, and the parts listed after: a row is in a segment read here, or in a part published before
+    the listing (a segment gone before it could be read was flushed, its part published before it went)."""
+    logged_in_wal = []
     if wal_dir is not None and Path(wal_dir).is_dir():
-        tables += [rows_to_table(read_wal_segment(segment)) for segment in sorted(Path(wal_dir).glob(f"*{WAL_SUFFIX}"))]
-    table = pa.concat_tables(tables)
+        for segment in sorted(Path(wal_dir).glob(f"*{WAL_SUFFIX}")):
+            try:
+                logged_in_wal.append(rows_to_table(read_wal_segment(segment)))
+            except FileNotFoundError:
+                continue
+    parts = [part.read(FEEDBACK_LOG) for part in log_parts(storage.resolve(log_uri, "feedback log"))]
+    table = pa.concat_tables([rows_to_table([]), *parts, *logged_in_wal])  # parts first: the first row of an event_id is kept
     return table.filter(pa.array(first_occurrences(table["event_id"])))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import data.feedback_log as feedback_log_module
 from data.config import SourceConfig
 from data.feedback_log import read_feedback_log, read_wal_segment
 from data.readers import read_source
@@ -170,6 +171,29 @@ def test_read_feedback_log_merges_parts_and_wal_and_keeps_the_first_of_each_even
     assert table["event_id"].to_pylist() == ["e0", "e1", "e2", "e3", "e4", "e5"]
     assert table["item_id"].to_pylist()[2] == "i2"
     assert read_feedback_log(str(log_dir)).num_rows == 4  # parts only
+    log.close()
+
+
+@pytest.mark.parametrize("flushed_while", ["LogPart.read", "read_wal_segment"])
+def test_a_flush_during_a_read_of_the_log_loses_no_row(dirs, monkeypatch, flushed_while):
+    # The store rebuilds from the log while the FeedbackLogger flushes (a segment's part published, then the segment
+    # deleted): whenever that happens during the read, every row logged before it is in what the read returns.
+    log_dir, wal_dir = dirs
+    log = FeedbackLog(str(log_dir), wal_dir, writer="w")
+    log.append(events(3))
+    log.flush()
+    log.append(events(3, start=3))  # in the WAL alone
+    owner, name = (feedback_log_module.LogPart, "read") if flushed_while == "LogPart.read" else (feedback_log_module, "read_wal_segment")
+    unpatched = getattr(owner, name)
+
+    def flush_first(*args, **kwargs):
+        if log.flush():  # the first call only: then nothing is left to flush
+            monkeypatch.setattr(owner, name, unpatched)
+        return unpatched(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flush_first)
+    assert read_feedback_log(str(log_dir), wal_dir)["event_id"].to_pylist() == [f"e{i}" for i in range(6)]
+    assert len(list(log_dir.glob("part-*.parquet"))) == 2 and not list(wal_dir.glob("*.wal"))  # it did flush during the read
     log.close()
 
 
