@@ -38,7 +38,7 @@ from common.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-STAGES = ("preprocess", "train", "evaluate", "retrain", "pipeline", "serve")
+STAGES = ("preprocess", "pretrain", "train", "evaluate", "retrain", "pipeline", "serve")
 
 #: gitignore-style patterns, relative to the working_dir, left out of the upload. The embedded
 #: MovieLens-100K under data/datasets/ is deliberately kept: jobs run on it by default.

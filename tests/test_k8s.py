@@ -339,6 +339,10 @@ def test_the_nightly_retraining_trains_with_the_config_the_training_job_trained_
     assert commands["retrain"].train_config == commands["train"].config
 
 
+def test_every_stage_that_writes_a_run_can_be_submitted_as_a_job():
+    assert set(STAGES) >= cli.RUN_STAGES
+
+
 # --- Capacity --------------------------------------------------------------------------------
 
 
