@@ -235,6 +235,9 @@ class StateConfig(StageConfig):
     #: Events that extend a user's history; impressions never do.
     history_events: list[str] = Field(default_factory=lambda: ["click", "like", "rate", "purchase", "view"])
     popular_items: int = Field(1000, ge=1)  # kept for cold-start answers
+    #: Feedback events an ingress replica holds for the store while it is away (restarting), offered again each
+    #: second; past this the oldest are dropped from the live state (the log has them; a restarted store reads it).
+    max_pending_updates: int = Field(100_000, ge=0)
     cache: ContextCacheConfig = Field(default_factory=ContextCacheConfig)
 
 

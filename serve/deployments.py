@@ -41,22 +41,21 @@ from serve.api import (
 )
 from serve.batching import batched, set_batching
 from serve.config import ServeConfig
-from serve.errors import FeedbackLogUnavailable, ServiceUnavailable
+from serve.errors import FeedbackLogUnavailable, ServiceUnavailable, cause_of
 from serve.feedback_log import FeedbackLog, impression_rows, now_ms
 from serve.http import IngressMetrics, app, configure, invalid_field, require_api_key, require_read_key, use_rating_scale
 from serve.messages import Query, Ranked
 from serve.recommendation import Chosen, ColocatedStages, HandleStages, RankingStage, RetrievalStage
 from serve.rerank import final_items_of_batch
+from serve.resend import SENT, ResendQueue
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 from serve.user_cache import ChangeFeed, Changes, Contexts
 from train.artifact import artifact_rating, read_metadata
 
 logger = logging.getLogger("ray.serve")
 
-
-def _cause(error: BaseException) -> BaseException:
-    """The exception raised inside another deployment, without Ray's wrapping."""
-    return getattr(error, "cause", None) or error
+#: How often an ingress replica offers the UserStateStore the feedback it could not take (while it restarts).
+STATE_RESEND_S = 1.0
 
 
 # --- the split graph's stages ----------------------------------------------------------------
@@ -107,8 +106,29 @@ class Ingress:
         configure(app, config, self.metrics)
         self.history_events = set(config.state.history_events)
         self.accepted_events = set(config.accepted_events)
-        self._impressions: list[dict[str, Any]] = []
-        self._impression_sender: asyncio.Future | None = None
+        self._impressions = ResendQueue(
+            lambda rows: latency.timed("impressions", self.feedback_logger.append.remote(rows)),
+            what="impression rows",
+            interval_s=config.feedback.impression_batch_s,
+            max_pending=config.feedback.max_pending_impressions,
+            count=lambda outcome, rows: self.metrics.impressions.inc(rows, tags={"outcome": "logged" if outcome == SENT else outcome}),
+        )
+        # Feedback is durable in the log before the store hears of it; while the store restarts (and rebuilds from the
+        # log) its updates wait here. The store applies an event id once, so one sent twice changes nothing.
+        self._state_updates = ResendQueue(
+            self._update_state,
+            what="feedback events for the user state",
+            interval_s=STATE_RESEND_S,
+            max_pending=config.state.max_pending_updates,
+            count=self._count_state_update,
+        )
+
+    async def _update_state(self, interactions: list[tuple[str, str, str, int, float | None]]) -> None:
+        await self.metrics.stage_latency.timed("state", self.store.record.remote(interactions))
+
+    def _count_state_update(self, outcome: str, rows: int) -> None:
+        if outcome != SENT:
+            self.metrics.errors.inc(tags={"route": "state_update"})
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         if isinstance(self.stages, ColocatedStages):
@@ -147,7 +167,8 @@ class Ingress:
         if body.context:
             logger.info("request %s context %s", request_id, body.context)
         items = recommendation.items
-        self._log_impressions(
+        # Not awaited: the answer does not wait for its impressions (feedback, by contrast, is acknowledged only once durable).
+        self._impressions.add(
             impression_rows(
                 request_id=request_id,
                 user_id=body.user_id,
@@ -161,36 +182,9 @@ class Ingress:
         # validate the dump again and encode that.
         return Response(to_json(answer, inf_nan_mode="null"), media_type="application/json")
 
-    def _log_impressions(self, rows: list[dict[str, Any]]) -> None:
-        """Queue impression rows; they reach the log in one call per ``impression_batch_s``.
-
-        The answer does not wait for them (feedback, by contrast, is acknowledged only once durable). Rows
-        the log could not take are sent again with the next ones; past ``max_pending_impressions`` the oldest
-        are dropped. Both are counted in ``polyrec_impressions{outcome}``."""
-        self._impressions.extend(rows)
-        if self._impression_sender is None or self._impression_sender.done():
-            self._impression_sender = asyncio.ensure_future(self._send_impressions(self.config.feedback.impression_batch_s))
-
-    async def _send_impressions(self, gather_s: float) -> None:
-        while True:
-            await asyncio.sleep(gather_s)
-            rows, self._impressions = self._impressions, []
-            if not rows:
-                return
-            try:
-                await self.metrics.stage_latency.timed("impressions", self.feedback_logger.append.remote(rows))
-                self.metrics.impressions.inc(len(rows), tags={"outcome": "logged"})
-            except Exception as error:
-                logger.warning("could not log %d impression rows (%s); they are sent again", len(rows), _cause(error))
-                self.metrics.impressions.inc(len(rows), tags={"outcome": "retried"})
-                self._impressions = rows + self._impressions
-                excess = len(self._impressions) - self.config.feedback.max_pending_impressions
-                if excess > 0:
-                    del self._impressions[:excess]
-                    self.metrics.impressions.inc(excess, tags={"outcome": "dropped"})
-
     async def __del__(self) -> None:
-        await self._send_impressions(0)  # graceful shutdown: the queued impressions
+        await self._impressions.close()  # graceful shutdown: one last attempt at what is queued
+        await self._state_updates.close()
         await self.stages.close()
 
     # --- feedback ----------------------------------------------------------------------------
@@ -216,7 +210,7 @@ class Ingress:
             try:
                 await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
             except RayError as error:
-                if isinstance(_cause(error), FeedbackLogUnavailable):
+                if isinstance(cause_of(error), FeedbackLogUnavailable):
                     raise ServiceUnavailable("feedback log unavailable; nothing was recorded, try again later") from None
                 raise
         for row in rows:
@@ -226,13 +220,15 @@ class Ingress:
             for row in rows
             if row["event"] in self.history_events
         ]
-        if interactions:
+        if interactions and len(self._state_updates):  # the store is away: these wait behind the others, in order
+            self._state_updates.add(interactions)
+        elif interactions:
             try:
-                await self.metrics.stage_latency.timed("state", self.store.record.remote(interactions))
-            except Exception:
-                # The events are durable; the store re-reads the log when it restarts.
-                logger.exception("feedback logged but the user state was not updated")
+                await self._update_state(interactions)
+            except Exception as error:
+                logger.warning("feedback logged, the user state not updated yet (%s): sent to the store again", cause_of(error))
                 self.metrics.errors.inc(tags={"route": "state_update"})
+                self._state_updates.add(interactions)
         return FeedbackResponse(accepted=len(rows), event_ids=[row["event_id"] for row in rows])
 
     # --- items and model ---------------------------------------------------------------------

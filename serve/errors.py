@@ -1,4 +1,5 @@
-"""Errors the service answers with a status of their own (the HTTP mapping is in ``serve.http``)."""
+"""Errors the service answers with a status of their own (the HTTP mapping is in ``serve.http``), and what
+another deployment raised."""
 
 from __future__ import annotations
 
@@ -9,3 +10,8 @@ class ServiceUnavailable(Exception):
 
 class FeedbackLogUnavailable(ServiceUnavailable):
     """The feedback log could not make a write durable; nothing of it was acknowledged."""
+
+
+def cause_of(error: BaseException) -> BaseException:
+    """The exception raised inside another deployment, without Ray's wrapping."""
+    return getattr(error, "cause", None) or error

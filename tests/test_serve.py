@@ -716,24 +716,32 @@ def test_ratings_outside_the_rating_range_are_422_naming_the_value(client):
 
 def test_a_killed_user_state_store_comes_back_with_every_history(client):
     """kill -9 of the store's process: Serve starts another, which rebuilds the histories from the training data, the
-    feedback log's Parquet parts and the write-ahead log (this module's log is flushed only at shutdown)."""
+    feedback log's Parquet parts and the write-ahead log (this module's log is flushed only at shutdown). Feedback
+    given while it is away is acknowledged, and is in the history once it is back."""
     store = serve.get_deployment_handle("UserStateStore", app_name=APP_NAME)
     users = ["1", "newcomer", "retrier"]
     before = {user: store.context.remote(user).result() for user in users}
     assert before["newcomer"].history and before["retrier"].history
+    unseen = next(item for item, _ in store.popular.remote(10_000).result() if item not in before["newcomer"].seen)
     (replica,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#UserStateStore#" in a["name"]]
     os.kill(ray.get(ray.get_actor(replica, namespace="serve").__ray_call__.remote(lambda _: os.getpid())), signal.SIGKILL)
+    click = {"event_id": "while-the-store-was-away", "user_id": "newcomer", "item_id": unseen, "event": "click"}
+    assert client.post("/v1/feedback", json=click, headers=AUTH).status_code == 200
     deadline = time.monotonic() + 180
     while True:
         try:
             after = {user: store.context.remote(user).result(timeout_s=30) for user in users}
-            break
+            if after["newcomer"].history[-1:] == [unseen]:
+                break
         except Exception:
-            assert time.monotonic() < deadline, "the store did not come back"
-            time.sleep(1)
-    for user in users:
+            pass
+        assert time.monotonic() < deadline, "the store did not come back with the click given while it was away"
+        time.sleep(1)
+    for user in ["1", "retrier"]:
         assert (after[user].history, after[user].seen) == (before[user].history, before[user].seen), user
         np.testing.assert_array_equal(after[user].history_ratings, before[user].history_ratings)
+    assert after["newcomer"].history == [*before["newcomer"].history, unseen]
+    np.testing.assert_array_equal(after["newcomer"].history_ratings, [*before["newcomer"].history_ratings, np.nan])
     assert recommend(client, user_id="newcomer", k=5)["items"]
 
 
