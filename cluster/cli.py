@@ -94,7 +94,9 @@ def _job(args: argparse.Namespace) -> None:
 def _k8s(args: argparse.Namespace) -> int:
     from cluster import manifests
 
-    return manifests.main([args.action, *args.dir])
+    if (args.action == "build") != (args.dir is not None):
+        raise InputError("k8s build takes one kustomization folder (e.g. k8s/overlays/cpu); sync and check take none: they cover every one under k8s/")
+    return manifests.main([args.action, *([args.dir] if args.dir else [])])
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = stage("k8s", _k8s, "KubeRay manifests: sync the RayService from serve/serve_config.yaml; check and build render k8s/ with kubectl kustomize.")
     sub.add_argument("action", choices=["sync", "check", "build"])
-    sub.add_argument("dir", nargs="*", help="build: the kustomization folder")
+    sub.add_argument("dir", nargs="?", help="build: the kustomization folder")
 
     sub = stage("serve", _serve, "Serve the recommendation graph on Ray Serve (or swap the model of the running app).")
     sub.add_argument("--config", help="YAML file (see configs/serve.yaml)")

@@ -200,6 +200,17 @@ def _auth_token() -> str | None:
     raise InputError(f"RAY_AUTH_MODE=token but no Ray auth token was found: {AUTH_SETUP_HINT}")
 
 
+def _client(address: str, headers: dict[str, str] | None) -> JobSubmissionClient:
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except ValueError as err:  # Ray's "Invalid address format"
+        raise InputError(f"{address}: not a Ray dashboard address ({err}); expected http://<head>:8265") from None
+    except RuntimeError as err:
+        if "parsed from address" in str(err):  # a scheme other than http(s), which Ray takes for a module to import
+            raise InputError(f"{address}: not a Ray dashboard address; expected http://<head>:8265") from None
+        raise
+
+
 def _redact(text: str, token: str | None) -> str:
     return text.replace(token, REDACTED) if token else text
 
@@ -214,7 +225,7 @@ def _cluster_errors(address: str | None, job_id: str | None = None) -> Iterator[
     token = _auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        yield JobSubmissionClient(address, headers=headers)
+        yield _client(address, headers)
     except (ConnectionError, requests.exceptions.ConnectionError):
         raise InputError(f"cannot reach the Ray dashboard at {address}: is the cluster up and its dashboard (default port 8265) reachable from here?") from None
     except AuthenticationError as err:

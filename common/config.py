@@ -21,10 +21,14 @@ class StageConfig(BaseModel):
         raw: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise InputError(f"{path}: a folder, not a config file")
             if not path.is_file():
                 raise InputError(f"config file not found: {path}")
             try:
-                raw = yaml.safe_load(path.read_text()) or {}
+                raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except UnicodeDecodeError as err:
+                raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             except yaml.YAMLError as err:
                 raise InputError(f"{path}: not valid YAML: {err}") from None
             if not isinstance(raw, dict):
@@ -34,10 +38,15 @@ class StageConfig(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as err:
             where = path or "config"
-            raise InputError(f"{where}: {'; '.join(_problem(error) for error in err.errors())}") from None
+            raise InputError(f"{where}: {validation_problems(err)}") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def validation_problems(err: ValidationError) -> str:
+    """A pydantic validation error as one line: each setting at fault, then what is wrong with it."""
+    return "; ".join(_problem(error) for error in err.errors())
 
 
 def _problem(error: dict[str, Any]) -> str:

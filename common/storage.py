@@ -95,6 +95,8 @@ def read_text(location: Location, relative: str) -> str:
             return stream.read().decode()
     except FileNotFoundError:
         raise InputError(f"{location.uri}: {relative} not found") from None
+    except OSError as err:  # a file where a folder belongs, a folder where the file does
+        raise InputError(f"{location.uri}: {relative} cannot be read ({err.strerror or err})") from None
 
 
 def upload_folder(local: Path, target: Location, last: str | None = None) -> None:

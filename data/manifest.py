@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from common import storage
+from common.config import validation_problems
 from common.errors import InputError
 from data.features import RatingNormalisation, rating_range_text
 from data.schema import MANIFEST_FILE, SCHEMA_VERSION
@@ -75,12 +76,12 @@ class Manifest(BaseModel):
 
 
 def load_manifest(uri: str) -> Manifest:
-    location = storage.resolve(uri)
+    location = storage.resolve(uri, "data")
     text = storage.read_text(location, MANIFEST_FILE)
     try:
         manifest = Manifest.model_validate_json(text)
     except ValidationError as err:
-        raise InputError(f"{uri}/{MANIFEST_FILE}: not a valid manifest: {err}") from None
+        raise InputError(f"{uri}/{MANIFEST_FILE}: not a valid manifest: {validation_problems(err)}") from None
     if manifest.schema_version != SCHEMA_VERSION:
         raise InputError(
             f"{uri}/{MANIFEST_FILE}: field schema_version is {manifest.schema_version}, this polyrec reads "

@@ -32,9 +32,11 @@ from typing import Any
 import psutil
 import ray
 import yaml
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
 
+from common.config import validation_problems
 from common.errors import InputError
 from common.ray_connect import connect, find_cluster
 from serve.app import build_app
@@ -404,12 +406,15 @@ def _absolute(config: ServeConfig, *, port: int | None = None, feedback_log: str
         "state_dir": _absolute_path(config.state_dir),
         "feedback": feedback,
         "feedback_log": None,
-        "port": port or config.port,
+        "port": config.port if port is None else port,
     }
     for field in ("training_data", "model_root", "api_key_file"):
         if getattr(config, field) and getattr(config, field) != TRAINING_DATA_FROM_ARTIFACT:
             update[field] = _absolute_path(getattr(config, field))
-    return config.model_copy(update=update)
+    try:  # validated, not copied: the port may come from the command line
+        return ServeConfig.model_validate({**dict(config), **update})
+    except ValidationError as err:
+        raise InputError(f"serve: {validation_problems(err)}") from None
 
 
 def proxy_timeout_s(config: ServeConfig) -> float:

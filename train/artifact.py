@@ -41,6 +41,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from common import storage
+from common.config import validation_problems
 from common.errors import InputError
 from data.features import RatingNormalisation
 from train.backbone import pretraining_provenance, save_backbone
@@ -306,7 +307,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         artifact_rating(metadata)
     except ValidationError as err:
-        raise InputError(f"{file}: field 'rating': {_problems(err)}") from None
+        raise InputError(f"{file}: field 'rating': {validation_problems(err)}") from None
     return metadata
 
 
@@ -330,7 +331,7 @@ def _validated_model_config(file: str | Path, metadata: dict[str, Any]) -> Model
     try:
         return ModelConfig.model_validate(metadata["model_config"])
     except ValidationError as err:
-        raise InputError(f"{file}: field 'model_config': {_problems(err)}") from None
+        raise InputError(f"{file}: field 'model_config': {validation_problems(err)}") from None
 
 
 def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
@@ -338,10 +339,6 @@ def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
     if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
         raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
     return config
-
-
-def _problems(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
 
 
 def _read_safetensors(file: Path) -> dict[str, Tensor]:

@@ -288,6 +288,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     if "://" in config.output:
         raise InputError(f"pretrain.output must be a local folder on this version, got {config.output!r}")
     output = Path(config.output).resolve()
+    if output.exists() and not output.is_dir():
+        raise InputError(f"pretrain.output: {output} is a file; name a folder")
     if output.exists() and any(output.iterdir()):
         raise InputError(f"pretrain.output: {output} is not empty; choose another output")
     objective = resolve_objective(config, source)

@@ -274,7 +274,7 @@ def read_delimited(path: Path, kinds: dict[str, ColumnKind], layout: Delimited =
             table = read({name: _ARROW_TYPES[kinds.get(name, "text")] for name in names})
         except pa.ArrowInvalid:
             table = read({name: pa.string() for name in names})
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, OSError) as err:  # OSError: a compressed file cut short or corrupt
         raise InputError(f"{path}: cannot be read: {err}") from None
 
     skipped = [number for number, _, _ in rejected]
@@ -322,7 +322,7 @@ def delimited_batches(path: Path, layout: Delimited, span: LineSpan = WHOLE_FILE
         with pacsv.open_csv(layout.open(path, span), read_options=read_options, parse_options=parse_options, convert_options=convert) as reader:
             for batch in reader:
                 yield batch_rows(pa.Table.from_batches([batch]))
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, OSError) as err:  # OSError: a compressed file cut short or corrupt
         raise InputError(f"{path}: cannot be read: {err}") from None
     yield batch_rows(pa.table({name: pa.array([], pa.string()) for name in names}))
 
