@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.config import RayConfig, StageConfig
 
@@ -25,7 +25,7 @@ class ColumnMapping(StageConfig):
     value: str | None = "rating"
     # canonical item field -> column of the items file (title, genres, description, ...)
     item_fields: dict[str, str] = Field(default_factory=lambda: {"title": "title"})
-    list_separator: str = "|"  # for list fields (genres, tags, category) stored as one string
+    list_separator: str = Field("|", min_length=1)  # for list fields (genres, tags, category) stored as one string
 
 
 class SourceConfig(StageConfig):
@@ -55,7 +55,15 @@ class CleanConfig(StageConfig):
     min_user_interactions: int = Field(3, ge=1)  # k-core, applied iteratively with the item bound
     min_item_interactions: int = Field(1, ge=1)
     max_kcore_iterations: int = Field(50, ge=1)
-    max_events_per_user_per_day: int | None = None  # bot filter; None turns it off
+    max_events_per_user_per_day: int | None = Field(None, ge=1)  # bot filter; None turns it off
+
+    @model_validator(mode="after")
+    def _ranges_not_empty(self) -> CleanConfig:
+        for low, high in (("min_value", "max_value"), ("min_timestamp", "max_timestamp")):
+            low_value, high_value = getattr(self, low), getattr(self, high)
+            if low_value is not None and high_value is not None and low_value > high_value:
+                raise ValueError(f"{low} ({low_value}) is above {high} ({high_value})")
+        return self
 
 
 class FeatureConfig(StageConfig):
@@ -75,11 +83,11 @@ class SplitConfig(StageConfig):
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)  # temporal: share of time-ordered events
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
     cold_item_fraction: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class RayDataConfig(RayConfig):
-    num_partitions: int | None = None  # hash partitions by user; None: from cluster CPUs
+    num_partitions: int | None = Field(None, ge=1)  # hash partitions by user; None: from cluster CPUs
 
 
 class PreprocessConfig(StageConfig):
@@ -91,3 +99,10 @@ class PreprocessConfig(StageConfig):
     split: SplitConfig = Field(default_factory=SplitConfig)
     ray: RayDataConfig = Field(default_factory=RayDataConfig)
     output: str = "runs/default/data"  # local path or pyarrow filesystem URI
+
+    @model_validator(mode="after")
+    def _minmax_has_a_scale(self) -> PreprocessConfig:
+        low, high = self.clean.min_value, self.clean.max_value
+        if self.features.rating_normalisation == "minmax" and (low is None or high is None or low >= high):
+            raise ValueError(f"features.rating_normalisation: minmax needs clean.min_value < clean.max_value (here {low}, {high})")
+        return self

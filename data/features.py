@@ -138,8 +138,7 @@ def rating_normalisation(features: FeatureConfig, clean: CleanConfig) -> RatingN
     scale = {"low": clean.min_value, "high": clean.max_value}
     if kind != "minmax":
         return RatingNormalisation(kind=kind, **scale)
-    if clean.min_value is None or clean.max_value is None or clean.max_value <= clean.min_value:
-        raise InputError(f"features.rating_normalisation: minmax needs clean.min_value < clean.max_value (got {clean.min_value}, {clean.max_value})")
+    # The config refuses minmax without min_value < max_value (data.config.PreprocessConfig).
     return RatingNormalisation(kind=kind, shift=clean.min_value, scale=clean.max_value - clean.min_value, **scale)
 
 

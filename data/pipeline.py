@@ -136,7 +136,6 @@ def preprocess_tables(sources: SourceTables, config: PreprocessConfig) -> Manife
 
 def _check_settings(config: PreprocessConfig) -> None:
     template_fields(config.features.text_template)
-    rating_normalisation(config.features, config.clean)
 
 
 @dataclass

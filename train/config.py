@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from common.config import RayConfig, StageConfig
+
+#: The K of the validation metric that selects the best checkpoint and stops early (``train.trainer.SELECTION_METRIC``).
+SELECTION_K = 10
 
 
 class BackboneConfig(StageConfig):
@@ -18,18 +21,19 @@ class BackboneConfig(StageConfig):
     mode: Literal["frozen", "lora", "full"] = "frozen"
     pooling: Literal["mean", "last", "cls"] = "mean"
     gradient_checkpointing: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
-    text_batch_size: int = 256  # items per forward pass when (re)computing the item table
+    text_batch_size: int = Field(256, ge=1)  # items per forward pass when (re)computing the item table
 
 
 class UserModelConfig(StageConfig):
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(2, ge=1)
+    #: Attention heads; each gets hidden_size / num_heads dimensions. With ``init_from_backbone`` the backbone's.
+    num_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
     #: Longest history (items) the learned position embeddings cover.
     max_positions: int = Field(256, ge=1)
     #: Initialise the user transformer from the backbone's first layers (same width required).
@@ -41,17 +45,29 @@ class UserModelConfig(StageConfig):
     #: served feedback often is, is not new to the model.
     rating_dropout: float = Field(0.2, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _heads_split_the_width(self) -> UserModelConfig:
+        if not self.init_from_backbone and self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
 
 class ItemEncoderConfig(StageConfig):
     use_text: bool = True
     use_id_embedding: bool = True
-    id_dropout: float = 0.1  # share of id embeddings zeroed in training: text alone must work
+    id_dropout: float = Field(0.1, ge=0, lt=1)  # share of id embeddings zeroed in training: text alone must work
+
+    @model_validator(mode="after")
+    def _some_item_input(self) -> ItemEncoderConfig:
+        if not (self.use_text or self.use_id_embedding):
+            raise ValueError("use_text and use_id_embedding cannot both be off")
+        return self
 
 
 class TowerConfig(StageConfig):
     kind: Literal["mmoe", "shared_bottom"] = "mmoe"
-    num_experts: int = 4
-    expert_hidden: int = 128
+    num_experts: int = Field(4, ge=1)
+    expert_hidden: int = Field(128, ge=1)
 
 
 class TaskConfig(StageConfig):
@@ -70,7 +86,7 @@ class TaskConfig(StageConfig):
     #: softmax is affordable, and it keeps the quality every benchmark on ml-100k (1.7k items) measured with it.
     full_softmax_max_items: int = Field(5_000, ge=0)
     num_sampled_negatives: int = Field(512, ge=1)
-    temperature: float = 0.1
+    temperature: float = Field(0.1, gt=0)
     #: The retrieval loss leaves out items already in the history before each target (the target
     #: itself stays), as evaluation masks them: the model is not taught to push down what the user
     #: just watched, which on catalogues without repeats costs it the items most like their taste.
@@ -91,8 +107,8 @@ class LossWeightingConfig(StageConfig):
     # over the whole catalogue, by far the largest loss), gets the smallest weight and ranking quality drops with it
     # (bench/RESULTS.md has the comparison).
     method: Literal["static", "uncertainty", "gradnorm"] = "static"
-    static_weights: dict[str, float] = Field(default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1})
-    gradnorm_alpha: float = 1.5
+    static_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"retrieval": 1.0, "rating": 0.5, "like": 0.5, "attributes": 0.1})
+    gradnorm_alpha: float = Field(1.5, ge=0)
 
 
 class ModelConfig(StageConfig):
@@ -103,14 +119,20 @@ class ModelConfig(StageConfig):
     tasks: TaskConfig = Field(default_factory=TaskConfig)
     loss_weighting: LossWeightingConfig = Field(default_factory=LossWeightingConfig)
 
+    @model_validator(mode="after")
+    def _backbone_layers_need_text(self) -> ModelConfig:
+        if self.user_model.init_from_backbone and not self.item_encoder.use_text:
+            raise ValueError("user_model.init_from_backbone needs item_encoder.use_text (the backbone is loaded only for text)")
+        return self
+
 
 class OptimizerConfig(StageConfig):
-    lr: float = 2e-3
-    backbone_lr: float = 2e-5  # for lora / full modes
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    warmup_steps: int = 50
+    lr: float = Field(2e-3, gt=0)
+    backbone_lr: float = Field(2e-5, gt=0)  # for lora / full modes
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, ge=0)  # the largest gradient norm; 0: no clipping
+    warmup_steps: int = Field(50, ge=0)
     #: After the warm-up: "constant", or "cosine" decay to ``min_lr_ratio`` × lr at the last configured epoch.
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -132,10 +154,16 @@ class DeepSpeedConfig(StageConfig):
 
 
 class ScalingConfig(StageConfig):
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, ge=0)  # 0: the workers reserve no CPU (Ray's way for GPU workers)
+    gpus_per_worker: float = Field(1.0, ge=0)  # with use_gpu
+
+    @model_validator(mode="after")
+    def _gpu_workers_get_gpus(self) -> ScalingConfig:
+        if self.use_gpu and self.gpus_per_worker == 0:
+            raise ValueError("use_gpu: true needs gpus_per_worker above 0")
+        return self
 
     def for_ray_train(self) -> ray.train.ScalingConfig:  # noqa: F821 (imported here: configs load without Ray Train)
         import ray.train
@@ -164,29 +192,30 @@ class TrainConfig(StageConfig):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     data: str = "runs/default/data"  # preprocessing output (path or URI)
     output: str = "runs/default/model"  # checkpoints, artifact, plots (path or URI)
-    epochs: int = 30
-    batch_size: int = 32  # per worker, in training windows
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)  # per worker, in training windows
     #: Each training window holds at most max_history + 1 items and trains the next-item targets of its last
     #: ``window_targets`` positions (at most max_history), so every target has at least max_history -
     #: window_targets + 1 items before it; fewer targets per window: more context, more windows per epoch.
     window_targets: int = Field(25, ge=1)
-    early_stopping_patience: int = 10  # epochs without a better validation NDCG@10; the cosine decay pays off late
+    early_stopping_patience: int = Field(10, ge=1)  # epochs without a better validation NDCG@10; the cosine decay pays off late
     #: Each epoch's validation (which selects the best checkpoint and stops early) scores this many rows of the
     #: validation split, the same random sample every epoch and run, when the split has more; None: every row. At
     #: 20,000 the standard error of NDCG@10 is at most 0.0035 (a row's NDCG lies in [0, 1]), while the 162,000 rows
     #: of an ML-25M-sized split made every epoch's validation eight times as long. The artifact's validation figures
     #: are the sample's; the test split, and ``polyrec evaluate``, score every row.
     validation_sample_rows: int | None = Field(20_000, ge=1)
-    checkpoints_to_keep: int = 2  # the best by validation NDCG@10; the latest is always kept too
-    max_failures: int = 1
+    checkpoints_to_keep: int = Field(2, ge=1)  # the best by validation NDCG@10; the latest is always kept too
+    max_failures: int = Field(1, ge=-1)  # worker crashes recovered from the latest checkpoint; -1: no limit (Ray's)
     resume_from: str | None = None  # a checkpoint path to start from
     #: A model artifact to initialise weights from (retraining); its per-item and per-user rows are matched by id.
     warm_start_from: str | None = None
-    eval_ks: list[int] = Field(default_factory=lambda: [10, 20])
+    #: The K of HR@K, NDCG@K and MRR@K; 10 must be one of them, as validation NDCG@10 selects the best checkpoint.
+    eval_ks: list[PositiveInt] = Field(default_factory=lambda: [10, 20])
     #: Variants trained after the model with the same settings and evaluated beside it on the test split:
     #: "id_only" switches item text off (the ablation that shows what the language model adds).
     ablations: list[Literal["id_only"]] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     run_name: str = "polyrec"  # prefix of this run's folder under <output>/ray_results (a new folder per run)
     model_version: str | None = None  # None: a timestamp
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -203,6 +232,13 @@ class TrainConfig(StageConfig):
         """Whether DeepSpeed reduces sparse gradients in this setting: ZeRO stage 0 and fp32 (its other optimizers
         flatten every gradient into dense buffers)."""
         return self.deepspeed.zero_stage == 0 and self.precision == "fp32"
+
+    @field_validator("eval_ks")
+    @classmethod
+    def _selection_metric_evaluated(cls, ks: list[int]) -> list[int]:
+        if SELECTION_K not in ks:
+            raise ValueError(f"{ks} must include {SELECTION_K} (validation NDCG@{SELECTION_K} selects the best checkpoint)")
+        return ks
 
     @model_validator(mode="after")
     def _sparse_tables_fit(self) -> TrainConfig:

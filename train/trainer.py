@@ -45,7 +45,7 @@ from data.features import RatingNormalisation, load_tokenizer
 from data.manifest import load_manifest
 from train.artifact import METADATA_FILE, TRAINED_ARTIFACT_DIR, load_artifact, refuse_existing_artifact, save_artifact
 from train.batching import left_pad
-from train.config import TrainConfig
+from train.config import SELECTION_K, TrainConfig
 from train.evaluate import PopularityScorer, evaluate, evaluate_with_popularity, write_report
 from train.model import CatalogFeatures, PolyrecModel
 from train.plots import plot_training_curves
@@ -59,7 +59,7 @@ from train.windows import training_windows
 # twice; the root logger alone reaches the console (and Ray Train's application log) once.
 logger = logging.getLogger(__name__)
 
-SELECTION_METRIC = "validation/NDCG@10"
+SELECTION_METRIC = f"validation/NDCG@{SELECTION_K}"
 CONSOLIDATED_WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_DIR = "deepspeed"
