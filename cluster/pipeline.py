@@ -85,7 +85,17 @@ def run_pipeline(
     root = Path(output).resolve()
     if (root / "model" / TRAINED_ARTIFACT_DIR).exists():  # every later stage would refuse to overwrite its output
         raise InputError(f"{root} already holds a finished run; choose another output (make run RUN_DIR=...) or remove it")
+    # Every stage's file is read now: a mistake in the last one is reported before the first one runs.
     serve_config = _stage_config(ServeConfig, configs, "serve", feedback_log=str(root / "feedback"), state_dir=str(root / "serve"), port=port)
+    preprocess = _stage_config(PreprocessConfig, configs, "preprocess", output=str(root / "data"))
+    train = _stage_config(TrainConfig, configs, "train", data=preprocess.output, output=str(root / "model"))
+    retrain = _stage_config(
+        RetrainConfig, configs, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve")
+    )
+    if pretrain:
+        from train.pretrain import PretrainConfig, run_pretrain
+
+        pretrain_config = _stage_config(PretrainConfig, configs, "pretrain", data=preprocess.output, output=str(root / "pretrained"))
     timings: dict[str, float] = {}
     if not ray.is_initialized():
         # Every stage shares one local Ray instance. The serving replicas hold fractional CPUs for as long as
@@ -102,18 +112,13 @@ def run_pipeline(
         print(f"[polyrec pipeline] {stage}: {timings[stage]:.1f}s")
 
     started = time.perf_counter()
-    preprocess = _stage_config(PreprocessConfig, configs, "preprocess", output=str(root / "data"))
     preprocess.source, future = set_aside_future(preprocess.source, root / "replay", replay_fraction)
     manifest = run_preprocess(preprocess)
     print(format_report(manifest))
     timed("preprocess", started)
 
     started = time.perf_counter()
-    train = _stage_config(TrainConfig, configs, "train", data=preprocess.output, output=str(root / "model"))
     if pretrain:  # the backbone continues from the configured one on this catalogue's text, and training (and retraining) uses it
-        from train.pretrain import PretrainConfig, run_pretrain
-
-        pretrain_config = _stage_config(PretrainConfig, configs, "pretrain", data=preprocess.output, output=str(root / "pretrained"))
         pretrain_config.name_or_path = pretrain_config.name_or_path or train.model.backbone.name_or_path
         train.model.backbone.name_or_path = str(run_pretrain(pretrain_config).output)
         timed("pretrain", started)
@@ -139,10 +144,7 @@ def run_pipeline(
         before_swap = replay(service.url, held_out_part, k=10, send_feedback=False, known_users=known_users, progress_label="held-out users, v1")
 
         started = time.perf_counter()
-        retrain = _stage_config(
-            RetrainConfig, configs, "retrain", feedback_log=str(root / "feedback"), output=str(root / "retrain"), serve_state_dir=str(root / "serve")
-        )
-        retrain.preprocess, retrain.train = preprocess, train
+        retrain.preprocess, retrain.train = preprocess, train  # the model in service is retrained as it was trained
         after = run_retrain(retrain)
         timed("retrain + hot swap", started)
 

@@ -77,3 +77,19 @@ def test_a_configs_folder_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"--configs {tmp_path / 'confgs'}: no such folder" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("stage", "setting"), [("train", "epochs: 0"), ("retrain", "gate:\n  ndcg_tolerance: -1")])
+def test_a_mistake_in_any_stages_file_is_reported_before_the_first_stage_runs(tmp_path: Path, stage: str, setting: str) -> None:
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / f"{stage}.yaml").write_text(setting + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "pipeline", "--output", str(tmp_path / "run"), "--configs", str(configs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"polyrec pipeline: error: {configs / stage}.yaml: "), done.stderr
+    assert not (tmp_path / "run" / "data").exists()  # nothing ran
