@@ -187,6 +187,9 @@ class Problem(BaseModel):
     """The body of an error answer."""
 
     detail: str | list[dict[str, Any]]
+    #: A 503 to feedback: the ids the events were given. A deadline may pass after the log took them, so a retry
+    #: resends these ids, which count once.
+    event_ids: list[str] | None = None
 
 
 STATUSES: dict[int, str] = {
@@ -196,9 +199,9 @@ STATUSES: dict[int, str] = {
     409: "The item id is already in the catalogue or registered.",
     413: "The body is larger than the service's max_body_bytes.",
     422: "A field breaks the contract; `detail` names it (`loc`).",
-    503: "Nothing was done: the service is past capacity, a part of it did not answer within its deadline, or the "
-    "feedback log could not make the write durable. Retry after the Retry-After header's seconds (with the same "
-    "event_ids, for feedback).",
+    503: "Not served: the service is past capacity, a part of it did not answer within its deadline, or the "
+    "feedback log could not make the write durable. Retry after the Retry-After header's seconds. Feedback may have "
+    "been logged when a deadline passed: retry it with the `event_ids` of this answer, which count once.",
 }
 
 

@@ -206,13 +206,18 @@ class Ingress:
         rows = [
             {**event.model_dump(), "event_id": event.event_id or str(uuid.uuid4()), "ts": event.ts if event.ts is not None else received} for event in events
         ]
-        async with self._deadline():
-            try:
-                await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
-            except RayError as error:
-                if isinstance(cause_of(error), FeedbackLogUnavailable):
-                    raise ServiceUnavailable("feedback log unavailable; nothing was recorded, try again later") from None
-                raise
+        event_ids = [row["event_id"] for row in rows]
+        try:
+            async with self._deadline():
+                try:
+                    await self.metrics.stage_latency.timed("feedback_log", self.feedback_logger.append.remote(rows))
+                except RayError as error:
+                    if isinstance(cause_of(error), FeedbackLogUnavailable):
+                        raise ServiceUnavailable("feedback log unavailable; nothing was recorded, try again later") from None
+                    raise
+        except ServiceUnavailable as error:
+            # A deadline can pass after the log took the events: the client retries with the ids they were given.
+            raise ServiceUnavailable(f"{error} (retry with these event_ids: each counts once)", event_ids=event_ids) from None
         for row in rows:
             self.metrics.feedback_events.inc(tags={"event": row["event"]})
         interactions = [
@@ -229,7 +234,7 @@ class Ingress:
                 logger.warning("feedback logged, the user state not updated yet (%s): sent to the store again", cause_of(error))
                 self.metrics.errors.inc(tags={"route": "state_update"})
                 self._state_updates.add(interactions)
-        return FeedbackResponse(accepted=len(rows), event_ids=[row["event_id"] for row in rows])
+        return FeedbackResponse(accepted=len(rows), event_ids=event_ids)
 
     # --- items and model ---------------------------------------------------------------------
 

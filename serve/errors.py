@@ -5,7 +5,12 @@ from __future__ import annotations
 
 
 class ServiceUnavailable(Exception):
-    """The request was not served, and a retry later may be: answered 503 with Retry-After."""
+    """The request was not served, and a retry later may be: answered 503 with Retry-After (and, for feedback, the
+    ``event_ids`` the events were given, which a retry resends)."""
+
+    def __init__(self, message: str, *, event_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.event_ids = event_ids
 
 
 class FeedbackLogUnavailable(ServiceUnavailable):

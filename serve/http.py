@@ -147,15 +147,16 @@ def _json_safe(value: Any) -> bool:
     return True
 
 
-def _unavailable(request: Request, message: str) -> JSONResponse:
+def _unavailable(request: Request, message: str, event_ids: list[str] | None = None) -> JSONResponse:
     retry_after = max(1, math.ceil(request.app.state.retry_after_s))
-    return JSONResponse({"detail": message}, 503, headers={"Retry-After": str(retry_after)})
+    body: dict[str, Any] = {"detail": message} if event_ids is None else {"detail": message, "event_ids": event_ids}
+    return JSONResponse(body, 503, headers={"Retry-After": str(retry_after)})
 
 
 @app.exception_handler(ServiceUnavailable)
 async def _service_unavailable(request: Request, error: ServiceUnavailable) -> JSONResponse:
     """Work the service could not do now (a deadline passed, the feedback log failed): try again later."""
-    return _unavailable(request, str(error))
+    return _unavailable(request, str(error), error.event_ids)
 
 
 @app.exception_handler(BackPressureError)

@@ -112,6 +112,7 @@ def test_a_full_disk_refuses_feedback_with_503_and_loses_nothing_acknowledged(mo
         assert refused is not None, "the disk never filled"
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "feedback log unavailable" in refused.json()["detail"]
+        assert refused.json()["event_ids"] == [event["event_id"] for event in events]  # what a retry resends
         logged = set(read_feedback_log(service.config.feedback.path, tiny_disk)["event_id"].to_pylist())
         assert set(acknowledged) <= logged and f"b{batch}-0" not in logged
 
