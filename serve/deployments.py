@@ -50,7 +50,7 @@ from serve.rerank import final_items_of_batch
 from serve.resend import SENT, ResendQueue
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 from serve.user_cache import ChangeFeed, Changes, Contexts
-from train.artifact import artifact_rating, read_metadata
+from train.artifact import artifact_rating, read_metadata, trained_model_config
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,6 +100,7 @@ class Ingress:
         self.config = config
         self.store, self.feedback_logger = store, feedback_logger
         self.model = config.model
+        self.model_reads_text = True  # of the version in service (an id-only model reads no item text), set with it
         self.metrics = IngressMetrics(config.admission.call_timeout_s)
         latency = self.metrics.stage_latency
         self.stages = HandleStages(config, latency, store, *stage_deployments) if stage_deployments else ColocatedStages(config, latency, store)
@@ -134,6 +135,7 @@ class Ingress:
         if isinstance(self.stages, ColocatedStages):
             await self.stages.reconfigure(user_config)  # loads the versions before any request may name them
         model = user_config["model"]
+        reads_text = (await asyncio.to_thread(trained_model_config, model)).item_encoder.use_text
         if self.config.rating_range is not None:
             scale = RatingScale(low=self.config.rating_range[0], high=self.config.rating_range[1])
         else:
@@ -141,7 +143,7 @@ class Ingress:
             rating = artifact_rating(await asyncio.to_thread(read_metadata, model))
             scale = RatingScale(low=rating.low, high=rating.high)
         # Together, with no wait between: no request is checked against one version's scale and served by another.
-        self.model = model
+        self.model, self.model_reads_text = model, reads_text
         use_rating_scale(app, scale)
 
     # --- recommendations ---------------------------------------------------------------------
@@ -158,6 +160,8 @@ class Ingress:
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(require_read_key)], responses=responses(400, 401, 413, 422, 503))
     async def recommend(self, body: RecommendRequest) -> Response:
+        if body.interests and not self.model_reads_text:
+            raise invalid_field(("body", "interests"), "the model in service reads no item text, so it cannot read interests", body.interests)
         request_id = uuid.uuid4().hex
         query = Query(model=self.model, user_id=body.user_id, k=body.k, history=body.history, interests=body.interests, exclude=body.exclude)
         async with self._deadline():
@@ -241,6 +245,8 @@ class Ingress:
     @app.post("/v1/items", status_code=201, response_model=ItemInfo, dependencies=[Depends(require_api_key)], responses=responses(400, 401, 409, 413, 422, 503))
     async def register_item(self, body: NewItem) -> ItemInfo:
         """A new item, recommendable at once: its vector comes from the item encoder reading ``text``."""
+        if not self.model_reads_text:
+            raise invalid_field(("body", "text"), "the model in service reads no item text, so it could not recommend an item known by its text", body.text)
         timed = self.metrics.stage_latency.timed
         async with self._deadline():
             taken = await timed("retrieve", self.stages.check_new_item(self.model, body.item_id, body.text))

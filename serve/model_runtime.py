@@ -145,8 +145,11 @@ class ServingModel:
                 return
             if items[0].seq != self.registry_version + 1:
                 raise RuntimeError(f"registered items skipped: have {self.registry_version}, got {items[0].seq}")
-            vectors = self.encode_texts([item.text for item in items]).numpy()
-            new = [(self.num_items + item.seq, item) for item in items if item.item_id not in self.item_index]
+            if self.tokenizer is None:  # an id-only model cannot place an item known by its text alone: it does not know them
+                vectors, new = np.zeros((len(items), self.registered_vectors.shape[1]), dtype=np.float32), []
+            else:
+                vectors = self.encode_texts([item.text for item in items]).numpy()
+                new = [(self.num_items + item.seq, item) for item in items if item.item_id not in self.item_index]
             if new:
                 keys = F.normalize(torch.from_numpy(vectors[[item.seq - items[0].seq for _, item in new]]), dim=-1).numpy()
                 self.index.add_with_ids(keys, np.array([idx for idx, _ in new], dtype=np.int64))

@@ -82,12 +82,15 @@ def movielens_tables(num_users: int) -> tuple[pa.Table, pa.Table, pd.DataFrame]:
     return items, users, ratings
 
 
-def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int = 0, model_version: str | None = None, rating: dict | None = None) -> Path:
+def build_random_artifact(
+    out_dir: str | Path, *, num_users: int = 40, seed: int = 0, model_version: str | None = None, rating: dict | None = None, reads_text: bool = True
+) -> Path:
     """A saved artifact of a random model over the first ``num_users`` users' items; ``rating`` is the
-    rating normalisation recorded in it (default: none)."""
+    rating normalisation recorded in it (default: none); ``reads_text=False``: an id-only model, without a backbone."""
     items, users, ratings = movielens_tables(num_users)
     config = ModelConfig()
     config.backbone.random_init_config = TINY_BERT
+    config.item_encoder.use_text = reads_text
     config.user_model.hidden_size = 32
     config.user_model.dropout = 0.0
     config.towers.expert_hidden = 32
@@ -100,7 +103,8 @@ def build_random_artifact(out_dir: str | Path, *, num_users: int = 40, seed: int
     with torch.no_grad():  # zero at the start of training; random here, so that a history's ratings change the answers
         model.user_model.rating_direction.normal_(std=0.5)
         model.user_model.rated_embedding.normal_(std=0.5)
-    model.tokenizer = tokenizer  # saved beside the backbone, so the artifact can encode new items
+    if reads_text:
+        model.tokenizer = tokenizer  # saved beside the backbone, so the artifact can encode new items
     return save_artifact(
         model,
         out_dir,

@@ -640,6 +640,24 @@ def test_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, 
     check_hot_swap_under_load_has_no_failed_request_and_rollback_returns(client, service, capsys, tmp_path)
 
 
+def test_an_id_only_model_put_in_service_refuses_the_text_it_cannot_read_and_serves_the_rest(client, service, tmp_path):
+    # Items were registered by their text under the model before; then a model that reads no text is swapped in.
+    assert client.get("/v1/items/robot-musical").status_code == 200
+    before = VersionHistory(service.config.state_dir).live().model
+    swap_model(str(build_random_artifact(tmp_path / "id-only", num_users=NUM_USERS, model_version="id-only", reads_text=False)))
+    try:
+        assert recommend(client, user_id="1", k=5)["model_version"] == "id-only"
+        assert client.get("/v1/model").json()["model_version"] == "id-only"
+        refused = client.post("/v1/recommend", json={"user_id": "1", "k": 5, "interests": "robots that sing"})
+        assert refused.status_code == 422 and field_named(refused, "interests"), refused.text
+        refused = client.post("/v1/items", json={"item_id": "robot-opera", "text": "Robots sing an opera."}, headers=AUTH)
+        assert refused.status_code == 422 and field_named(refused, "text"), refused.text
+        assert client.get("/v1/items/robot-opera").status_code == 404  # nothing registered
+    finally:
+        swap_model(before)
+    assert recommend(client, user_id="1", k=5, interests="robots that sing")["items"]
+
+
 # --- the contract, under a schema-driven fuzzer -----------------------------------------------
 
 
