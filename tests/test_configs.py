@@ -58,16 +58,6 @@ def test_a_setting_that_contradicts_another_is_refused_in_the_users_words(tmp_pa
     )
 
 
-def _stage_classes() -> dict[str, type]:
-    from cluster.retrain import RetrainConfig
-    from data.config import PreprocessConfig
-    from serve.config import ServeConfig
-    from train.config import TrainConfig
-    from train.pretrain import PretrainConfig
-
-    return {"preprocess": PreprocessConfig, "train": TrainConfig, "serve": ServeConfig, "pretrain": PretrainConfig, "retrain": RetrainConfig}
-
-
 OUT_OF_RANGE = [
     # (stage, YAML, what the error names after "<file>: ")
     ("train", "epochs: 0", "epochs: "),
@@ -132,7 +122,7 @@ def test_a_value_out_of_range_is_refused_at_load_naming_the_file_and_setting(sta
     path = tmp_path / f"{stage}.yaml"
     path.write_text(text + "\n")
     with pytest.raises(InputError) as refused:
-        _stage_classes()[stage].from_yaml(path)
+        stage_configs()[stage].from_yaml(path)
     assert str(refused.value).startswith(f"{path}: {named}")
     assert "\n" not in str(refused.value)
 
@@ -163,7 +153,7 @@ AT_THE_BOUNDARY = [
 def test_a_value_at_the_boundary_of_its_range_is_accepted(stage: str, text: str, tmp_path: Path) -> None:
     path = tmp_path / f"{stage}.yaml"
     path.write_text(text + "\n")
-    _stage_classes()[stage].from_yaml(path)
+    stage_configs()[stage].from_yaml(path)
 
 
 def test_an_assignment_out_of_range_is_refused() -> None:
