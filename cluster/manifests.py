@@ -45,6 +45,7 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
+from common.config import yaml_problem
 from common.errors import InputError
 from serve.config import SERVE_THROUGHPUT_ENV
 
@@ -72,7 +73,7 @@ def load_yaml(path: Path) -> Any:
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML: {err}") from None
+        raise InputError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
 
 
 # --- The Serve config embedded in the RayService ----------------------------------------------

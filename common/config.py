@@ -26,11 +26,11 @@ class StageConfig(BaseModel):
             if not path.is_file():
                 raise InputError(f"config file not found: {path}")
             try:
-                raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SettingsLoader) or {}
             except UnicodeDecodeError as err:
                 raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             except yaml.YAMLError as err:
-                raise InputError(f"{path}: not valid YAML: {err}") from None
+                raise InputError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
             if not isinstance(raw, dict):
                 raise InputError(f"{path}: the top level must be a mapping of settings")
         raw.update({k: v for k, v in overrides.items() if v is not None})
@@ -42,6 +42,30 @@ class StageConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: YAML keeps the last, silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, whose keys the mapping's own override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given a second time", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: where (line, column), then what."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return str(err).replace("\n", " ")
+    what = ", ".join(part for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def validation_problems(err: ValidationError) -> str:

@@ -31,6 +31,23 @@ def test_a_config_file_that_is_not_text_or_is_a_folder(tmp_path: Path, capsys: p
     assert f"{tmp_path / 'binary.yaml'}: not UTF-8 text" in refused(retrain, capsys)
 
 
+def test_a_yaml_mistake_is_named_by_line_and_column_and_a_key_given_twice_is_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n")
+    line = refused(["train", "--config", str(tmp_path / "broken.yaml")], capsys)
+    assert line.endswith(
+        f"{tmp_path / 'broken.yaml'}: not valid YAML: line 2, column 1: while parsing a flow sequence, expected ',' or ']', but got '<stream end>'"
+    )
+    # YAML itself keeps the last of two values, silently: which one the user meant is theirs to say.
+    (tmp_path / "twice.yaml").write_text("epochs: 3\nmodel:\n  user_model: {hidden_size: 32}\n  user_model: {num_heads: 4}\n")
+    line = refused(["train", "--config", str(tmp_path / "twice.yaml")], capsys)
+    assert line.endswith(f"{tmp_path / 'twice.yaml'}: not valid YAML: line 4, column 3: 'user_model' is given a second time")
+
+
+def test_training_data_that_is_not_there_is_refused_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = refused(["train", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "model")], capsys)
+    assert f"{tmp_path / 'data'}: manifest.json not found" in line
+
+
 def test_a_file_where_a_folder_belongs(trained_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a folder\n")

@@ -433,6 +433,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     _refuse_unsupported_combinations(config)
     config = config.model_copy(update=absolute_start_points(config))
     output, published = _output_folder(config)
+    load_manifest(config.data)  # a missing or outdated preprocessing output is refused before Ray starts
     connect(config.ray, log_to_driver=True)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # seeded, reproducible shards
     data = resolve(config.data)
