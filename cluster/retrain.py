@@ -169,10 +169,10 @@ def _check_same_model(current: str, train: TrainConfig) -> None:
     """Retraining continues the model in service, so ``train.model`` must be the one it was trained with. Another
     backbone or shape would carry little of it over (the warm start takes only what matches) and the gate would judge
     another recipe: refused before any work, naming what differs."""
-    from train.artifact import trained_model_config
+    from train.artifact import artifact_model_config, read_metadata
     from train.trainer import absolute_start_points
 
-    in_service = _settings(trained_model_config(current))
+    in_service = _settings(artifact_model_config(read_metadata(current)))
     configured = _settings(absolute_start_points(train).get("model", train.model))
     differences = [f"model.{name}: {value!r} in service, {configured[name]!r} here" for name, value in in_service.items() if value != configured[name]]
     if differences:

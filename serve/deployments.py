@@ -50,7 +50,7 @@ from serve.rerank import final_items_of_batch
 from serve.resend import SENT, ResendQueue
 from serve.state import ItemExists, RegisteredItem, ServerState, UserContext
 from serve.user_cache import ChangeFeed, Changes, Contexts
-from train.artifact import artifact_rating, read_metadata, trained_model_config
+from train.artifact import artifact_model_config, artifact_rating, read_metadata
 
 logger = logging.getLogger("ray.serve")
 
@@ -135,12 +135,13 @@ class Ingress:
         if isinstance(self.stages, ColocatedStages):
             await self.stages.reconfigure(user_config)  # loads the versions before any request may name them
         model = user_config["model"]
-        reads_text = (await asyncio.to_thread(trained_model_config, model)).item_encoder.use_text
+        # From artifact.json, not from a stage: feedback is taken while the split graph's stages start or fail.
+        metadata = await asyncio.to_thread(read_metadata, model)
+        reads_text = artifact_model_config(metadata).item_encoder.use_text
         if self.config.rating_range is not None:
             scale = RatingScale(low=self.config.rating_range[0], high=self.config.rating_range[1])
         else:
-            # From artifact.json, not from a stage: feedback is taken while the split graph's stages start or fail.
-            rating = artifact_rating(await asyncio.to_thread(read_metadata, model))
+            rating = artifact_rating(metadata)
             scale = RatingScale(low=rating.low, high=rating.high)
         # Together, with no wait between: no request is checked against one version's scale and served by another.
         self.model, self.model_reads_text = model, reads_text

@@ -284,7 +284,8 @@ def _check_listing(path: Path) -> None:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """``artifact.json`` of the artifact folder ``path``, checked (format version, required fields),
     without loading the model (nor, for a URI, copying it): the one reader of that file."""
-    remote, file = "://" in str(path), _metadata_file(path)
+    remote = "://" in str(path)
+    file = f"{str(path).rstrip('/')}/{METADATA_FILE}" if remote else local_artifact(path) / METADATA_FILE
     try:
         metadata = json.loads(_remote_metadata(path)[1] if remote else file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -304,10 +305,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     metrics = metadata.get("metrics", {})
     if not isinstance(metrics, dict) or not all(isinstance(split, dict) for split in metrics.values()):
         raise InputError(f"{file}: field 'metrics' must map each split to its figures")
-    try:
-        artifact_rating(metadata)
-    except ValidationError as err:
-        raise InputError(f"{file}: field 'rating': {validation_problems(err)}") from None
+    for field, read in (("model_config", artifact_model_config), ("rating", artifact_rating)):
+        try:
+            read(metadata)
+        except ValidationError as err:
+            raise InputError(f"{file}: field '{field}': {validation_problems(err)}") from None
     return metadata
 
 
@@ -317,25 +319,13 @@ def artifact_rating(metadata: Mapping[str, Any]) -> RatingNormalisation:
     return RatingNormalisation.model_validate(metadata.get("rating") or {"kind": "none"})
 
 
-def trained_model_config(path: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` the artifact at ``path`` (a folder or a URI) was trained with, from ``artifact.json`` alone."""
-    return _validated_model_config(_metadata_file(path), read_metadata(path))
-
-
-def _metadata_file(path: str | Path) -> str | Path:
-    """Where ``artifact.json`` of the artifact at ``path`` is, as error messages name it."""
-    return f"{str(path).rstrip('/')}/{METADATA_FILE}" if "://" in str(path) else local_artifact(path) / METADATA_FILE
-
-
-def _validated_model_config(file: str | Path, metadata: dict[str, Any]) -> ModelConfig:
-    try:
-        return ModelConfig.model_validate(metadata["model_config"])
-    except ValidationError as err:
-        raise InputError(f"{file}: field 'model_config': {validation_problems(err)}") from None
+def artifact_model_config(metadata: Mapping[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` the artifact was trained with (``model_config`` in ``artifact.json``)."""
+    return ModelConfig.model_validate(metadata["model_config"])
 
 
 def _model_config(file: Path, metadata: dict[str, Any]) -> ModelConfig:
-    config = _validated_model_config(file, metadata)
+    config = artifact_model_config(metadata)
     if config.item_encoder.use_text and not (file.parent / BACKBONE_DIR / "config.json").is_file():
         raise InputError(f"{file.parent / BACKBONE_DIR / 'config.json'}: missing from the model artifact")
     return config
