@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from cluster.cli import main as polyrec
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR, ColumnMapping, SourceConfig, SourceFormat
 from data.readers import READERS, SourceTables, files, read_source, read_sources
@@ -38,8 +39,10 @@ def _read(config: SourceConfig) -> SourceTables:
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    """``text`` in ``encoding`` at ``path``, gzipped if ``path`` ends in ``.gz``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.encode(encoding))
+    data = text.encode(encoding)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
     return path
 
 
@@ -397,6 +400,45 @@ def test_table_csv_with_a_mapping_and_millisecond_timestamps(tmp_path: Path) -> 
     ]
 
 
+@pytest.mark.parametrize("compression", ["", ".gz"])
+def test_table_csv_rows_with_bytes_not_utf8_are_quarantined_and_the_rest_kept(tmp_path: Path, compression: str) -> None:
+    """Written as latin-1, each "ÿ" or "é" below is one byte that is not UTF-8 in a file that otherwise is."""
+    events = _write(
+        tmp_path / f"events.csv{compression}",
+        "user_id,item_id,timestamp,rating\nu1,i1,1,4\nu2,i\xff2,2,3\nu3,i3,3,5\nu\xff4,i\xff4,4,2\n",
+        encoding="latin-1",
+    )
+    items = _write(tmp_path / f"items.csv{compression}", "item_id,title\ni1,A\ni3,Caf\xe9\ni5,E\n", encoding="latin-1")
+
+    tables = _read(SourceConfig(format="table", path=str(events), items_path=str(items), columns=ColumnMapping(item_fields={"title": "title"})))
+
+    _assert_schemas(tables)
+    assert _rows(tables.interactions, "user_id", "item_id", "timestamp", "value", "source") == [
+        ("u1", "i1", 1, 4.0, f"{events.name}:2"),
+        ("u3", "i3", 3, 5.0, f"{events.name}:4"),
+    ]
+    assert _quarantined(tables) == [
+        ("item_id not valid UTF-8", f"{events.name}:3", "u2,i\ufffd2,2,3"),
+        ("user_id not valid UTF-8", f"{events.name}:5", "u\ufffd4,i\ufffd4,4,2"),  # the first column at fault
+        ("title not valid UTF-8", f"{items.name}:3", "i3,Caf\ufffd"),
+    ]
+    assert tables.items.to_pylist() == [_item("i1", title="A"), _item("i5", title="E")]
+
+
+def test_preprocess_quarantines_a_row_with_bytes_not_utf8(tmp_path: Path) -> None:
+    """`polyrec preprocess` on a table source with such a row finishes, the row in its read quarantine."""
+    ratings = "".join(f"u{user},i{item},{10 * user + item},4\n" for user in range(1, 4) for item in range(1, 4))
+    events = _write(tmp_path / "events.csv", "user_id,item_id,timestamp,rating\n" + ratings + "u3,i\xff3,99,5\n", encoding="latin-1")
+    items = _write(tmp_path / "items.csv", "item_id,title\ni1,A\ni2,B\ni3,C\n")
+    config = f"source:\n  format: table\n  path: {events}\n  items_path: {items}\noutput: {tmp_path / 'out'}\nray: {{num_partitions: 1}}\n"
+    (tmp_path / "preprocess.yaml").write_text(config)
+
+    assert polyrec(["preprocess", "--config", str(tmp_path / "preprocess.yaml")]) == 0
+
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine" / "read.parquet")
+    assert _rows(quarantine, "stage", "reason", "source", "record") == [("read", "item_id not valid UTF-8", "events.csv:11", "u3,i\ufffd3,99,5")]
+
+
 def test_table_parquet_with_iso_timestamps(tmp_path: Path) -> None:
     events = tmp_path / "events.parquet"
     pq.write_table(
@@ -500,6 +542,20 @@ def test_a_file_read_in_spans_reads_as_one(tmp_path: Path, monkeypatch: pytest.M
     assert [source for _, source, _ in _quarantined(in_spans)] == [f"{path.name}:{number}" for number in refused_lines]
     assert in_spans.interactions.num_rows == 3_000
     assert in_spans.interactions.equals(whole.interactions) and in_spans.quarantine.equals(whole.quarantine)
+
+
+def test_bytes_not_utf8_in_a_later_span_are_quarantined_with_their_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = {number: f"u{number % 7},i{number % 5},{1_600_000_000 + number},4" for number in range(2, 1_002)}
+    lines[900] = "u1,i\xff1,1600000900,4"
+    path = _write(tmp_path / "events.csv", "user_id,item_id,timestamp,rating\n" + "".join(line + "\n" for line in lines.values()), encoding="latin-1")
+    monkeypatch.setattr(files, "READ_TASK_BYTES", path.stat().st_size // 4)
+    spans = files.line_spans(path)
+    assert len(spans) >= 4 and next(span for span in reversed(spans) if span.lines_before < 900).start > 0
+
+    tables = _read(SourceConfig(format="table", path=str(path)))
+
+    assert _quarantined(tables) == [("item_id not valid UTF-8", "events.csv:900", "u1,i\ufffd1,1600000900,4")]
+    assert tables.interactions.column("source").to_pylist() == [f"events.csv:{number}" for number in lines if number != 900]
 
 
 # --- The feedback log ----------------------------------------------------------------------------

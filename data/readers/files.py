@@ -12,6 +12,9 @@ file is cut into ``line_spans``, runs of whole lines parsed by tasks of their ow
 before it; a row is one line (as pyarrow assumes without ``newlines_in_values``), so a quoted value may not hold a
 line break. The small files read whole (``read_delimited``) first ask pyarrow for typed columns, which is fastest;
 only when some value does not convert is the file read again as text.
+
+Text columns are parsed as bytes and then cast to text, which costs one UTF-8 check of each column, as a ``string``
+column would; a row holding bytes that are not UTF-8 then goes to the quarantine rather than failing the whole file.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import pyarrow.parquet as pq
 from common.errors import InputError
 from data.schema import QUARANTINE
 
-#: How a caller will convert a column; the parser asks pyarrow for that type first.
+#: How a caller will convert a column; the parser asks pyarrow for that type first (text as bytes: ``_as_text``).
 ColumnKind = Literal["integer", "number", "text"]
-_ARROW_TYPES: dict[str, pa.DataType] = {"integer": pa.int64(), "number": pa.float64(), "text": pa.string()}
+_ARROW_TYPES: dict[str, pa.DataType] = {"integer": pa.int64(), "number": pa.float64(), "text": pa.binary()}
 
 #: A row refused while reading: (reason, source, the raw line or a JSON rendering of the row).
 Refused = tuple[str, str, str]
@@ -245,6 +248,59 @@ class _SeparatorAsTab(io.RawIOBase):
         super().close()
 
 
+def _parsed(raw: FileRows) -> FileRows:
+    """The rows pyarrow parsed, their text columns as text, without the blank lines."""
+    return _without_blank_rows(_as_text(raw))
+
+
+def _as_text(raw: FileRows) -> FileRows:
+    """``raw`` with its columns of bytes cast to text. A row holding bytes that are not UTF-8 is rejected, named by
+    the first such column, its text in the quarantine with those bytes replaced."""
+    text_schema = pa.schema([column.with_type(pa.string()) if pa.types.is_binary(column.type) else column for column in raw.table.schema])
+    try:
+        return replace(raw, table=raw.table.cast(text_schema))
+    except pa.ArrowInvalid:
+        pass
+    refused = np.zeros(raw.table.num_rows, dtype=bool)
+    reasons = np.empty(raw.table.num_rows, dtype=object)
+    for name, values in zip(raw.table.column_names, raw.table.columns):
+        if pa.types.is_binary(values.type):
+            invalid = _not_utf8(values) & ~refused
+            reasons[invalid] = f"{name} not valid UTF-8"
+            refused |= invalid
+    refused_rows = raw.table.filter(pa.array(refused))
+    replaced = [_replacing_bad_bytes(column) if pa.types.is_binary(column.type) else column for column in refused_rows.columns]
+    records = raw.render(pa.table(replaced, names=refused_rows.column_names))
+    rejected = list(zip(raw.positions[refused].tolist(), reasons[refused].tolist(), records))
+    accepted = raw.filtered(~refused)
+    return replace(accepted, table=accepted.table.cast(text_schema), rejected=raw.rejected + rejected)
+
+
+def _not_utf8(values: pa.ChunkedArray) -> np.ndarray:
+    """Which of ``values`` (bytes) are not UTF-8; only a chunk that does not cast is checked value by value, in Python."""
+    return np.concatenate([np.zeros(0, dtype=bool), *map(_chunk_not_utf8, values.chunks)])
+
+
+def _chunk_not_utf8(chunk: pa.Array) -> np.ndarray:
+    try:
+        chunk.cast(pa.string())
+    except pa.ArrowInvalid:
+        return np.array([value is not None and not _is_utf8(value) for value in chunk.to_pylist()], dtype=bool)
+    return np.zeros(len(chunk), dtype=bool)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _replacing_bad_bytes(values: pa.ChunkedArray) -> pa.Array:
+    return pa.array([None if value is None else value.decode(errors="replace") for value in values.to_pylist()], pa.string())
+
+
 def _without_blank_rows(raw: FileRows) -> FileRows:
     if raw.table.num_rows == 0 or min(column.null_count for column in raw.table.columns) == 0:
         return raw
@@ -273,7 +329,7 @@ def read_delimited(path: Path, kinds: dict[str, ColumnKind], layout: Delimited =
         try:
             table = read({name: _ARROW_TYPES[kinds.get(name, "text")] for name in names})
         except pa.ArrowInvalid:
-            table = read({name: pa.string() for name in names})
+            table = read(dict.fromkeys(names, pa.binary()))
     except (pa.ArrowInvalid, OSError) as err:  # OSError: a compressed file cut short or corrupt
         raise InputError(f"{path}: cannot be read: {err}") from None
 
@@ -281,7 +337,7 @@ def read_delimited(path: Path, kinds: dict[str, ColumnKind], layout: Delimited =
     lines = np.arange(layout.first_line, layout.first_line + table.num_rows + len(skipped))
     if skipped:
         lines = lines[~np.isin(lines, skipped)]
-    return _without_blank_rows(FileRows(path, table, lines, f"{path.name}:", layout.render, list(rejected)))
+    return _parsed(FileRows(path, table, lines, f"{path.name}:", layout.render, list(rejected)))
 
 
 def delimited_batches(path: Path, layout: Delimited, span: LineSpan = WHOLE_FILE) -> Iterator[FileRows]:
@@ -311,14 +367,14 @@ def delimited_batches(path: Path, layout: Delimited, span: LineSpan = WHOLE_FILE
         if mine:
             lines = lines[~np.isin(lines, [number for number, _, _ in mine])]
         next_line = end
-        return _without_blank_rows(FileRows(path, table, lines, f"{path.name}:", layout.render, mine))
+        return _parsed(FileRows(path, table, lines, f"{path.name}:", layout.render, mine))
 
     try:
         names = layout.column_names or _csv_header(layout.open(path), read_options, parse_options)
         rejected.clear()  # reading the header parsed the first block
         if span.start:  # the header line is in the first span only
             read_options, _ = layout.options(reject, names)
-        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True)
+        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.binary()), null_values=[""], strings_can_be_null=True)
         with pacsv.open_csv(layout.open(path, span), read_options=read_options, parse_options=parse_options, convert_options=convert) as reader:
             for batch in reader:
                 yield batch_rows(pa.Table.from_batches([batch]))
