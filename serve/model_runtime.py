@@ -84,7 +84,7 @@ def _optional_column(table: pa.Table, name: str) -> list:
 
 
 class ServingModel:
-    """A model artifact ready to retrieve and rank; thread-safe for reads, ``sync_registry`` locks."""
+    """A model artifact ready to retrieve and rank; thread-safe for reads; ``add_registered`` on one thread."""
 
     def __init__(self, path: str, index: IndexConfig | None = None):
         artifact = load_artifact(path)
@@ -118,7 +118,6 @@ class ServingModel:
             self.keys = self.model.retrieval_keys().float().cpu().numpy()  # [N+1, d] unit vectors
         self.index = build_index(self.keys[1:], np.arange(1, self.num_items + 1), index or IndexConfig())
 
-        self._registry_lock = threading.Lock()
         self.registry_version = 0
         self.registered_ids: list[str] = []  # registration j+1 → item id
         self.registered_titles: list[str] = []
@@ -136,29 +135,34 @@ class ServingModel:
         with torch.inference_mode():
             return self.model.encode_item_text(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)).float().cpu()
 
-    def sync_registry(self, items: Sequence[RegisteredItem]) -> None:
-        """Add registered items (in registration order, from ``registry_version + 1``) to the index.
+    def encode_registered(self, items: Sequence[RegisteredItem]) -> np.ndarray:
+        """Item vectors [n, d] of registered items (seconds for thousands): changes nothing, so it runs in a
+        thread while the replica serves. An id-only model cannot place an item known by its text alone: zeros."""
+        if self.tokenizer is None or not items:
+            return np.zeros((len(items), self.registered_vectors.shape[1]), dtype=np.float32)
+        return self.encode_texts([item.text for item in items]).numpy()
+
+    def add_registered(self, items: Sequence[RegisteredItem], vectors: np.ndarray) -> None:
+        """Add registered items (in registration order, from at most ``registry_version + 1``) and their
+        ``encode_registered`` vectors to the index; the ones added since they were read are skipped. Called on the
+        replica's event loop, where retrieval reads the index too, so that no read sees half of an addition.
         An id the catalogue already has (a later model trained on it) keeps its catalogue entry."""
-        with self._registry_lock:
-            items = [item for item in items if item.seq > self.registry_version]
-            if not items:
-                return
-            if items[0].seq != self.registry_version + 1:
-                raise RuntimeError(f"registered items skipped: have {self.registry_version}, got {items[0].seq}")
-            if self.tokenizer is None:  # an id-only model cannot place an item known by its text alone: it does not know them
-                vectors, new = np.zeros((len(items), self.registered_vectors.shape[1]), dtype=np.float32), []
-            else:
-                vectors = self.encode_texts([item.text for item in items]).numpy()
-                new = [(self.num_items + item.seq, item) for item in items if item.item_id not in self.item_index]
-            if new:
-                keys = F.normalize(torch.from_numpy(vectors[[item.seq - items[0].seq for _, item in new]]), dim=-1).numpy()
-                self.index.add_with_ids(keys, np.array([idx for idx, _ in new], dtype=np.int64))
-            self.registered_index.update({item.item_id: idx for idx, item in new})
-            self.registered_ids += [item.item_id for item in items]
-            self.registered_titles += [item.title for item in items]
-            self.registered_vectors = np.concatenate([self.registered_vectors, vectors])
-            self.registry_version = items[-1].seq
-            self._index_lookups()
+        fresh = [i for i, item in enumerate(items) if item.seq > self.registry_version]
+        if not fresh:
+            return
+        items, vectors = [items[i] for i in fresh], vectors[fresh]
+        if items[0].seq != self.registry_version + 1:
+            raise RuntimeError(f"registered items skipped: have {self.registry_version}, got {items[0].seq}")
+        new = [] if self.tokenizer is None else [(i, item) for i, item in enumerate(items) if item.item_id not in self.item_index]
+        if new:
+            keys = F.normalize(torch.from_numpy(vectors[[i for i, _ in new]]), dim=-1).numpy()
+            self.index.add_with_ids(keys, np.array([self.num_items + item.seq for _, item in new], dtype=np.int64))
+        self.registered_index.update({item.item_id: self.num_items + item.seq for _, item in new})
+        self.registered_ids += [item.item_id for item in items]
+        self.registered_titles += [item.title for item in items]
+        self.registered_vectors = np.concatenate([self.registered_vectors, vectors])
+        self.registry_version = items[-1].seq
+        self._index_lookups()
 
     def _index_lookups(self) -> None:
         """The candidates' fields by item index (the catalogue's, then the registrations'), as arrays: a batch's

@@ -15,6 +15,7 @@ in one answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import defaultdict
@@ -26,6 +27,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
+from data.feedback_log import RegisteredItem
 from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from serve.model_runtime import ServingModel
 
 T = TypeVar("T")
+
+logger = logging.getLogger("ray.serve")
 
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
@@ -261,11 +265,26 @@ class RetrievalStage(_ModelHolder):
         super().__init__(config)
         self.store = store
 
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await super().reconfigure(user_config)
+        # Before the Ingress switches to a version: its first requests would otherwise wait for every item registered
+        # so far to be encoded, which with thousands of them takes longer than a request's deadline.
+        for path in user_config["models"]:
+            model = await self._loaded(path)
+            try:
+                async with asyncio.timeout(self.config.admission.call_timeout_s):
+                    items = await self.store.registered_since.remote(model.registry_version)
+            except (TimeoutError, RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+                # A swap does not wait for a restarting store: the version's first requests add them, as before.
+                logger.warning("the UserStateStore did not answer: %s takes the registered items on its first requests", path)
+                continue
+            await _add_registered(model, items)
+
     async def _synced(self, path: str, registry_version: int | None = None) -> ServingModel:
         """The model with every registered item up to ``registry_version`` (None: the latest)."""
         model = await self._loaded(path)
         if registry_version is None or model.registry_version < registry_version:
-            model.sync_registry(await self.store.registered_since.remote(model.registry_version))
+            await _add_registered(model, await self.store.registered_since.remote(model.registry_version))
         return model
 
     async def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[Candidates]:
@@ -288,6 +307,11 @@ class RetrievalStage(_ModelHolder):
 
     async def describe(self, path: str) -> dict:
         return (await self._synced(path)).describe()
+
+
+async def _add_registered(model: ServingModel, items: list[RegisteredItem]) -> None:
+    # Encoding takes seconds for many items: in a thread, while the replica serves; the index changes on the event loop.
+    model.add_registered(items, await asyncio.to_thread(model.encode_registered, items))
 
 
 class RankingStage(_ModelHolder):
