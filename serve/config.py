@@ -238,6 +238,10 @@ class StateConfig(StageConfig):
     #: Feedback events an ingress replica holds for the store while it is away (restarting), offered again each
     #: second; past this the oldest are dropped from the live state (the log has them; a restarted store reads it).
     max_pending_updates: int = Field(100_000, ge=0)
+    #: Feedback event ids the store remembers (the most recent; about 180 bytes each) so that a retry of one of
+    #: those events counts once in the live histories; an older event's retry counts again there (retraining's
+    #: reader still drops it).
+    remembered_event_ids: int = Field(1_000_000, ge=1)
     cache: ContextCacheConfig = Field(default_factory=ContextCacheConfig)
 
 

@@ -15,7 +15,7 @@ import bisect
 import json
 import math
 import os
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +23,7 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sortedcontainers import SortedList
 
 from common.errors import InputError
 from data.feedback_log import REGISTRY_FILE, RegisteredItem, read_feedback_log, read_registered_items
@@ -51,10 +52,15 @@ class ServerState:
     #: time, as it does when the state is rebuilt from the log.
     histories: dict[str, deque[tuple[int, str, float]]] = field(default_factory=dict)
     popularity: Counter[str] = field(default_factory=Counter)
+    #: (-count, item id) of every counted item, in order: the most popular first, ties by id. Built by the first
+    #: ``popular`` (after the rebuild's many counts), then kept in order by each count, so that a cold-start answer
+    #: reads its first items instead of sorting the catalogue.
+    _ranking: SortedList | None = None
     registered: list[RegisteredItem] = field(default_factory=list)
-    #: Every feedback event id applied, so a client's retry (same id) never counts twice, as retraining's
-    #: reader drops it too. In this process's memory, as the histories are.
-    applied_events: set[str] = field(default_factory=set)
+    #: The last ``config.remembered_event_ids`` feedback event ids applied, oldest first, so that a client's retry
+    #: (same id) does not count twice, as retraining's reader drops it too. In this process's memory, as the
+    #: histories are; bounded, as the log they are rebuilt from is not.
+    applied_events: OrderedDict[str, None] = field(default_factory=OrderedDict)
     registered_ids: set[str] = field(default_factory=set)
 
     # --- start ---------------------------------------------------------------------------------
@@ -102,7 +108,9 @@ class ServerState:
         if event_id is not None:
             if event_id in self.applied_events:
                 return False
-            self.applied_events.add(event_id)
+            self.applied_events[event_id] = None
+            if len(self.applied_events) > self.config.remembered_event_ids:
+                self.applied_events.popitem(last=False)
         history = self.histories.get(user_id)
         if history is None:
             history = self.histories[user_id] = deque(maxlen=self.config.max_seen_items)
@@ -113,13 +121,21 @@ class ServerState:
             position = bisect.bisect_right([when for when, _, _ in history], ts)
             if len(history) == history.maxlen:
                 if position == 0:  # older than everything remembered: a rebuild would have forgotten it too
-                    self.popularity[item_id] += 1
+                    self._count(item_id)
                     return True
                 history.popleft()
                 position -= 1
             history.insert(position, entry)
-        self.popularity[item_id] += 1
+        self._count(item_id)
         return True
+
+    def _count(self, item_id: str) -> None:
+        count = self.popularity[item_id]
+        self.popularity[item_id] = count + 1
+        if self._ranking is not None:
+            if count:
+                self._ranking.remove((-count, item_id))
+            self._ranking.add((-count - 1, item_id))
 
     def context(self, user_id: str) -> UserContext:
         remembered = self.histories.get(user_id, ())
@@ -134,7 +150,9 @@ class ServerState:
 
     def popular(self, n: int) -> list[tuple[str, int]]:
         """The ``n`` most interacted-with items and their counts, most popular first (ties by id)."""
-        return sorted(self.popularity.items(), key=lambda pair: (-pair[1], pair[0]))[:n]
+        if self._ranking is None:
+            self._ranking = SortedList((-count, item_id) for item_id, count in self.popularity.items())
+        return [(item_id, -negative_count) for negative_count, item_id in self._ranking.islice(0, n)]
 
     # --- registered items ----------------------------------------------------------------------
 

@@ -23,7 +23,9 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -41,7 +43,7 @@ from cluster.cli import main as polyrec
 from common.config import RayConfig
 from common.errors import InputError
 from data.config import DEFAULT_DATASET_DIR
-from data.feedback_log import read_feedback_log
+from data.feedback_log import RegisteredItem, read_feedback_log
 from serve.batching import batched, set_batching
 from serve.config import (
     LOCAL_SERVE_ENV,
@@ -57,6 +59,7 @@ from serve.config import (
 from serve.feedback_log import FeedbackLog, impression_rows
 from serve.messages import Ranked, RetrievalRequest
 from serve.model_runtime import ModelCache, ServingModel
+from serve.recommendation import RetrievalStage
 from serve.rerank import explain, genre_capped, maximal_marginal_relevance, rerank_batch
 from serve.runner import APP_NAME, SERVE_CONFIG_FILE, Service, application_config, rollback, run_service, serve_config_document, swap_model
 from serve.state import ItemExists, ServerState
@@ -835,6 +838,91 @@ def test_ranker_score_mixes_the_task_outputs_with_the_rating_on_the_raw_scale(tm
     expected = [[item for item in sorted(per_item, key=lambda item: -per_item[item][c])[:2] if per_item[item][c] > 0] for c in range(len(candidates.item_ids))]
     assert explain(ranked, list(range(len(candidates.item_ids))), 2) == expected
     assert any(expected)
+
+
+def test_the_store_remembers_the_last_event_ids_it_was_told_to_and_a_retry_of_one_counts_once(tmp_path):
+    state = ServerState(StateConfig(remembered_event_ids=2), tmp_path / "items.jsonl")
+    assert [state.record("1", item, ts, event_id=f"e{ts}") for ts, item in enumerate(["7", "8", "9"])] == [True] * 3
+    assert state.record("1", "9", 2, event_id="e2") is False and state.record("1", "8", 1, event_id="e1") is False  # retries
+    assert list(state.applied_events) == ["e1", "e2"]  # e0 forgotten, the others the most recent
+    assert state.record("1", "7", 0, event_id="e0") is True  # too old to be recognised: counted again
+    assert list(state.applied_events) == ["e2", "e0"]
+    assert state.popular(3) == [("7", 2), ("8", 1), ("9", 1)] and state.context("1").history == ["7", "7", "8", "9"]
+
+
+def test_the_popular_items_stay_in_order_as_events_come_in(tmp_path):
+    state = ServerState(StateConfig(), tmp_path / "items.jsonl")
+    generator = np.random.default_rng(0)
+    counts: Counter[str] = Counter()
+    for step, item in enumerate(generator.zipf(1.3, size=3000) % 200):  # many ties, and new items throughout
+        state.record(f"u{step % 7}", str(item), ts=step)
+        counts[str(item)] += 1
+        if step % 250 == 0 or step == 2999:  # the first read orders what was counted; later reads follow each count
+            expected = sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))
+            assert state.popular(20) == expected[:20] and state.popular(10_000) == expected
+
+
+class _Registry:
+    """The UserStateStore's ``registered_since`` as a handle offers it (``.remote`` to await); ``answers=False``: a
+    store that never answers, as one restarting."""
+
+    def __init__(self, items: list[RegisteredItem], answers: bool = True):
+        self.items, self.answers = items, answers
+        self.registered_since = SimpleNamespace(remote=self._registered_since)
+
+    async def _registered_since(self, version: int) -> list[RegisteredItem]:
+        if not self.answers:
+            await asyncio.Event().wait()
+        return self.items[version:]
+
+
+def test_a_version_is_given_the_registered_items_before_it_is_put_in_service_without_stopping_the_loop(tmp_path):
+    path = str(build_random_artifact(tmp_path / "model", num_users=NUM_USERS))
+    items = [RegisteredItem(1, "robot-opera", "Robot Opera", "Robots sing an opera.", 1), RegisteredItem(2, "50", "Star Wars", "A catalogue id.", 2)]
+    config = ServeConfig(torch_threads=torch.get_num_threads())
+    stage = RetrievalStage(config, _Registry(items))
+    request = RetrievalRequest(model=path, user_id="3", history=["50"], history_ratings=[5.0], interests="robots", num_candidates=5, registry_version=0)
+
+    async def swap_in() -> list:
+        model = await stage._loaded(path)
+        encode, started, release = model.encode_registered, threading.Event(), threading.Event()
+
+        def slow_encode(batch):
+            started.set()
+            release.wait(30)
+            return encode(batch)
+
+        model.encode_registered = slow_encode
+        reconfigure = asyncio.create_task(stage.reconfigure({"models": [path]}))
+        await asyncio.to_thread(started.wait, 30)
+        during = await stage.retrieve_batch([request])  # the event loop serves while the items are encoded
+        assert model.registry_version == 0 and not reconfigure.done()
+        release.set()
+        await reconfigure
+        return during
+
+    [during] = asyncio.run(swap_in())
+    assert "robot-opera" not in during.item_ids
+    model = stage.models.loaded(path)
+    assert model.registry_version == 2 and model.knows("robot-opera")
+    assert model.describe_item("50")["registered"] is False  # a catalogue id keeps its catalogue entry
+    expected = model.encode_texts(["Robots sing an opera."])[0].numpy()
+    assert model.registered_vectors[0] == pytest.approx(expected, abs=1e-5)
+    [found] = model.retrieve([replace(request, interests="Robots sing an opera.", history=[], history_ratings=[])], 50, 1.0)
+    assert found.item_ids[0] == "robot-opera"  # the query is the item's own text: its vector is the nearest key
+
+    # Items read twice (two requests syncing at once) are added once; a gap is an error, not a silent hole.
+    model.add_registered(items, model.encode_registered(items))
+    model.add_registered([], model.encode_registered([]))
+    assert model.registered_ids == ["robot-opera", "50"]
+    with pytest.raises(RuntimeError, match="skipped"):
+        model.add_registered([RegisteredItem(4, "late", "", "text", 4)], model.encode_registered([items[0]]))
+
+    # A store that does not answer does not hold up the swap: the version's first requests take the items.
+    impatient = config.model_copy(update={"admission": config.admission.model_copy(update={"call_timeout_s": 0.2})})
+    waiting = RetrievalStage(impatient, _Registry(items, answers=False))
+    asyncio.run(waiting.reconfigure({"models": [path]}))
+    assert waiting.models.loaded(path).registry_version == 0
 
 
 def test_state_is_rebuilt_from_training_data_feedback_and_registered_items(tmp_path):
