@@ -470,7 +470,8 @@ def test_a_ratings_file_unreadable_past_its_first_block_is_named_in_one_line(tmp
     folder = tmp_path / "ml"
     folder.mkdir()
     lines = [f"{n % 50 + 1},{n % 7 + 1},4.0,{T0 + n}" for n in range(200_000)]
-    (folder / "ratings.csv").write_bytes("\n".join(["userId,movieId,rating,timestamp", *lines, "1,2,4.0,"]).encode() + b"\xff\n")
+    # A line longer than pyarrow's block (1 MiB) cannot be parsed: "straddles two block boundaries".
+    (folder / "ratings.csv").write_text("\n".join(["userId,movieId,rating,timestamp", *lines, "1,2,4.0," + "9" * (2 << 20)]) + "\n")
     (folder / "movies.csv").write_text("movieId,title,genres\n1,Heat (1995),Crime\n")
     config = PreprocessConfig(source={"format": "movielens-csv", "path": str(folder)}, output=str(tmp_path / "out"), ray=RayDataConfig(num_partitions=2))
     with pytest.raises(InputError) as raised:
