@@ -13,6 +13,7 @@ section into bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -54,13 +56,16 @@ class Load:
     users: list[str]
     items: list[str]
     stop: threading.Event = field(default_factory=threading.Event)
-    answers: list[tuple[float, str, int]] = field(default_factory=list)  # (time, route, status)
+    readers: int = READERS
+    writers: int = WRITERS
+    timeout_s: float = 10.0
+    answers: list[tuple[float, str, int, float]] = field(default_factory=list)  # (time answered, route, status, seconds taken)
     acknowledged: dict[str, tuple[str, str]] = field(default_factory=dict)  # event_id -> (user, item)
     threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
-        self.threads = [threading.Thread(target=self._read, args=(i,)) for i in range(READERS)]
-        self.threads += [threading.Thread(target=self._write, args=(i,)) for i in range(WRITERS)]
+        self.threads = [threading.Thread(target=self._read, args=(i,)) for i in range(self.readers)]
+        self.threads += [threading.Thread(target=self._write, args=(i,)) for i in range(self.writers)]
         for thread in self.threads:
             thread.start()
 
@@ -70,7 +75,7 @@ class Load:
             thread.join()
 
     def _read(self, number: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
+        with httpx.Client(base_url=self.url, timeout=self.timeout_s) as client:
             for step in range(10**9):
                 if self.stop.is_set():
                     return
@@ -79,7 +84,7 @@ class Load:
 
     def _write(self, number: int) -> None:
         user = f"fault-writer-{number}"
-        with httpx.Client(base_url=self.url, timeout=10) as client:
+        with httpx.Client(base_url=self.url, timeout=self.timeout_s) as client:
             for step in range(10**9):
                 if self.stop.is_set():
                     return
@@ -92,12 +97,28 @@ class Load:
                     time.sleep(0.2)
 
     def _ask(self, client: httpx.Client, route: str, path: str, body: dict) -> int:
+        started = time.monotonic()
         try:
             status = client.post(path, json=body).status_code
         except httpx.HTTPError:
             status = 0  # no answer: a timeout or a dropped connection
-        self.answers.append((time.monotonic(), route, status))
+        answered = time.monotonic()
+        self.answers.append((answered, route, status, answered - started))
         return status
+
+
+@contextlib.contextmanager
+def local_serve(prefix: str) -> Iterator[str]:
+    """A local Ray instance on this machine's 2 cores with the settings `polyrec serve` uses, and a scratch folder;
+    both gone after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        use_throughput_env()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        try:
+            yield scratch
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def replica_names(deployment: str) -> set[str]:
@@ -121,7 +142,7 @@ def healed_after(load: Load, deployment: str, killed_at: float, before: set[str]
         if replaced and status == "HEALTHY":
             ready = time.monotonic()
             while time.monotonic() - ready < 30:
-                recent = {route for at, route, code in list(load.answers) if at > ready and code == 200}
+                recent = {route for at, route, code, _ in list(load.answers) if at > ready and code == 200}
                 if recent >= {"recommend", "feedback"}:
                     return time.monotonic() - killed_at
                 time.sleep(0.1)
@@ -144,7 +165,7 @@ def run_graph(graph: str, model: str, users: list[str], items: list[str], scratc
             time.sleep(LOAD_BEFORE_KILL_S)
             killed_at, before = kill_one(deployment)
             heal_s = healed_after(load, deployment, killed_at, before)
-            window = [(route, code) for at, route, code in list(load.answers) if killed_at <= at <= killed_at + heal_s]
+            window = [(route, code) for at, route, code, _ in list(load.answers) if killed_at <= at <= killed_at + heal_s]
             failed = Counter(route for route, code in window if code != 200)
             statuses = Counter(code for _, code in window if code != 200)
             answered = Counter(route for route, _ in window)
@@ -193,17 +214,11 @@ def main() -> None:
     items = pq.read_table(data / schema.ITEM_VOCAB_PATH, columns=["item_id"])["item_id"].to_pylist()
     users = [str(user) for user in np.random.default_rng(0).permutation(users)]
     kills, totals = [], []
-    with tempfile.TemporaryDirectory(prefix="faults-") as scratch:
-        use_throughput_env()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        try:
-            for graph in args.graphs:
-                rows, summary = run_graph(graph, model, users, items, scratch)
-                kills += rows
-                totals.append(summary)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    with local_serve("faults-") as scratch:
+        for graph in args.graphs:
+            rows, summary = run_graph(graph, model, users, items, scratch)
+            kills += rows
+            totals.append(summary)
     section = "\n".join(
         [
             SECTION,

@@ -16,26 +16,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.faults import Load, local_serve  # noqa: E402
 from bench.report import machine, publish  # noqa: E402
 from data import schema  # noqa: E402
 from serve.config import GRAPH_DEPLOYMENTS, FeedbackLogConfig, ServeConfig  # noqa: E402
-from serve.runner import APP_NAME, run_service, swap_model, use_throughput_env  # noqa: E402
+from serve.runner import APP_NAME, run_service, swap_model  # noqa: E402
 from train.artifact import read_metadata  # noqa: E402
 
 SECTION = "## Hot swap with registered items (bench/swap.py)"
@@ -46,40 +44,6 @@ LOAD_BEFORE_SWAP_S = 5.0
 AFTER_SWAP_S = 10.0
 API_KEY = "bench-swap-key"
 GENRES = ["comedy", "drama", "thriller", "documentary", "animation", "romance", "science fiction", "western"]
-
-
-@dataclass
-class Readers:
-    """Clients asking for recommendations until stopped, recording (start, seconds, status) of each request."""
-
-    url: str
-    users: list[str]
-    stop: threading.Event = field(default_factory=threading.Event)
-    requests: list[tuple[float, float, int]] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.threads = [threading.Thread(target=self._read, args=(i,)) for i in range(READERS)]
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join()
-
-    def _read(self, number: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            for step in range(10**9):
-                if self.stop.is_set():
-                    return
-                user = self.users[(number * 7919 + step) % len(self.users)]
-                started = time.monotonic()
-                try:
-                    status = client.post("/v1/recommend", json={"user_id": user, "k": 10}).status_code
-                except httpx.HTTPError:
-                    status = 0  # no answer: a timeout or a dropped connection
-                self.requests.append((started, time.monotonic() - started, status))
 
 
 def register(url: str, count: int) -> None:
@@ -100,8 +64,9 @@ def register(url: str, count: int) -> None:
         thread.join()
 
 
-def summary(requests: list[tuple[float, float, int]], start: float, end: float) -> list[str]:
-    window = [(seconds, status) for started, seconds, status in requests if start <= started < end]
+def summary(load: Load, start: float, end: float) -> list[str]:
+    """The requests that started in [start, end): how many, the failed ones by status, their latency."""
+    window = [(seconds, status) for answered, _, status, seconds in list(load.answers) if start <= answered - seconds < end]
     failed = Counter(status for _, status in window if status != 200)
     latency_ms = np.array([seconds * 1000 for seconds, _ in window]) if window else np.zeros(1)
     return [
@@ -135,8 +100,8 @@ def run_graph(graph: str, model: str, target: str, registered: int, replicas: in
     started = time.monotonic()
     register(service.url, registered)
     print(f"{graph}: {registered} items registered in {time.monotonic() - started:.0f} s", flush=True)
-    readers = Readers(service.url, users)
-    readers.start()
+    load = Load(service.url, users, [], readers=READERS, writers=0, timeout_s=30)
+    load.start()
     try:
         time.sleep(LOAD_BEFORE_SWAP_S)
         swap_started = time.monotonic()
@@ -144,10 +109,10 @@ def run_graph(graph: str, model: str, target: str, registered: int, replicas: in
         swapped = time.monotonic()
         time.sleep(AFTER_SWAP_S)
     finally:
-        readers.finish()
+        load.finish()
     rows = [
-        [graph, str(replicas), f"{swapped - swap_started:.1f}", "during the swap", *summary(readers.requests, swap_started, swapped)],
-        [graph, str(replicas), "", f"the {AFTER_SWAP_S:g} s after it", *summary(readers.requests, swapped, swapped + AFTER_SWAP_S)],
+        [graph, str(replicas), f"{swapped - swap_started:.1f}", "during the swap", *summary(load, swap_started, swapped)],
+        [graph, str(replicas), "", f"the {AFTER_SWAP_S:g} s after it", *summary(load, swapped, swapped + AFTER_SWAP_S)],
     ]
     for row in rows:
         print(" | ".join(row), flush=True)
@@ -170,16 +135,10 @@ def main() -> None:
     users = [str(user) for user in np.random.default_rng(0).permutation(users)]
     rows = []
     os.environ["POLYREC_API_KEY"] = API_KEY  # the replicas inherit the environment of the Ray instance
-    with tempfile.TemporaryDirectory(prefix="swap-") as scratch:
-        use_throughput_env()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        try:
-            for replicas in args.replicas:
-                for graph in args.graphs:
-                    rows += run_graph(graph, model, target, args.registered, replicas, users, f"{scratch}/{replicas}")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    with local_serve("swap-") as scratch:
+        for replicas in args.replicas:
+            for graph in args.graphs:
+                rows += run_graph(graph, model, target, args.registered, replicas, users, f"{scratch}/{replicas}")
     section = "\n".join(
         [
             SECTION,
