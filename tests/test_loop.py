@@ -6,6 +6,8 @@ answering; rollback returns to the version that served before."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import threading
@@ -88,10 +90,20 @@ def known_users(data: str) -> list[str]:
     return pq.read_table(Path(data) / schema.USER_VOCAB_PATH, columns=["user_id"])["user_id"].to_pylist()
 
 
-def test_a_served_artifact_brings_its_users_and_reports_its_metrics(cluster, trained_run, tmp_path, capsys):
-    service = start(tmp_path, trained_run.artifact, "colocated")
+@pytest.fixture(scope="module")
+def colocated_service(cluster, trained_run, tmp_path_factory) -> tuple[Service, str]:
+    """The colocated application serving the trained artifact, and what starting it printed: the first test asks it,
+    then ``swapped`` retrains against it (one start fewer)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        service = start(tmp_path_factory.mktemp("served"), trained_run.artifact, "colocated")
+    return service, printed.getvalue()
+
+
+def test_a_served_artifact_brings_its_users_and_reports_its_metrics(colocated_service, trained_run):
+    service, printed = colocated_service
     users = known_users(trained_run.data)
-    assert f"histories of {len(users)} users" in capsys.readouterr().out
+    assert f"histories of {len(users)} users" in printed
     recorded = json.loads((Path(trained_run.artifact) / "artifact.json").read_text())
     assert (recorded["rating"]["low"], recorded["rating"]["high"]) == (1.0, 5.0)  # the data's rating scale, which predictions keep to
     for user in users[:5]:
@@ -119,7 +131,7 @@ def swapped(request, cluster, trained_run, tmp_path_factory) -> dict:
     it while four clients ask for recommendations; what they saw, and the replicas before and after."""
     graph = request.param
     root = tmp_path_factory.mktemp(f"loop-{graph}")
-    service = start(root, trained_run.artifact, graph)
+    service = request.getfixturevalue("colocated_service")[0] if graph == "colocated" else start(root, trained_run.artifact, graph)
     users = known_users(trained_run.data)
     clicked = ["181", "174", "172"]
     response = httpx.post(

@@ -47,8 +47,15 @@ def start(model: dict[str, str], name: str, **settings) -> Service:
     return run_service(config, blocking=False)
 
 
-def test_requests_past_capacity_are_refused_at_once_with_503_and_retry_after(model):
-    service = start(model, "admission", admission=AdmissionConfig(max_in_progress=2, retry_after_s=2))
+@pytest.fixture(scope="module")
+def admitting_two(model) -> Service:
+    """A service that works on two requests at once; the CLI's swap runs on it too, one request at a time, so that
+    the module starts one service fewer."""
+    return start(model, "admission", admission=AdmissionConfig(max_in_progress=2, retry_after_s=2))
+
+
+def test_requests_past_capacity_are_refused_at_once_with_503_and_retry_after(admitting_two):
+    service = admitting_two
     answers: list[httpx.Response] = []
     barrier = threading.Barrier(24)
 
@@ -66,6 +73,21 @@ def test_requests_past_capacity_are_refused_at_once_with_503_and_retry_after(mod
     assert set(statuses) == {200, 503}, statuses  # some served, the rest refused; nothing else, nothing hanging
     assert all(answer.headers["retry-after"] == "2" for answer in answers if answer.status_code == 503)
     assert all(len(answer.json()["items"]) == 5 for answer in answers if answer.status_code == 200)
+
+
+def test_polyrec_serve_beside_the_running_service_swaps_its_model_in_place_and_returns(model, admitting_two, tmp_path, capsys):
+    service = admitting_two
+    second = build_random_artifact(tmp_path / "second", seed=1, model_version="second-version")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "port": PORT}))
+    with httpx.Client(base_url=service.url, timeout=60) as client:
+        first = client.get("/v1/model").json()["model_version"]
+        assert polyrec(["serve", "--config", str(config), "--model", str(second)]) == 0  # returns: it swaps, it does not serve
+        assert "is running already: only its model changes" in capsys.readouterr().out
+        assert client.get("/v1/model").json()["model_version"] == "second-version"
+        assert polyrec(["serve", "--config", str(config), "--model", model["artifact"]]) == 0
+        assert client.get("/v1/model").json()["model_version"] == first
+    assert deployed_config().state_dir == service.config.state_dir  # the running service's settings stay
 
 
 def test_a_request_past_its_deadline_is_answered_503(model):
@@ -134,21 +156,6 @@ def test_a_service_beyond_loopback_does_not_start_without_an_api_key(model, monk
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("polyrec serve: error: serve: listening on 0.0.0.0 needs an API key")
     assert deployed_config() == running  # the running service was not touched
-
-
-def test_polyrec_serve_beside_the_running_service_swaps_its_model_in_place_and_returns(model, tmp_path, capsys):
-    service = start(model, "swapped-by-the-cli")
-    second = build_random_artifact(tmp_path / "second", seed=1, model_version="second-version")
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "port": PORT}))
-    with httpx.Client(base_url=service.url, timeout=60) as client:
-        first = client.get("/v1/model").json()["model_version"]
-        assert polyrec(["serve", "--config", str(config), "--model", str(second)]) == 0  # returns: it swaps, it does not serve
-        assert "is running already: only its model changes" in capsys.readouterr().out
-        assert client.get("/v1/model").json()["model_version"] == "second-version"
-        assert polyrec(["serve", "--config", str(config), "--model", model["artifact"]]) == 0
-        assert client.get("/v1/model").json()["model_version"] == first
-    assert deployed_config().state_dir == service.config.state_dir  # the running service's settings stay
 
 
 def test_keys_read_from_the_environment_or_a_file_are_stripped(monkeypatch, tmp_path):
