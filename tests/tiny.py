@@ -41,9 +41,6 @@ def tiny_preprocess_config(folder: Path, num_users: int = 40, max_history: int =
     )
     config.features.max_history = max_history
     config.features.max_text_tokens = 16
-    # Two partitions exercise the shuffle as well as more, and each one more is a Ray Data actor process (seconds here)
-    # wherever the test's Ray has 4 CPUs.
-    config.ray.num_partitions = 2
     return config
 
 
