@@ -27,7 +27,6 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from data.feedback_log import RegisteredItem
 from serve.batching import batched, set_batching
 from serve.config import ServeConfig
 from serve.errors import ServiceUnavailable
@@ -270,21 +269,20 @@ class RetrievalStage(_ModelHolder):
         # Before the Ingress switches to a version: its first requests would otherwise wait for every item registered
         # so far to be encoded, which with thousands of them takes longer than a request's deadline.
         for path in user_config["models"]:
-            model = await self._loaded(path)
             try:
-                async with asyncio.timeout(self.config.admission.call_timeout_s):
-                    items = await self.store.registered_since.remote(model.registry_version)
+                await self._synced(path, store_timeout_s=self.config.admission.call_timeout_s)
             except (TimeoutError, RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
                 # A swap does not wait for a restarting store: the version's first requests add them, as before.
                 logger.warning("the UserStateStore did not answer: %s takes the registered items on its first requests", path)
-                continue
-            await _add_registered(model, items)
 
-    async def _synced(self, path: str, registry_version: int | None = None) -> ServingModel:
-        """The model with every registered item up to ``registry_version`` (None: the latest)."""
+    async def _synced(self, path: str, registry_version: int | None = None, *, store_timeout_s: float | None = None) -> ServingModel:
+        """The model with every registered item up to ``registry_version`` (None: the latest). Encoding takes seconds
+        for many items: in a thread, while the replica serves; the index changes on the event loop, where it is read."""
         model = await self._loaded(path)
         if registry_version is None or model.registry_version < registry_version:
-            await _add_registered(model, await self.store.registered_since.remote(model.registry_version))
+            async with asyncio.timeout(store_timeout_s):
+                items = await self.store.registered_since.remote(model.registry_version)
+            model.add_registered(items, await asyncio.to_thread(model.encode_registered, items))
         return model
 
     async def retrieve_batch(self, requests: list[RetrievalRequest]) -> list[Candidates]:
@@ -307,11 +305,6 @@ class RetrievalStage(_ModelHolder):
 
     async def describe(self, path: str) -> dict:
         return (await self._synced(path)).describe()
-
-
-async def _add_registered(model: ServingModel, items: list[RegisteredItem]) -> None:
-    # Encoding takes seconds for many items: in a thread, while the replica serves; the index changes on the event loop.
-    model.add_registered(items, await asyncio.to_thread(model.encode_registered, items))
 
 
 class RankingStage(_ModelHolder):
